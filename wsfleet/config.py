@@ -1,0 +1,336 @@
+"""Configuration: every serving option defined once, merged from four sources.
+
+Each option is a field of :class:`Config`; its metadata (help text, short flag, which commands
+take it, how to read it) drives the command line, the TOML file and the environment alike, so
+adding an option is one field here and nothing else.
+
+Precedence, lowest first: default < TOML file (``--config``) < ``WSFLEET_*`` environment <
+command line. Every value goes through the same parser, whichever source it came from, so a bad
+value gets the same message naming where it came from (``--port``, ``WSFLEET_PORT``, or
+``wsfleet.toml:3: port``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+ENV_PREFIX = "WSFLEET_"
+SERVE_COMMANDS = frozenset({"start", "worker"})
+
+
+class ConfigError(Exception):
+    """A bad option value, environment variable or config file (the CLI exits 2)."""
+
+
+# Parsers take a value as it comes (a string from the command line or the environment, a
+# native value from TOML) and return it typed, or raise ValueError with a message that says
+# what was expected.
+
+
+def _integer(lo: int | None = None, hi: int | None = None) -> Callable[[object], int]:
+    def parse(value: object) -> int:
+        if isinstance(value, bool):
+            raise ValueError(f"expected an integer, got {value!r}")
+        if isinstance(value, int):
+            number = value
+        elif isinstance(value, str):
+            try:
+                number = int(value.strip(), 10)
+            except ValueError:
+                raise ValueError(f"expected an integer, got {value!r}") from None
+        else:
+            raise ValueError(f"expected an integer, got {value!r}")
+        if (lo is not None and number < lo) or (hi is not None and number > hi):
+            bounds = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+            raise ValueError(f"expected an integer {bounds}, got {number}")
+        return number
+
+    return parse
+
+
+def _seconds(value: object) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number of seconds, got {value!r}")
+    try:
+        number = float(value) if isinstance(value, int | float | str) else float("nan")
+    except ValueError:
+        number = float("nan")
+    if not number >= 0 or number == float("inf"):  # also rejects NaN
+        raise ValueError(f"expected a non-negative number of seconds, got {value!r}")
+    return number
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
+
+
+def _choice(*choices: str) -> Callable[[object], str]:
+    def parse(value: object) -> str:
+        text = _text(value).strip().lower()
+        if text not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
+        return text
+
+    return parse
+
+
+def _app(value: object) -> str:
+    text = _text(value).strip()
+    module, sep, attr = text.partition(":")
+    ident = r"[A-Za-z_]\w*"
+    if not (
+        sep
+        and re.fullmatch(rf"{ident}(\.{ident})*", module)
+        and re.fullmatch(rf"{ident}(\.{ident})*", attr)
+    ):
+        raise ValueError(f"expected MODULE:ATTR such as 'myapp:handler', got {value!r}")
+    return text
+
+
+def _health_path(value: object) -> str:
+    text = _text(value).strip()
+    if text and not text.startswith("/"):
+        raise ValueError(f"expected a path starting with '/' (or '' to disable), got {value!r}")
+    return text
+
+
+def _optional_path(value: object) -> str | None:
+    text = _text(value).strip()
+    return text or None
+
+
+def option(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    parse: Callable[[object], Any],
+    short: str | None = None,
+    commands: frozenset[str] = SERVE_COMMANDS,
+    metavar: str | None = None,
+    default_factory: Callable[[], Any] | None = None,
+) -> Any:
+    """Declare an option: a dataclass field whose metadata the CLI, TOML and env readers use."""
+    metadata = {
+        "help": help,
+        "parse": parse,
+        "short": short,
+        "commands": commands,
+        "metavar": metavar,
+    }
+    if default_factory is not None:
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The serving options of ``wsfleet start`` and ``wsfleet worker`` (see SPEC.md)."""
+
+    workers: int = option(
+        help="number of workers the master keeps running (default: number of CPUs)",
+        parse=_integer(1, 1024),
+        short="-w",
+        commands=frozenset({"start"}),
+        metavar="N",
+        default_factory=lambda: os.cpu_count() or 1,
+    )
+    host: str = option("127.0.0.1", "address to listen on", parse=_text, metavar="HOST")
+    port: int = option(
+        8765, "port to listen on; 0 picks any free port", parse=_integer(0, 65535), metavar="PORT"
+    )
+    fd: int | None = option(
+        None,
+        "serve on this inherited listening socket instead of binding host:port",
+        parse=_integer(0),
+        commands=frozenset({"worker"}),
+        metavar="N",
+    )
+    app: str = option(
+        "wsfleet.echo:echo",
+        "connection handler, an 'async def handler(websocket)', as MODULE:ATTR",
+        parse=_app,
+        metavar="MODULE:ATTR",
+    )
+    graceful_timeout: float = option(
+        30.0,
+        "seconds a draining worker may take to close its connections before it is killed",
+        parse=_seconds,
+        metavar="S",
+    )
+    timeout: float = option(
+        30.0,
+        "seconds a worker's event loop may go without answering the master before it is killed",
+        parse=_seconds,
+        commands=frozenset({"start"}),
+        metavar="S",
+    )
+    health_path: str = option(
+        "/health/",
+        "plain HTTP GET path answering 200 while serving and 503 while draining; '' disables",
+        parse=_health_path,
+        metavar="PATH",
+    )
+    compression: str = option(
+        "deflate",
+        "permessage-deflate compression: deflate or none",
+        parse=_choice("deflate", "none"),
+        metavar="deflate|none",
+    )
+    window_bits: int = option(
+        12,
+        "permessage-deflate window bits (9-15); more compresses better and costs memory",
+        parse=_integer(9, 15),
+        metavar="N",
+    )
+    memory_level: int = option(
+        5,
+        "permessage-deflate memory level (1-9); more is faster and costs memory",
+        parse=_integer(1, 9),
+        metavar="N",
+    )
+    max_size: int = option(
+        2**20,
+        "largest incoming message in bytes; a larger one closes its connection with 1009",
+        parse=_integer(1),
+        metavar="BYTES",
+    )
+    max_queue: int = option(
+        16,
+        "incoming frames buffered per connection before reading from the network pauses",
+        parse=_integer(1),
+        metavar="N",
+    )
+    write_limit: int = option(
+        2**15,
+        "bytes buffered for writing per connection before a send waits (backpressure)",
+        parse=_integer(0),
+        metavar="BYTES",
+    )
+    backlog: int = option(
+        1024,
+        "listen backlog: connections the kernel queues before the worker accepts them",
+        parse=_integer(1, 65535),
+        metavar="N",
+    )
+    pidfile: str | None = option(
+        None,
+        "file where the master writes its pid",
+        parse=_optional_path,
+        commands=frozenset({"start"}),
+        metavar="FILE",
+    )
+    log_level: str = option(
+        "info",
+        "debug, info, warning, error or critical",
+        parse=_choice("debug", "info", "warning", "error", "critical"),
+        metavar="LEVEL",
+    )
+    log_file: str | None = option(
+        None,
+        "append logs to this file instead of stderr; USR1 reopens it",
+        parse=_optional_path,
+        metavar="FILE",
+    )
+
+
+FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def fields_for(command: str) -> list[dataclasses.Field[Any]]:
+    """The options a command takes, in declaration order."""
+    return [f for f in FIELDS.values() if command in f.metadata["commands"]]
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def parse_value(name: str, value: object) -> Any:
+    """Parse one option's value; ValueError says what was expected."""
+    return FIELDS[name].metadata["parse"](value)
+
+
+def _key_line(text: str, key: str) -> int | None:
+    """The line where a top-level key is set, for error messages (tomllib gives no positions)."""
+    pattern = re.compile(rf"""^\s*(?:{re.escape(key)}|"{re.escape(key)}"|'{re.escape(key)}')\s*=""")
+    for number, line in enumerate(text.splitlines(), 1):
+        if pattern.match(line):
+            return number
+    return None
+
+
+def read_file(path: str, command: str) -> dict[str, Any]:
+    """Read a TOML config file: known keys parsed, anything else an error with its line."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        text = raw.decode()
+        data = tomllib.loads(text)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    except tomllib.TOMLDecodeError as exc:
+        # tomllib's message already ends with "(at line N, column M)".
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        line = _key_line(text, key)
+        where = f"{path}:{line}" if line else path
+        if key not in FIELDS:
+            known = ", ".join(sorted(FIELDS))
+            raise ConfigError(f"{where}: unknown option {key!r} (known: {known})")
+        if command not in FIELDS[key].metadata["commands"]:
+            continue  # a file shared by start and worker may hold the other's options
+        try:
+            values[key] = parse_value(key, value)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {key}: {exc}") from None
+    return values
+
+
+def read_env(environ: Mapping[str, str], command: str) -> dict[str, Any]:
+    """Read ``WSFLEET_<OPTION>`` variables; an unparsable value is an error naming it."""
+    values: dict[str, Any] = {}
+    for name, field in FIELDS.items():
+        var = env_name(name)
+        if var in environ and command in field.metadata["commands"]:
+            try:
+                values[name] = parse_value(name, environ[var])
+            except ValueError as exc:
+                raise ConfigError(f"{var}: {exc}") from None
+    return values
+
+
+def load(
+    command: str,
+    cli: Mapping[str, Any],
+    config_file: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Merge default < file < environment < command line into a Config.
+
+    ``cli`` holds only the options given on the command line, already parsed. ``config_file``
+    falls back to ``WSFLEET_CONFIG``. The master calls this again on SIGHUP, with the same
+    arguments, to pick up an edited file.
+    """
+    environ = os.environ if environ is None else environ
+    config_file = config_file or environ.get(ENV_PREFIX + "CONFIG") or None
+    merged: dict[str, Any] = {}
+    if config_file:
+        merged.update(read_file(config_file, command))
+    merged.update(read_env(environ, command))
+    merged.update(cli)
+    return Config(**merged)

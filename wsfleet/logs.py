@@ -1,0 +1,45 @@
+"""Logging set-up shared by the master and the workers, and log-file reopening on USR1."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
+
+_handler: logging.StreamHandler[object] | None = None
+_path: str | None = None
+
+
+def setup(level: str, path: str | None) -> None:
+    """Send wsfleet's and websockets' logs to stderr or to an appended file.
+
+    websockets logs every connection opening and closing at INFO: that is a flood at fleet
+    scale, so its loggers stay at WARNING unless the level is debug.
+    """
+    global _handler, _path
+    root = logging.getLogger()
+    if _handler is not None:
+        root.removeHandler(_handler)
+        _handler.close()
+    _path = path
+    _handler = logging.StreamHandler(_open(path) if path else sys.stderr)
+    _handler.setFormatter(logging.Formatter(FORMAT))
+    root.addHandler(_handler)
+    root.setLevel(level.upper())
+    quiet = logging.DEBUG if level == "debug" else logging.WARNING
+    logging.getLogger("websockets").setLevel(max(quiet, root.level))
+
+
+def _open(path: str) -> object:
+    return open(path, "a", buffering=1, encoding="utf-8")
+
+
+def reopen() -> None:
+    """Reopen the log file, as after logrotate moved it (USR1). A no-op for stderr."""
+    if _handler is None or _path is None:
+        return
+    old = _handler.setStream(_open(_path))
+    if old is not None:
+        old.close()
+    logging.getLogger("wsfleet").info("reopened log file %s", _path)

@@ -1,0 +1,70 @@
+"""Listening sockets: bound with SO_REUSEPORT, or inherited as a file descriptor."""
+
+from __future__ import annotations
+
+import socket
+
+
+class AddressInUse(Exception):
+    """The address is held by a program that does not share it (the CLI exits 1)."""
+
+
+def bind(host: str, port: int, backlog: int) -> socket.socket:
+    """Open a listening socket on host:port that other wsfleet processes can share.
+
+    SO_REUSEPORT lets several processes (or several sockets of one master) bind the same
+    port; the kernel then spreads new connections over them. A program that binds the port
+    without SO_REUSEPORT still excludes us, and that is reported as AddressInUse.
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise OSError(f"cannot resolve host {host!r}: {exc.strerror}") from None
+    family, type_, proto, _, address = infos[0]
+    sock = socket.socket(family, type_, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            if exc.errno == 98:  # EADDRINUSE
+                raise AddressInUse(
+                    f"address {format_address(address)} is already in use by a program "
+                    "that does not share it (SO_REUSEPORT); stop it or choose another --port"
+                ) from None
+            raise
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+def from_fd(fd: int) -> socket.socket:
+    """Adopt an inherited listening socket (from a master, supervisord, or systemd)."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise ValueError(f"file descriptor {fd} is not a socket ({exc.strerror})") from None
+    if sock.type != socket.SOCK_STREAM or not sock.getsockopt(
+        socket.SOL_SOCKET, socket.SO_ACCEPTCONN
+    ):
+        sock.detach()  # leave the descriptor to whoever owns it
+        raise ValueError(f"file descriptor {fd} is not a listening TCP socket")
+    sock.setblocking(False)
+    return sock
+
+
+def format_address(address: tuple[object, ...] | str) -> str:
+    """host:port, with brackets around an IPv6 host."""
+    if isinstance(address, str):  # AF_UNIX path
+        return address
+    host, port = str(address[0]), address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def sock_address(sock: socket.socket) -> str:
+    """The host:port a listening socket is bound to (the real port when it bound port 0)."""
+    return format_address(sock.getsockname())
