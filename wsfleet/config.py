@@ -283,8 +283,11 @@ def read_file(path: str, command: str) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason})") from None
     except tomllib.TOMLDecodeError as exc:
-        # tomllib's message already ends with "(at line N, column M)".
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+        # tomllib's message ends with "(at line N, column M)", or "(at end of document)".
+        message = str(exc)
+        if message.endswith("(at end of document)"):
+            message = message[: -len(")")] + f", line {len(text.splitlines())})"
+        raise ConfigError(f"{path}: invalid TOML: {message}") from None
     values: dict[str, Any] = {}
     for key, value in data.items():
         line = _key_line(text, key)

@@ -1,0 +1,125 @@
+"""Configuration: precedence of the four sources, and clear errors (exit 2) on bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from wsfleet import config as cfg
+
+from .helpers import run_wsfleet
+
+
+def write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults() -> None:
+    config = cfg.load("worker", {}, environ={})
+    assert (config.host, config.port, config.app) == ("127.0.0.1", 8765, "wsfleet.echo:echo")
+    assert config.graceful_timeout == 30 and config.health_path == "/health/"
+    assert config.workers >= 1
+
+
+def test_precedence_cli_over_env_over_file_over_default(tmp_path: Path) -> None:
+    toml = write(tmp_path / "w.toml", "port = 1111\nmax_size = 100\nmax_queue = 3\n")
+    env = {"WSFLEET_PORT": "2222", "WSFLEET_MAX_SIZE": "200"}
+    config = cfg.load("worker", {"port": 3333}, toml, env)
+    assert config.port == 3333  # command line wins
+    assert config.max_size == 200  # environment over file
+    assert config.max_queue == 3  # file over default
+    assert config.write_limit == 2**15  # default
+    assert cfg.load("worker", {}, None, {"WSFLEET_CONFIG": toml}).port == 1111
+
+
+def test_precedence_through_the_real_command(spawn, tmp_path: Path) -> None:
+    """The worker's start line shows which source won, option by option."""
+    toml = write(tmp_path / "w.toml", "max_size = 100\nmax_queue = 3\nwrite_limit = 7\n")
+    proc = spawn(
+        "worker",
+        "--port",
+        "0",
+        "--config",
+        toml,
+        "--max-size",
+        "300",
+        env={"WSFLEET_MAX_SIZE": "200", "WSFLEET_MAX_QUEUE": "4"},
+    )
+    proc.wait_line(r"max_size=300, max_queue=4, write_limit=7\)")
+
+
+def test_file_options_of_the_other_command_are_ignored(tmp_path: Path) -> None:
+    toml = write(tmp_path / "w.toml", "workers = 3\nport = 9\n")
+    assert cfg.load("worker", {}, toml, {}).port == 9
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("port = 'abc'\n", "w.toml:1: port: expected an integer, got 'abc'"),
+        ("host = 'x'\n\nport = 70000\n", "w.toml:3: port: expected an integer between 0 and 65535"),
+        ("prot = 1\n", "w.toml:1: unknown option 'prot'"),
+        ("port = \n", "w.toml: invalid TOML: Invalid value (at line 1, column 8)"),
+        ("compression = 'gzip'\n", "compression: expected one of deflate, none, got 'gzip'"),
+        ("app = 'noseparator'\n", "app: expected MODULE:ATTR"),
+        ("graceful_timeout = -1\n", "graceful_timeout: expected a non-negative number"),
+    ],
+)
+def test_bad_file_names_the_line(tmp_path: Path, text: str, message: str) -> None:
+    toml = write(tmp_path / "w.toml", text)
+    with pytest.raises(cfg.ConfigError, match=None) as info:
+        cfg.load("worker", {}, toml, {})
+    assert message in str(info.value)
+
+
+def test_cli_bad_option_is_exit_2_on_one_line() -> None:
+    result = run_wsfleet(["worker", "--prot", "1"])
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "unrecognized arguments: --prot 1" in result.stderr
+
+
+def test_cli_bad_value_is_exit_2() -> None:
+    result = run_wsfleet(["worker", "--port", "http"])
+    assert result.returncode == 2
+    assert "argument --port: expected an integer, got 'http'" in result.stderr
+
+
+def test_bad_env_value_is_exit_2_naming_the_variable() -> None:
+    result = run_wsfleet(["worker"], env={"WSFLEET_WINDOW_BITS": "20"})
+    assert result.returncode == 2
+    assert "WSFLEET_WINDOW_BITS: expected an integer between 9 and 15, got 20" in result.stderr
+
+
+def test_invalid_toml_is_exit_2_with_the_line(tmp_path: Path) -> None:
+    toml = write(tmp_path / "bad.toml", "host = '127.0.0.1'\nport = [\n")
+    result = run_wsfleet(["worker", "--config", toml])
+    assert result.returncode == 2
+    assert f"{toml}: invalid TOML" in result.stderr and "line 2" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unreadable_config_file_is_exit_2(tmp_path: Path) -> None:
+    result = run_wsfleet(["worker", "--config", str(tmp_path / "missing.toml")])
+    assert result.returncode == 2
+    assert "cannot read config file" in result.stderr and "No such file" in result.stderr
+
+
+def test_unwritable_log_file_is_exit_2(tmp_path: Path) -> None:
+    result = run_wsfleet(["worker", "--log-file", str(tmp_path / "no" / "dir.log")])
+    assert result.returncode == 2
+    assert "--log-file" in result.stderr and "cannot open" in result.stderr
+
+
+def test_example_config_file_is_valid_and_complete() -> None:
+    """conf/wsfleet.toml documents every option, with its default value."""
+    path = Path(__file__).resolve().parent.parent / "conf" / "wsfleet.toml"
+    text = path.read_text()
+    for name in cfg.FIELDS:
+        assert f"{name} =" in text, f"conf/wsfleet.toml does not document {name}"
+    values = cfg.read_file(str(path), "start")  # parses without error
+    defaults = cfg.Config()
+    for name, value in values.items():
+        assert value == getattr(defaults, name), f"{name} in the example is not the default"

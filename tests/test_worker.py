@@ -1,0 +1,349 @@
+"""`wsfleet worker` as a real process, reached over real sockets on 127.0.0.1."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import textwrap
+from pathlib import Path
+
+import pytest
+import websocket  # websocket-client, the second client library
+from websockets.exceptions import ConnectionClosed, ConnectionClosedError
+from websockets.sync.client import connect
+
+from .helpers import (
+    close_code,
+    raw_connect,
+    read_http_response,
+    recv_frame,
+    run_wsfleet,
+    send_frame,
+    upgrade_request,
+    wait_for,
+)
+
+
+def start_worker(spawn, *args: str, **kw):  # type: ignore[no-untyped-def]
+    proc = spawn("worker", "--port", "0", *args, **kw)
+    port = proc.wait_ready()
+    return proc, port
+
+
+def test_echo_text_and_binary_with_websockets(spawn) -> None:
+    _, port = start_worker(spawn)
+    with connect(f"ws://127.0.0.1:{port}/") as ws:
+        ws.send("héllo")
+        assert ws.recv() == "héllo"
+        ws.send(b"\x00\xffbinary")
+        assert ws.recv() == b"\x00\xffbinary"
+
+
+def test_echo_text_and_binary_with_websocket_client(spawn) -> None:
+    _, port = start_worker(spawn)
+    ws = websocket.create_connection(f"ws://127.0.0.1:{port}/", timeout=10)
+    try:
+        ws.send("text")
+        opcode, data = ws.recv_data()
+        assert (opcode, data) == (websocket.ABNF.OPCODE_TEXT, b"text")
+        ws.send_binary(b"\x01\x02")
+        opcode, data = ws.recv_data()
+        assert (opcode, data) == (websocket.ABNF.OPCODE_BINARY, b"\x01\x02")
+    finally:
+        ws.close()
+
+
+def test_process_title(spawn) -> None:
+    proc, port = start_worker(spawn)
+    cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+    assert cmdline.startswith(f"wsfleet: worker [127.0.0.1:{port}]".encode())
+
+
+def test_health_path_answers_200(spawn) -> None:
+    _, port = start_worker(spawn)
+    with raw_connect(port) as sock:
+        sock.sendall(b"GET /health/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        status, data, _ = read_http_response(sock)
+    assert status == 200
+    assert data.endswith(b"\r\n\r\nOK\n")
+
+
+def test_health_path_can_be_moved_or_disabled(spawn) -> None:
+    _, port = start_worker(spawn, "--health-path", "/ready")
+    with raw_connect(port) as sock:
+        sock.sendall(b"GET /ready?probe=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_http_response(sock)[0] == 200
+    _, port = start_worker(spawn, "--health-path", "")
+    with raw_connect(port) as sock:
+        sock.sendall(b"GET /health/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_http_response(sock)[0] == 426  # just another path now
+
+
+def test_sigterm_closes_every_connection_with_1001_and_exits_0(spawn) -> None:
+    proc, port = start_worker(spawn)
+    with contextlib.ExitStack() as stack:
+        clients = [stack.enter_context(connect(f"ws://127.0.0.1:{port}/")) for _ in range(5)]
+        other = websocket.create_connection(f"ws://127.0.0.1:{port}/", timeout=10)
+        stack.callback(other.close)
+        for ws in clients:  # every connection is open and served
+            ws.send("x")
+            assert ws.recv() == "x"
+        proc.signal(signal.SIGTERM)
+        for ws in clients:
+            with pytest.raises(ConnectionClosed) as info:
+                ws.recv(timeout=10)
+            assert info.value.rcvd is not None and info.value.rcvd.code == 1001
+        opcode, data = other.recv_data(control_frame=True)
+        assert opcode == websocket.ABNF.OPCODE_CLOSE
+        assert close_code(data) == 1001
+        other.send_close()
+        assert proc.wait() == 0
+        proc.wait_line(r"stopped accepting; closing 6 connections with code 1001")
+
+
+def test_health_is_503_while_draining_and_late_handshakes_succeed(spawn) -> None:
+    """Connections the worker accepted before a drain are answered, not failed: a health
+    request gets 503, and an upgrade completes (101) and is then closed with 1001."""
+    proc, port = start_worker(spawn)
+    with raw_connect(port) as health, raw_connect(port) as upgrade:
+        health.sendall(b"GET /health/ HTTP/1.1\r\nHost: x\r\n")  # incomplete: the drain waits
+        upgrade.sendall(upgrade_request()[:20])
+        # A connection opened after those two completes its handshake: by then the worker has
+        # accepted the two above (one listening socket, accepted in order).
+        with connect(f"ws://127.0.0.1:{port}/") as ws:
+            proc.signal(signal.SIGTERM)
+            with pytest.raises(ConnectionClosed) as info:
+                ws.recv(timeout=10)
+            assert info.value.rcvd is not None and info.value.rcvd.code == 1001
+        # The worker is draining now; it stopped accepting but still answers these two.
+        health.sendall(b"\r\n")
+        status, data, _ = read_http_response(health)
+        assert status == 503, data
+        upgrade.sendall(upgrade_request()[20:])
+        status, head, rest = read_http_response(upgrade)
+        assert status == 101, head
+        opcode, payload = recv_frame(upgrade, rest)
+        assert (opcode, close_code(payload)) == (8, 1001)
+        send_frame(upgrade, 8, payload[:2])  # complete the closing handshake
+        assert proc.wait() == 0
+
+
+def test_drain_stops_accepting_at_once(spawn) -> None:
+    proc, port = start_worker(spawn, "--graceful-timeout", "30")
+    # A client that never answers the close frame keeps the drain going.
+    stuck = raw_connect(port)
+    stuck.sendall(upgrade_request())
+    assert read_http_response(stuck)[0] == 101
+    try:
+        proc.signal(signal.SIGTERM)
+        proc.wait_line("stopped accepting")
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        assert proc.popen.poll() is None  # still draining, waiting for the closing handshake
+    finally:
+        stuck.close()
+    assert proc.wait() == 0
+
+
+def test_graceful_timeout_bounds_the_drain(spawn) -> None:
+    proc, port = start_worker(spawn, "--graceful-timeout", "0.5")
+    stuck = raw_connect(port)
+    try:
+        stuck.sendall(upgrade_request())
+        assert read_http_response(stuck)[0] == 101
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0  # without the bound, close_timeout is 10 s
+        proc.wait_line(r"graceful timeout \(0.5s\) reached: aborting 1 connections")
+    finally:
+        stuck.close()
+
+
+def test_second_sigterm_stops_at_once(spawn) -> None:
+    proc, port = start_worker(spawn, "--graceful-timeout", "60")
+    stuck = raw_connect(port)
+    try:
+        stuck.sendall(upgrade_request())
+        assert read_http_response(stuck)[0] == 101
+        proc.signal(signal.SIGTERM)
+        proc.wait_line("stopped accepting")
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 1
+        proc.wait_line("again: closing every connection now")
+    finally:
+        stuck.close()
+
+
+def test_message_over_max_size_closes_1009_and_spares_others(spawn) -> None:
+    _, port = start_worker(spawn, "--max-size", "1000")
+    with connect(f"ws://127.0.0.1:{port}/") as big, connect(f"ws://127.0.0.1:{port}/") as ok:
+        ok.send("a" * 1000)  # exactly the limit is fine
+        assert ok.recv() == "a" * 1000
+        big.send("b" * 1001)
+        with pytest.raises(ConnectionClosedError) as info:
+            big.recv(timeout=10)
+        assert info.value.sent is not None and info.value.sent.code == 1009
+        ok.send("still here")
+        assert ok.recv() == "still here"
+
+
+def test_invalid_utf8_closes_1007(spawn) -> None:
+    _, port = start_worker(spawn, "--compression", "none")
+    with raw_connect(port) as sock:
+        sock.sendall(upgrade_request())
+        status, _, rest = read_http_response(sock)
+        assert status == 101
+        send_frame(sock, 1, b"\xff\xfe not utf-8")
+        opcode, payload = recv_frame(sock, rest)
+        assert (opcode, close_code(payload)) == (8, 1007)
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        upgrade_request(key=""),  # missing Sec-WebSocket-Key
+        upgrade_request(key="not base64 16 bytes"),
+        upgrade_request(version=""),  # missing Sec-WebSocket-Version
+        upgrade_request(version="8"),
+    ],
+    ids=["no-key", "bad-key", "no-version", "bad-version"],
+)
+def test_malformed_handshake_gets_400(spawn, request_bytes: bytes) -> None:
+    proc, port = start_worker(spawn)
+    with raw_connect(port) as sock:
+        sock.sendall(request_bytes)
+        status, data, _ = read_http_response(sock)
+    assert status == 400, data
+    # The worker goes on serving, and no traceback reached its log.
+    with connect(f"ws://127.0.0.1:{port}/") as ws:
+        ws.send("ok")
+        assert ws.recv() == "ok"
+    assert "Traceback" not in proc.output
+
+
+def test_plain_get_to_other_path_gets_4xx(spawn) -> None:
+    proc, port = start_worker(spawn)
+    for request in (b"GET /index.html HTTP/1.1\r\nHost: x\r\n\r\n", b"garbage\r\n\r\n"):
+        with raw_connect(port) as sock:
+            sock.sendall(request)
+            status, data, _ = read_http_response(sock)
+        assert 400 <= status < 500 or (status == 0 and data == b""), data
+    with connect(f"ws://127.0.0.1:{port}/") as ws:
+        ws.send("ok")
+        assert ws.recv() == "ok"
+    assert "Traceback" not in proc.output
+
+
+def test_compression_negotiated_as_configured(spawn) -> None:
+    _, port = start_worker(spawn, "--window-bits", "10", "--memory-level", "3")
+    with connect(f"ws://127.0.0.1:{port}/") as ws:
+        assert ws.response is not None
+        extensions = ws.response.headers.get("Sec-WebSocket-Extensions", "")
+        assert "permessage-deflate" in extensions
+        assert "server_max_window_bits=10" in extensions
+        ws.send("x" * 10_000)
+        assert ws.recv() == "x" * 10_000
+    _, port = start_worker(spawn, "--compression", "none")
+    with connect(f"ws://127.0.0.1:{port}/") as ws:
+        assert ws.response is not None
+        assert "Sec-WebSocket-Extensions" not in ws.response.headers
+
+
+def test_custom_app_from_the_current_directory(spawn, tmp_path: Path) -> None:
+    (tmp_path / "shout.py").write_text(
+        textwrap.dedent(
+            """
+            async def handler(websocket):
+                async for message in websocket:
+                    await websocket.send(websocket.request.path + " " + message.upper())
+            """
+        )
+    )
+    _, port = start_worker(spawn, "--app", "shout:handler", cwd=tmp_path)
+    with connect(f"ws://127.0.0.1:{port}/room") as ws:
+        ws.send("hi")
+        assert ws.recv() == "/room HI"
+
+
+@pytest.mark.parametrize(
+    ("source", "spec", "message"),
+    [
+        (
+            "",
+            "nosuchmodule:handler",
+            "cannot import --app nosuchmodule:handler: ModuleNotFoundError",
+        ),
+        ("raise RuntimeError('boom')", "badapp:handler", "RuntimeError: boom"),
+        ("x = 1", "badapp:handler", "badapp has no attribute 'handler'"),
+        ("def handler(ws): pass", "badapp:handler", "not a coroutine function"),
+        ("async def handler(ws, path): pass", "badapp:handler", "exactly one argument"),
+    ],
+    ids=["missing-module", "import-raises", "missing-attr", "not-async", "two-args"],
+)
+def test_bad_app_exits_4_with_the_reason(tmp_path: Path, source: str, spec: str, message: str):
+    (tmp_path / "badapp.py").write_text(source)
+    result = run_wsfleet(["worker", "--port", "0", "--app", spec], cwd=tmp_path)
+    assert result.returncode == 4, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_serves_an_inherited_socket_with_fd(spawn) -> None:
+    listener = socket.socket()
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        proc = spawn("worker", "--fd", str(listener.fileno()), pass_fds=[listener.fileno()])
+        assert proc.wait_ready() == port
+        with connect(f"ws://127.0.0.1:{port}/") as ws:
+            ws.send("via fd")
+            assert ws.recv() == "via fd"
+    finally:
+        listener.close()
+
+
+def test_fd_that_is_not_a_listening_socket_is_exit_2(tmp_path: Path) -> None:
+    with open(tmp_path / "f", "w") as f:
+        fd = f.fileno()
+        result = run_wsfleet(["worker", "--fd", str(fd)], pass_fds=[fd])
+    assert result.returncode == 2
+    assert f"--fd {fd}: file descriptor {fd} is not a socket" in result.stderr
+
+
+def test_port_taken_by_another_program_is_exit_1() -> None:
+    holder = socket.socket()  # no SO_REUSEPORT: it does not share
+    try:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = run_wsfleet(["worker", "--port", str(port)])
+        assert result.returncode == 1
+        assert f"address 127.0.0.1:{port} is already in use" in result.stderr
+    finally:
+        holder.close()
+
+
+def test_workers_share_a_port(spawn) -> None:
+    _, port = start_worker(spawn)
+    second = spawn("worker", "--port", str(port))
+    assert second.wait_ready() == port
+    with connect(f"ws://127.0.0.1:{port}/") as ws:
+        ws.send("shared")
+        assert ws.recv() == "shared"
+
+
+def test_usr1_reopens_the_log_file(spawn, tmp_path: Path) -> None:
+    log = tmp_path / "wsfleet.log"
+    proc, _ = start_worker(spawn, "--log-file", str(log))
+    assert "serving app wsfleet.echo:echo" in log.read_text()
+    os.rename(log, tmp_path / "wsfleet.log.1")  # as logrotate does
+    proc.signal(signal.SIGUSR1)
+    wait_for(log.exists, what="the log file to be reopened")
+    proc.signal(signal.SIGTERM)
+    assert proc.wait() == 0
+    text = log.read_text()
+    assert "reopened log file" in text
+    assert "all connections closed" in text
+    assert "reopened" not in (tmp_path / "wsfleet.log.1").read_text()
