@@ -1,13 +1,16 @@
-"""The command line: ``wsfleet worker`` (and, with the master, start/stop/reload/status).
+"""The command line: ``wsfleet start|worker|stop|reload|status``.
 
-Exit statuses: 0 success; 1 runtime failure (such as a port held by another program); 2 bad
-input (unknown option, bad value, bad config file); 4 the app cannot be loaded.
+Exit statuses: 0 success; 1 runtime failure (a port held by another program, a missing or
+stale pidfile, a master that did not stop in time); 2 bad input (unknown option, bad value,
+bad config file); 4 the app cannot be loaded.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -15,7 +18,7 @@ from typing import Any, NoReturn
 from setproctitle import setproctitle
 
 from . import config as cfg
-from . import logs, sockets
+from . import control, logs, sockets
 
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
@@ -52,14 +55,25 @@ def _add_serving_options(parser: argparse.ArgumentParser, command: str) -> None:
         default = "none" if field.default is None else field.default
         if field.default is cfg.dataclasses.MISSING:  # computed, as the number of CPUs
             default = "see above"
+        kind: dict[str, Any] = {"type": _option_type(field.name), "metavar": meta["metavar"]}
+        if field.type == "bool":
+            kind = {"action": "store_const", "const": True}
         parser.add_argument(
             *flags,
             dest=field.name,
-            type=_option_type(field.name),
             default=argparse.SUPPRESS,  # absent stays absent, so env and file can apply
-            metavar=meta["metavar"],
             help=f"{meta['help']} [{cfg.env_name(field.name)}; default: {default}]",
+            **kind,
         )
+
+
+def _add_control_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--pidfile",
+        metavar="FILE",
+        help=f"the master's pidfile [{cfg.env_name('pidfile')}, or pidfile in --config]",
+    )
+    parser.add_argument("--config", metavar="FILE", help="TOML file whose pidfile to use")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,12 +82,34 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a fleet of WebSocket server processes on one port.",
     )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    start = commands.add_parser(
+        "start",
+        help="run the master and its workers",
+        description="Run the master, which pre-forks the workers and keeps them running.",
+    )
+    _add_serving_options(start, "start")
     worker = commands.add_parser(
         "worker",
         help="run one worker without a master (as supervisord or systemd start it)",
         description="Serve the app in this one process, on host:port or an inherited socket.",
     )
     _add_serving_options(worker, "worker")
+    stop = commands.add_parser(
+        "stop", help="stop the master gracefully and wait until it has exited"
+    )
+    _add_control_options(stop)
+    stop.add_argument(
+        "--timeout",
+        type=_option_type("graceful_timeout"),
+        default=60.0,
+        metavar="S",
+        help="how long to wait for the master to exit (default: 60)",
+    )
+    reload = commands.add_parser("reload", help="rolling restart of the workers (SIGHUP)")
+    _add_control_options(reload)
+    status = commands.add_parser("status", help="show the master and its workers")
+    _add_control_options(status)
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
     return parser
 
 
@@ -120,13 +156,86 @@ def run_worker(config: cfg.Config) -> int:
     return asyncio.run(Worker(config, sock, handler).run())
 
 
+def run_master(config: cfg.Config, args: argparse.Namespace) -> int:
+    """``wsfleet start``: the master, in the foreground or detached with --daemon."""
+    from .arbiter import Arbiter, BootError
+
+    def reload_config() -> cfg.Config:
+        given = {k: v for k, v in vars(args).items() if k in cfg.FIELDS}
+        return cfg.load("start", given, args.config)
+
+    if config.daemon:
+        daemonize()
+    try:
+        return Arbiter(config, reload_config).run()
+    except BootError as exc:
+        fail(f"cannot start: {exc}", exc.status)
+    except sockets.AddressInUse as exc:
+        fail(str(exc), EXIT_RUNTIME)
+    except control.ControlError as exc:
+        fail(str(exc), EXIT_RUNTIME)
+    except OSError as exc:
+        fail(f"cannot listen on {config.host}:{config.port}: {exc}", EXIT_RUNTIME)
+
+
+def daemonize() -> None:
+    """Detach: the command returns once the master is ready (printing its listening line),
+    or fails with the master's exit status if it could not start."""
+    read_end, write_end = os.pipe()
+    if os.fork() > 0:
+        os.close(write_end)
+        with os.fdopen(read_end) as ready:
+            line = ready.read()
+        if line:
+            print(line, end="", file=sys.stderr)
+            raise SystemExit(0)
+        fail("the master exited before it was ready; see its log (--log-file)", EXIT_RUNTIME)
+    os.close(read_end)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    control.set_ready_fd(write_end)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def run_control(args: argparse.Namespace) -> int:
+    """``wsfleet stop|reload|status``."""
+    pidfile = args.pidfile
+    if not pidfile:
+        pidfile = cfg.load("start", {}, args.config).pidfile
+    if not pidfile:
+        fail(f"no pidfile: give --pidfile or set {cfg.env_name('pidfile')}", EXIT_USAGE)
+    try:
+        if args.command == "stop":
+            print(control.stop(pidfile, args.timeout))
+        elif args.command == "reload":
+            print(control.reload(pidfile))
+        else:
+            status = control.query_status(control.master_pid(pidfile))
+            if args.json:
+                print(json.dumps(status, indent=2))
+            else:
+                print(control.format_status(status))
+    except control.ControlError as exc:
+        fail(str(exc), EXIT_RUNTIME)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("stop", "reload", "status"):
+        try:
+            return run_control(args)
+        except cfg.ConfigError as exc:
+            fail(str(exc), EXIT_USAGE)
     config = load_config(args.command, args)
     setup_logging(config)
     if args.command == "worker":
         return run_worker(config)
-    raise AssertionError(args.command)  # argparse only accepts the commands above
+    return run_master(config, args)
 
 
 if __name__ == "__main__":

@@ -81,6 +81,17 @@ def _choice(*choices: str) -> Callable[[object], str]:
     return parse
 
 
+def _boolean(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = _text(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
 def _app(value: object) -> str:
     text = _text(value).strip()
     module, sep, attr = text.partition(":")
@@ -225,6 +236,12 @@ class Config:
         parse=_optional_path,
         commands=frozenset({"start"}),
         metavar="FILE",
+    )
+    daemon: bool = option(
+        False,
+        "detach from the terminal once every worker is ready",
+        parse=_boolean,
+        commands=frozenset({"start"}),
     )
     log_level: str = option(
         "info",

@@ -27,7 +27,7 @@ from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFact
 from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
-from . import logs
+from . import channel, logs
 from .config import Config
 from .sockets import sock_address
 
@@ -124,21 +124,35 @@ class _DrainingServer(Server):
 
 
 class Worker:
-    """One process serving the app on one listening socket."""
+    """One process serving the app on its listening socket (and on sockets lent to it).
 
-    def __init__(self, config: Config, sock: socket.socket, handler: Handler) -> None:
+    Alone, it answers signals itself. Under the master (``channel`` given), it reports ready,
+    sends heartbeats from its event loop, drains when told (or when the master is gone) and
+    serves sockets the master lends it while their own slot has no worker.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        sock: socket.socket,
+        handler: Handler,
+        channel: socket.socket | None = None,
+    ) -> None:
         self.config = config
         self.sock = sock
         self.handler = handler
+        self.channel = channel
         self.address = sock_address(sock)
         self.connections: set[ServerConnection] = set()
         self.draining = False
         self.drain_code: int = CloseCode.GOING_AWAY
         self.drain_reason = ""
-        self.server: Server | None = None
+        self.servers: list[Server] = []  # every server started, to wait for in a drain
+        self.borrowed: dict[int, Server] = {}  # lent slot number -> its server
         self._drain_task: asyncio.Task[None] | None = None
         self._stopped: asyncio.Future[int] | None = None
-        self._closers: list[asyncio.Task[None]] = []
+        self._tasks: set[asyncio.Task[Any]] = set()  # the loop holds tasks only weakly
+        self._inbox: list[tuple[channel.Message, list[int]]] = []
 
     # Serving
 
@@ -146,16 +160,16 @@ class Worker:
         """Serve until a drain completes; return the exit status."""
         loop = asyncio.get_running_loop()
         self._stopped = loop.create_future()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._on_stop_signal, sig)
+        loop.add_signal_handler(signal.SIGTERM, self._on_stop_signal, signal.SIGTERM)
+        loop.add_signal_handler(signal.SIGQUIT, self._on_quit_signal)
         loop.add_signal_handler(signal.SIGUSR1, logs.reopen)
+        if self.channel is None:
+            loop.add_signal_handler(signal.SIGINT, self._on_stop_signal, signal.SIGINT)
+        else:
+            # Ctrl-C reaches the whole process group; the master decides what happens.
+            loop.add_signal_handler(signal.SIGINT, lambda: None)
 
-        self.server = await serve(
-            self._handle,
-            sock=self.sock,
-            process_request=self._process_request,
-            **websockets_options(self.config),
-        )
+        await self._serve(self.sock)
         log.info(
             "worker %d serving app %s on ws://%s (%s, max_size=%d, max_queue=%d, write_limit=%d)",
             os.getpid(),
@@ -166,9 +180,24 @@ class Worker:
             self.config.max_queue,
             self.config.write_limit,
         )
-        # The readiness line that scripts and tests wait for; always on stderr.
-        print(f"listening on ws://{self.address}", file=sys.stderr, flush=True)
+        if self.channel is None:
+            # The readiness line that scripts and tests wait for; always on stderr.
+            print(f"listening on ws://{self.address}", file=sys.stderr, flush=True)
+        else:
+            loop.add_reader(self.channel, self._on_message)
+            self._send({"t": "ready"})
+            self._heartbeat(min(1.0, self.config.timeout / 4))
         return await self._stopped
+
+    async def _serve(self, sock: socket.socket) -> Server:
+        server = await serve(
+            self._handle,
+            sock=sock,
+            process_request=self._process_request,
+            **websockets_options(self.config),
+        )
+        self.servers.append(server)
+        return server
 
     async def _handle(self, websocket: ServerConnection) -> None:
         if self.draining:
@@ -191,15 +220,88 @@ class Worker:
             return connection.respond(http.HTTPStatus.OK, "OK\n")
         return None
 
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # The master's channel
+
+    def _send(self, message: channel.Message) -> None:
+        assert self.channel is not None
+        channel.send(self.channel, message)  # a full buffer drops a heartbeat, no more
+
+    def _heartbeat(self, interval: float) -> None:
+        if self._stopped is None or self._stopped.done():
+            return
+        self._send({"t": "hb", "conns": len(self.connections)})
+        asyncio.get_running_loop().call_later(interval, self._heartbeat, interval)
+
+    def _on_message(self) -> None:
+        assert self.channel is not None
+        while True:
+            try:
+                message, fds = channel.receive(self.channel)
+            except BlockingIOError:
+                return
+            if message is None:
+                asyncio.get_running_loop().remove_reader(self.channel)
+                if not self.draining:
+                    log.warning("the master is gone: draining with code 1001")
+                    self.start_drain(CloseCode.GOING_AWAY)
+                return
+            # In order, one at a time: a release must not overtake the adopt before it.
+            self._inbox.append((message, fds))
+            if len(self._inbox) == 1:
+                self._spawn(self._process_inbox())
+
+    async def _process_inbox(self) -> None:
+        while self._inbox:
+            message, fds = self._inbox[0]
+            kind = message.get("t")
+            if kind == "drain":
+                log.info("the master asks for a drain with code %d", message["code"])
+                self.start_drain(int(message["code"]), str(message.get("reason", "")))
+            elif kind == "adopt" and fds:
+                await self._adopt(int(message["slot"]), socket.socket(fileno=fds.pop(0)))
+            elif kind == "release":
+                self._release(int(message["slot"]))
+            for fd in fds:
+                os.close(fd)
+            self._inbox.pop(0)
+
+    async def _adopt(self, slot: int, sock: socket.socket) -> None:
+        """Accept on another slot's socket while that slot has no worker of its own."""
+        if self.draining or slot in self.borrowed:
+            sock.close()
+            return
+        self.borrowed[slot] = await self._serve(sock)
+        log.info("accepting for slot %d while it has no worker", slot)
+
+    def _release(self, slot: int) -> None:
+        """Stop accepting on a lent socket; its connections stay and are served as usual."""
+        server = self.borrowed.pop(slot, None)
+        if server is not None:
+            server.__class__ = _DrainingServer  # in-flight handshakes complete, no 503
+            server.server.close()  # closes this process's descriptor only
+            log.info("gave slot %d back", slot)
+
     # Draining
 
     def _on_stop_signal(self, sig: signal.Signals) -> None:
         if self._drain_task is None:
             log.info("received %s: draining with code 1001", sig.name)
             self.start_drain(CloseCode.GOING_AWAY)
-        else:
+        elif self.channel is None:
+            # Alone, a second TERM/INT means "now". Under a master it does not: systemd and
+            # supervisord may signal the whole group besides the master's own TERM, and the
+            # master says "now" with QUIT.
             log.warning("received %s again: closing every connection now", sig.name)
             self.abort(status=1)
+
+    def _on_quit_signal(self) -> None:
+        log.warning("received SIGQUIT: closing every connection now")
+        self.abort(status=0)
 
     def start_drain(self, code: int, reason: str = "") -> None:
         """Begin draining with this close code (1001 on SIGTERM, 1012 for a restart)."""
@@ -207,31 +309,30 @@ class Worker:
             self._drain_task = asyncio.get_running_loop().create_task(self.drain(code, reason))
 
     async def drain(self, code: int, reason: str = "") -> None:
-        assert self.server is not None
         self.draining = True
         self.drain_code, self.drain_reason = code, reason
         # Stop accepting now rather than when websockets' close task first runs. In-flight
         # handshakes go on and succeed (see _DrainingServer), then _handle closes them.
-        self.server.__class__ = _DrainingServer
-        self.server.server.close()
-        self.server.close(close_connections=False)
+        for server in self.servers:
+            server.__class__ = _DrainingServer
+            server.server.close()
+            server.close(close_connections=False)
         log.info(
             "stopped accepting; closing %d connections with code %d",
             len(self.connections),
             code,
         )
-        # Keep references: the loop holds tasks only weakly.
-        self._closers = [
-            asyncio.create_task(websocket.close(code, reason)) for websocket in self.connections
-        ]
+        for websocket in list(self.connections):
+            self._spawn(websocket.close(code, reason))
         try:
             async with asyncio.timeout(self.config.graceful_timeout):
-                await self.server.wait_closed()
+                for server in self.servers:
+                    await server.wait_closed()
         except TimeoutError:
             log.warning(
                 "graceful timeout (%gs) reached: aborting %d connections",
                 self.config.graceful_timeout,
-                len(self.server.all_connections),
+                sum(len(server.all_connections) for server in self.servers),
             )
             self.abort(status=0)
             return
@@ -240,8 +341,8 @@ class Worker:
 
     def abort(self, status: int) -> None:
         """Drop every connection without a closing handshake and stop."""
-        if self.server is not None:
-            for connection in list(self.server.all_connections):
+        for server in self.servers:
+            for connection in list(server.all_connections):
                 connection.transport.abort()
         self._finish(status)
 

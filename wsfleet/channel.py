@@ -1,0 +1,62 @@
+"""The master-worker channel: small JSON messages over a SOCK_SEQPACKET socketpair.
+
+SEQPACKET keeps message boundaries (no framing code) and carries file descriptors with
+SCM_RIGHTS, which is how the master lends a slot's listening socket to a healthy worker.
+
+Worker to master: ``ready`` (accepting), ``hb`` (heartbeat with the open-connection count, sent
+by the worker's event loop itself, so a blocked loop goes quiet), ``error`` (why it cannot
+start). Master to worker: ``drain`` (with the close code), ``adopt`` (a lent socket, with its
+descriptor) and ``release`` (give it back).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+MAX_MESSAGE = 16384
+
+Message = dict[str, Any]
+
+
+def pair() -> tuple[socket.socket, socket.socket]:
+    """(master end, worker end), both non-blocking."""
+    master, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    master.setblocking(False)
+    worker.setblocking(False)
+    return master, worker
+
+
+def send(sock: socket.socket, message: Message, fds: Sequence[int] = ()) -> bool:
+    """Send one message; False when the peer is gone or its buffer is full."""
+    data = json.dumps(message, separators=(",", ":")).encode()
+    try:
+        if fds:
+            socket.send_fds(sock, [data], list(fds))
+        else:
+            sock.send(data)
+    except (BlockingIOError, BrokenPipeError, ConnectionResetError, OSError):
+        return False
+    return True
+
+
+def receive(sock: socket.socket) -> tuple[Message | None, list[int]]:
+    """Receive one message and any descriptors with it; (None, []) at end of stream.
+
+    Raises BlockingIOError when nothing is waiting.
+    """
+    try:
+        data, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, 4)
+    except (ConnectionResetError, BrokenPipeError):
+        return None, []
+    if not data:
+        for fd in fds:
+            socket.close(fd)
+        return None, []
+    try:
+        message = json.loads(data)
+    except ValueError:
+        message = {"t": "garbled"}
+    return message, list(fds)

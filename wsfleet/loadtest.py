@@ -1,0 +1,192 @@
+"""A load that watches for failures: new connections at a steady rate, each doing one echo,
+and long-lived connections echoing continuously. Used by the tests and by
+``scripts/bench-restart`` to show what clients see during a restart or a crash.
+
+Every connection attempt is recorded with its start time and outcome. An attempt fails when
+the TCP connection is refused or reset, the handshake gets anything but 101 (websockets'
+503 for one that completes while a server closes, say), or the echo never comes back. An
+attempt whose connection is closed with 1012 (service restart) after its handshake is not a
+failure: the server told the client to reconnect, as the contract allows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+
+@dataclass
+class Attempt:
+    start: float  # time.monotonic()
+    end: float = 0.0
+    outcome: str = "pending"  # ok, closed 1012, or a failure description
+    kind: str = "churn"  # churn: one echo; long: a long-lived connection's (re)connect
+
+
+@dataclass
+class Results:
+    attempts: list[Attempt] = field(default_factory=list)
+    close_codes: collections.Counter[str] = field(default_factory=collections.Counter)
+    echoes: int = 0
+
+    def failures(self, since: float = 0.0) -> list[Attempt]:
+        return [
+            a
+            for a in self.attempts
+            if a.start >= since and a.outcome not in ("ok", "closed 1012", "pending")
+        ]
+
+    def summary(self) -> dict[str, Any]:
+        outcomes = collections.Counter(a.outcome for a in self.attempts)
+        return {
+            "attempts": len(self.attempts),
+            "outcomes": dict(outcomes),
+            "failed": len(self.failures()),
+            "long_lived_close_codes": dict(self.close_codes),
+            "echoes": self.echoes,
+        }
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, InvalidStatus):
+        return f"HTTP {exc.response.status_code}"
+    if isinstance(exc, ConnectionClosed):
+        code = exc.rcvd.code if exc.rcvd else None
+        return f"closed {code}" if code else "closed 1006"
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    return type(exc).__name__
+
+
+class Load:
+    """Runs the load in a thread with its own event loop, until stop() (or ``duration``)."""
+
+    def __init__(
+        self,
+        url: str,
+        rate: float = 200.0,
+        long_lived: int = 100,
+        interval: float = 0.05,
+        duration: float = 60.0,
+        timeout: float = 5.0,
+    ) -> None:
+        self.url = url
+        self.rate = rate
+        self.long_lived = long_lived
+        self.interval = interval  # between two echoes on a long-lived connection
+        self.duration = duration  # a hard bound, whatever the caller does
+        self.timeout = timeout
+        self.results = Results()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._started = threading.Event()
+        self._warm = threading.Event()
+
+    def start(self, warm_timeout: float = 30.0) -> Load:
+        """Start, and return once every long-lived connection is open."""
+        self._thread.start()
+        if not self._warm.wait(warm_timeout):
+            raise TimeoutError(f"the load did not warm up in {warm_timeout}s")
+        return self
+
+    def stop(self) -> Results:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(self.duration + 30)
+        return self.results
+
+    def _run(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        holders = [asyncio.create_task(self._long_lived()) for _ in range(self.long_lived)]
+        self._opened = 0
+        while self._opened < self.long_lived and not self._stop.is_set():
+            await asyncio.sleep(0.01)
+        self._warm.set()
+        churn: set[asyncio.Task[None]] = set()
+        deadline = time.monotonic() + self.duration
+        next_start = time.monotonic()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(self._loop.time() + self.duration):
+                while not self._stop.is_set() and time.monotonic() < deadline:
+                    if self.rate > 0:
+                        task = asyncio.create_task(self._one_echo())
+                        churn.add(task)
+                        task.add_done_callback(churn.discard)
+                        next_start += 1 / self.rate
+                    else:
+                        next_start += 0.1
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(
+                            self._stop.wait(), max(0.0, next_start - time.monotonic())
+                        )
+        self._stop.set()
+        await asyncio.gather(*churn, *holders, return_exceptions=True)
+
+    async def _open(self, kind: str) -> tuple[Attempt, ClientConnection | None]:
+        attempt = Attempt(time.monotonic(), kind=kind)
+        self.results.attempts.append(attempt)
+        try:
+            ws = await connect(self.url, open_timeout=self.timeout, compression=None)
+        except Exception as exc:
+            attempt.outcome, attempt.end = _describe(exc), time.monotonic()
+            return attempt, None
+        return attempt, ws
+
+    async def _one_echo(self) -> None:
+        attempt, ws = await self._open("churn")
+        if ws is None:
+            return
+        try:
+            async with asyncio.timeout(self.timeout):
+                await ws.send("ping")
+                if await ws.recv() != "ping":
+                    raise ValueError("wrong echo")
+            attempt.outcome = "ok"
+            self.results.echoes += 1
+        except Exception as exc:
+            attempt.outcome = _describe(exc)
+        finally:
+            attempt.end = time.monotonic()
+            await ws.close()
+
+    async def _long_lived(self) -> None:
+        """Keep one connection echoing; when the server closes it, note the code and
+        reconnect, as a client of a real service would."""
+        assert self._stop is not None
+        first = True
+        while not self._stop.is_set():
+            attempt, ws = await self._open("long")
+            attempt.end = time.monotonic()
+            if ws is None:
+                await asyncio.sleep(0.1)  # a failure is recorded; don't spin on it
+                continue
+            attempt.outcome = "ok"
+            if first:
+                self._opened += 1
+                first = False
+            try:
+                while not self._stop.is_set():
+                    async with asyncio.timeout(self.timeout):
+                        await ws.send("hello")
+                        if await ws.recv() != "hello":
+                            raise ValueError("wrong echo")
+                    self.results.echoes += 1
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stop.wait(), self.interval)
+            except Exception as exc:
+                self.results.close_codes[_describe(exc)] += 1
+            finally:
+                await ws.close()
