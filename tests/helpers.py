@@ -4,6 +4,7 @@ WebSocket client for what well-behaved client libraries refuse to send."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import re
 import signal
@@ -15,6 +16,8 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 READY = re.compile(r"listening on ws://(\S+):(\d+)")
@@ -99,11 +102,23 @@ class Proc:
         self._reader.join(timeout)
         return status
 
+    def children(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
     def kill(self) -> None:
-        """Make sure the process is gone (the fixture's cleanup)."""
+        """Make sure the process and every process it started are gone (the fixture's
+        cleanup): children first, found by pid while the parent still exists."""
+        children = self.children() if self.popen.poll() is None else []
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
         if self.popen.poll() is None:
             self.popen.kill()
         self.popen.wait(10)
+        psutil.wait_procs(children, timeout=10)
         self._reader.join(5)
 
 
