@@ -34,11 +34,12 @@ class Proc:
         env: dict[str, str] | None = None,
         cwd: str | os.PathLike[str] | None = None,
         pass_fds: Sequence[int] = (),
+        program: Sequence[str] = (sys.executable, "-m", "wsfleet"),
     ) -> None:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("WSFLEET_")}
         full_env["PYTHONUNBUFFERED"] = "1"
         full_env.update(env or {})
-        self.args = [sys.executable, "-m", "wsfleet", *args]
+        self.args = [*program, *args]
         self.popen = subprocess.Popen(
             self.args,
             stdin=subprocess.DEVNULL,
@@ -233,3 +234,12 @@ def wait_for(predicate: object, timeout: float = 10, what: str = "condition") ->
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.02)
+
+
+def gone(pid: int) -> bool:
+    """Whether a process has exited. An orphan's zombie counts as gone: not every init
+    reaps (this sandbox's does not)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True

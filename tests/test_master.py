@@ -11,13 +11,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from .helpers import (
     Proc,
+    gone,
     raw_connect,
     read_http_response,
     run_wsfleet,
@@ -181,7 +181,7 @@ def test_sigterm_drains_with_1001_removes_pidfile_and_exits_0(spawn, tmp_path: P
             assert info.value.rcvd is not None and info.value.rcvd.code == 1001
     assert master.proc.wait() == 0
     assert not os.path.exists(master.pidfile)
-    assert not any(psutil.pid_exists(pid) for pid in workers)
+    assert all(gone(pid) for pid in workers)
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", master.port), timeout=5).close()
 
@@ -206,7 +206,7 @@ def test_sigquit_stops_at_once(spawn, tmp_path: Path) -> None:
         assert read_http_response(stuck)[0] == 101
         master.proc.signal(signal.SIGQUIT)
         assert master.proc.wait(timeout=10) == 0
-    assert not any(psutil.pid_exists(pid) for pid in workers)
+    assert all(gone(pid) for pid in workers)
 
 
 HANGING_APP = """
@@ -242,7 +242,7 @@ def test_stragglers_are_killed_after_the_graceful_timeout(spawn, tmp_path: Path)
         assert master.proc.wait(timeout=15) == 0
     assert time.monotonic() - started < 10
     master.proc.wait_line("shutdown timeout: killing 1 workers still running")
-    assert not psutil.pid_exists(worker)
+    assert gone(worker)
 
 
 def test_hung_worker_is_killed_and_replaced(spawn, tmp_path: Path) -> None:
@@ -255,7 +255,7 @@ def test_hung_worker_is_killed_and_replaced(spawn, tmp_path: Path) -> None:
         ws.send("hang")
         master.proc.wait_line(rf"worker {worker} \(slot 0\) did not answer for \d+s: killing")
         master.proc.wait_line(r"worker \d+ \(slot 0\) is ready", timeout=10)
-    assert not psutil.pid_exists(worker)
+    assert gone(worker)
     assert echo_once(master.url) == "hi"
 
 
@@ -296,7 +296,7 @@ def test_workers_leave_when_the_master_is_killed(spawn, tmp_path: Path) -> None:
                 ws.recv(timeout=5)
             assert info.value.rcvd is not None and info.value.rcvd.code == 1001
         wait_for(
-            lambda: not any(psutil.pid_exists(pid) for pid in workers),
+            lambda: all(gone(pid) for pid in workers),
             timeout=5,
             what="the workers to exit",
         )

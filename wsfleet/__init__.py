@@ -1,3 +1,46 @@
 """wsfleet: a process manager for WebSocket servers built on the websockets library."""
 
+from __future__ import annotations
+
+from typing import Any
+
 __version__ = "0.1.0"
+__all__ = ["__version__", "run"]
+
+
+def run(app: Any = "wsfleet.echo:echo", **options: Any) -> int:
+    """Run the master and its workers in this process until stopped, as ``wsfleet start``.
+
+    ``app`` is an ``async def handler(websocket)`` or its "module:attr" name; options are
+    those of ``wsfleet start`` with underscores (``workers=4``, ``port=0``,
+    ``graceful_timeout=10``). Returns the exit status (0 after a graceful stop).
+
+    Workers are forked, so a handler object works as it is. Pass the "module:attr" name for
+    SIGHUP to serve new code: workers then import it afresh, while a handler object is the
+    code this process loaded.
+
+    Raises ValueError for a bad option, and the master's start-up errors
+    (``wsfleet.arbiter.BootError`` when no worker can start, OSError when the port is taken).
+    """
+    from . import config as cfg
+    from . import logs
+    from .arbiter import Arbiter
+    from .worker import check_handler
+
+    values: dict[str, Any] = {}
+    for name, value in options.items():
+        if name not in cfg.FIELDS or "start" not in cfg.FIELDS[name].metadata["commands"]:
+            raise TypeError(f"run() got an unknown option {name!r}")
+        try:
+            values[name] = cfg.parse_value(name, value)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+    handler = None
+    if isinstance(app, str):
+        values["app"] = cfg.parse_value("app", app)
+    else:
+        handler = check_handler(app, f"run({app!r})")
+        values["app"] = f"{app.__module__}:{getattr(app, '__qualname__', 'handler')}"
+    config = cfg.Config(**values)
+    logs.setup(config.log_level, config.log_file)
+    return Arbiter(config, handler=handler).run()

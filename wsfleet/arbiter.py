@@ -449,6 +449,7 @@ class Arbiter:
                 other.sock.close()
         if self.status_server is not None:
             self.status_server.close()
+        control.set_ready_fd(None)
 
     def run_worker(self, slot: Slot, worker_end: socket.socket) -> int:
         import asyncio
@@ -459,7 +460,7 @@ class Arbiter:
         try:
             handler = self.handler or load_app(self.config.app)
         except AppError as exc:
-            log.error("%s", exc)
+            logging.getLogger("wsfleet.worker").error("%s", exc)
             channel.send(worker_end, {"t": "error", "message": str(exc)})
             return EXIT_APP
         return asyncio.run(Worker(self.config, slot.sock, handler, worker_end).run())

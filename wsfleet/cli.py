@@ -185,7 +185,7 @@ def daemonize() -> None:
     if os.fork() > 0:
         os.close(write_end)
         with os.fdopen(read_end) as ready:
-            line = ready.read()
+            line = ready.readline()  # or end of file, if the master exits first
         if line:
             print(line, end="", file=sys.stderr)
             raise SystemExit(0)

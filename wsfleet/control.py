@@ -42,10 +42,12 @@ def encode_status(status: dict[str, Any]) -> bytes:
 
 def write_pidfile(path: str) -> None:
     """Write our pid, refusing if the file names a master that is still running."""
-    with contextlib.suppress(ControlError):
+    try:
         pid = read_pid(path)
-        if pid != os.getpid() and is_master(pid):
-            raise ControlError(f"a wsfleet master (pid {pid}) already runs with pidfile {path}")
+    except ControlError:
+        pid = None  # missing or unreadable: ours to write
+    if pid is not None and pid != os.getpid() and is_master(pid):
+        raise ControlError(f"a wsfleet master (pid {pid}) already runs with pidfile {path}")
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         with open(tmp, "w") as f:
@@ -65,9 +67,13 @@ def remove_pidfile(path: str) -> None:
 _ready_fd: int | None = None
 
 
-def set_ready_fd(fd: int) -> None:
-    """Where --daemon's parent waits for the detached master to be ready."""
+def set_ready_fd(fd: int | None) -> None:
+    """Where --daemon's parent waits for the detached master to be ready (None in workers,
+    which close the master's copy)."""
     global _ready_fd
+    if fd is None and _ready_fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(_ready_fd)
     _ready_fd = fd
 
 

@@ -61,18 +61,23 @@ def load_app(spec: str) -> Handler:
             raise AppError(
                 f"cannot load --app {spec}: {module_name} has no attribute {attr!r}"
             ) from None
+    return check_handler(target, f"--app {spec}")
+
+
+def check_handler(target: Any, name: str) -> Handler:
+    """Check that target is an ``async def handler(websocket)``; AppError says why not."""
     if not inspect.iscoroutinefunction(target) and not inspect.iscoroutinefunction(
         getattr(target, "__call__", None)  # noqa: B004 - an object with async __call__
     ):
         raise AppError(
-            f"--app {spec} is {type(target).__name__} {target!r}, not a coroutine function: "
+            f"{name} is {type(target).__name__} {target!r}, not a coroutine function: "
             "define it as 'async def handler(websocket): ...'"
         )
     try:
         inspect.signature(target).bind(None)
     except TypeError:
         raise AppError(
-            f"--app {spec} must take exactly one argument, the connection: "
+            f"{name} must take exactly one argument, the connection: "
             "'async def handler(websocket)' (two-argument handlers are the deprecated legacy "
             "API; read the path from websocket.request.path)"
         ) from None

@@ -1,0 +1,208 @@
+"""`wsfleet stop|reload|status`, `--daemon`, reloads that re-read the configuration or meet
+broken code, and the `wsfleet.run()` API."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+import textwrap
+from pathlib import Path
+
+import psutil
+
+from .helpers import Proc, gone, run_wsfleet
+from .test_master import Master, echo_once, write_app
+
+
+def test_stop_waits_until_the_master_has_exited(spawn, tmp_path: Path) -> None:
+    master = Master(spawn, tmp_path, "-w", "2")
+    workers = master.worker_pids()
+    result = run_wsfleet(["stop", "--pidfile", master.pidfile])
+    assert result.returncode == 0, result.stderr
+    assert f"master {master.proc.pid} stopped" in result.stdout
+    # When stop returns, the master and its workers are gone and so is the pidfile.
+    assert gone(master.proc.pid)
+    assert all(gone(pid) for pid in workers)
+    assert not os.path.exists(master.pidfile)
+
+
+def test_stop_gives_up_after_its_timeout(spawn, tmp_path: Path) -> None:
+    (tmp_path / "hang.py").write_text(
+        "import time\n\nasync def handler(ws):\n    time.sleep(600)\n"
+    )
+    master = Master(
+        spawn,
+        tmp_path,
+        "-w",
+        "1",
+        "--app",
+        "hang:handler",
+        "--graceful-timeout",
+        "30",
+        cwd=tmp_path,
+    )
+    from websockets.sync.client import connect
+
+    with connect(master.url):  # the handler blocks the worker's loop: no drain can finish
+        result = run_wsfleet(["stop", "--pidfile", master.pidfile, "--timeout", "0.5"])
+    assert result.returncode == 1
+    assert "still running 0.5s after SIGTERM" in result.stderr
+
+
+def test_status_and_stop_without_a_master_exit_1(tmp_path: Path) -> None:
+    missing = str(tmp_path / "none.pid")
+    for command in ("status", "stop", "reload"):
+        result = run_wsfleet([command, "--pidfile", missing])
+        assert result.returncode == 1
+        assert f"no pidfile at {missing}" in result.stderr
+    stale = tmp_path / "stale.pid"
+    stale.write_text(f"{os.getpid()}\n")  # a live process, but not a wsfleet master
+    result = run_wsfleet(["status", "--pidfile", str(stale)])
+    assert result.returncode == 1
+    assert "stale pidfile" in result.stderr
+    result = run_wsfleet(["status"])
+    assert result.returncode == 2
+    assert "no pidfile: give --pidfile" in result.stderr
+
+
+def test_a_second_master_on_the_same_pidfile_is_refused(spawn, tmp_path: Path) -> None:
+    master = Master(spawn, tmp_path, "-w", "1")
+    result = run_wsfleet(["start", "-w", "1", "--port", "0", "--pidfile", master.pidfile])
+    assert result.returncode == 1
+    assert f"already runs with pidfile {master.pidfile}" in result.stderr
+    assert os.path.exists(master.pidfile)  # the first one's pidfile is untouched
+
+
+def test_reload_command_restarts_every_worker(spawn, tmp_path: Path) -> None:
+    master = Master(spawn, tmp_path, "-w", "2")
+    before = master.worker_pids()
+    result = run_wsfleet(["reload", "--pidfile", master.pidfile])
+    assert result.returncode == 0, result.stderr
+    master.proc.wait_line("rolling restart done")
+    master.wait_workers(2)
+    assert not master.worker_pids() & before
+
+
+def test_reload_rereads_the_config_file(spawn, tmp_path: Path) -> None:
+    toml = tmp_path / "wsfleet.toml"
+    toml.write_text("max_size = 100\nworkers = 1\n")
+    master = Master(spawn, tmp_path, "--config", str(toml))  # -w here would beat the file
+    toml.write_text("max_size = 200\nworkers = 2\n")
+    master.proc.signal(signal.SIGHUP)
+    master.proc.wait_line("rolling restart done")
+    master.proc.wait_line(r"max_size=200")
+    master.wait_workers(2)  # and the new worker count
+
+
+def test_reload_keeps_the_old_worker_when_the_new_code_is_broken(spawn, tmp_path: Path) -> None:
+    write_app(tmp_path, "v1")
+    master = Master(
+        spawn,
+        tmp_path,
+        "-w",
+        "2",
+        "--app",
+        "app:handler",
+        cwd=tmp_path,
+        env={"PYTHONDONTWRITEBYTECODE": "1"},
+    )
+    before = master.worker_pids()
+    (tmp_path / "app.py").write_text("def broken(:\n")
+    master.proc.signal(signal.SIGHUP)
+    master.proc.wait_line(
+        r"rolling restart stopped: the new worker \d+ for slot 0 exited before it was ready "
+        r"\(exit status 4\): cannot import --app app:handler: SyntaxError"
+    )
+    assert master.worker_pids() == before
+    assert echo_once(master.url, "version?") == "v1"
+    # A config error on reload is logged and the running configuration kept.
+    write_app(tmp_path, "v2")
+    master.proc.signal(signal.SIGHUP)
+    master.proc.wait_line("rolling restart done")
+    assert echo_once(master.url, "version?") == "v2"
+
+
+def test_daemon_detaches_and_stops(tmp_path: Path) -> None:
+    pidfile = tmp_path / "d.pid"
+    log = tmp_path / "d.log"
+    result = run_wsfleet(
+        [
+            "start",
+            "--daemon",
+            "-w",
+            "2",
+            "--port",
+            "0",
+            "--pidfile",
+            str(pidfile),
+            "--log-file",
+            str(log),
+        ]
+    )
+    pid = int(pidfile.read_text()) if pidfile.exists() else None
+    try:
+        assert result.returncode == 0, result.stderr
+        match = re.search(r"listening on ws://127.0.0.1:(\d+)", result.stderr)
+        assert match, result.stderr
+        assert pid is not None and psutil.Process(pid).ppid() != os.getpid()
+        assert echo_once(f"ws://127.0.0.1:{match.group(1)}/") == "hi"
+        stop = run_wsfleet(["stop", "--pidfile", str(pidfile)])
+        assert stop.returncode == 0, stop.stderr
+        assert gone(pid)
+        assert f"master {pid} exiting" in log.read_text()
+    finally:
+        if pid is not None and psutil.pid_exists(pid):
+            for child in psutil.Process(pid).children(recursive=True):
+                child.kill()
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_daemon_reports_a_failed_start(tmp_path: Path) -> None:
+    result = run_wsfleet(
+        [
+            "start",
+            "--daemon",
+            "-w",
+            "1",
+            "--port",
+            "0",
+            "--app",
+            "nosuch:handler",
+            "--log-file",
+            str(tmp_path / "d.log"),
+        ],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    assert "the master exited before it was ready" in result.stderr
+    assert "No module named 'nosuch'" in (tmp_path / "d.log").read_text()
+
+
+RUN_SCRIPT = """
+import wsfleet
+
+
+async def shout(websocket):
+    async for message in websocket:
+        await websocket.send(message.upper())
+
+
+if __name__ == "__main__":
+    raise SystemExit(wsfleet.run(shout, workers=2, port=0, graceful_timeout=5))
+"""
+
+
+def test_python_api_runs_the_same_master(tmp_path: Path) -> None:
+    script = tmp_path / "serve.py"
+    script.write_text(textwrap.dedent(RUN_SCRIPT))
+    runner = Proc([str(script)], cwd=tmp_path, program=[sys.executable])
+    try:
+        port = runner.wait_ready()
+        assert echo_once(f"ws://127.0.0.1:{port}/", "loud") == "LOUD"
+        assert len(runner.children()) == 2
+        runner.signal(signal.SIGTERM)
+        assert runner.wait() == 0
+    finally:
+        runner.kill()
