@@ -114,7 +114,8 @@ class Arbiter:
         self.stopping = False
         self.stop_deadline: float | None = None
         self.exit_status = 0
-        self.reload_queue: list[int] = []
+        self.reload_queue: list[int] = []  # slots still to restart, the current one first
+        self.reload_step: WorkerProc | None = None  # the new worker of the current slot
         self.reload_deadline: float | None = None
         self.status_server: socket.socket | None = None
         self.pidfile_written = False
@@ -262,6 +263,8 @@ class Arbiter:
             old, slot.worker, slot.replacement = slot.worker, worker, None
             if old is not None:
                 self.drain(old, 1012, "service restart")
+        if worker is self.reload_step:
+            self.reload_step = None
             self.reload_queue.pop(0)
             self.reload_deadline = None
             self.advance_reload()
@@ -315,7 +318,7 @@ class Arbiter:
         if self.booting and worker.state == "starting":
             status = EXIT_APP if code == EXIT_APP else 1
             raise BootError(f"worker {worker.pid} could not start ({how}){reason}", status)
-        if slot is not None and slot.replacement is worker:
+        if worker is self.reload_step:
             log.error(
                 "rolling restart stopped: the new worker %d for slot %d exited before it was "
                 "ready (%s)%s; the old worker keeps serving",
@@ -324,8 +327,9 @@ class Arbiter:
                 how,
                 reason,
             )
-            slot.replacement = None
             self.abort_reload()
+        if slot is not None and slot.replacement is worker:
+            slot.replacement = None
             return
         if slot is None or slot.worker is not worker:
             return
@@ -391,19 +395,16 @@ class Arbiter:
                 log.warning("shutdown timeout: killing %d workers still running", len(self.workers))
             self.signal_workers(signal.SIGKILL)
         if self.reload_deadline is not None and now >= self.reload_deadline:
-            self.reload_deadline = None
-            slot = self.slots[self.reload_queue[0]]
-            if slot.replacement is not None:
+            step = self.reload_step
+            if step is not None:
                 log.error(
                     "rolling restart stopped: the new worker %d for slot %d was not ready "
                     "after %.0fs; the old worker keeps serving",
-                    slot.replacement.pid,
-                    slot.index,
+                    step.pid,
+                    step.slot,
                     self.config.timeout,
                 )
-                slot.replacement.asked_to_stop = True
-                self.kill(slot.replacement, signal.SIGKILL)
-                slot.replacement = None
+                self.kill(step, signal.SIGKILL)  # its exit is handled like any other
             self.abort_reload()
 
     # Workers
@@ -554,12 +555,13 @@ class Arbiter:
             self.scale(self.config.workers)
             return
         slot = self.slots[self.reload_queue[0]]
-        slot.restart_at = None
-        self.spawn(slot, replacement=slot.worker is not None)
+        slot.restart_at = None  # a slot in backoff gets its new worker now
+        self.reload_step = self.spawn(slot, replacement=slot.worker is not None)
         self.reload_deadline = time.monotonic() + self.config.timeout
 
     def abort_reload(self) -> None:
         self.reload_queue.clear()
+        self.reload_step = None
         self.reload_deadline = None
 
     def scale(self, count: int) -> None:
