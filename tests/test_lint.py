@@ -5,9 +5,16 @@ import sys
 
 from .helpers import ROOT
 
+# Python scripts without a .py suffix, which ruff does not find by itself.
+SCRIPTS = [
+    str(path)
+    for path in sorted((ROOT / "scripts").glob("*"))
+    if path.is_file() and path.read_text(errors="replace").startswith("#!/usr/bin/env python")
+]
+
 
 def test_ruff_check_and_format() -> None:
-    for args in (["check", "."], ["format", "--check", "."]):
+    for args in (["check", ".", *SCRIPTS], ["format", "--check", ".", *SCRIPTS]):
         result = subprocess.run(
             [sys.executable, "-m", "ruff", *args], cwd=ROOT, capture_output=True, text=True
         )

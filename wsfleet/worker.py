@@ -198,6 +198,8 @@ class Worker:
         server = await serve(
             self._handle,
             sock=sock,
+            # asyncio calls listen() again on the socket, with 100 unless told otherwise.
+            backlog=self.config.backlog,
             process_request=self._process_request,
             **websockets_options(self.config),
         )
