@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 
 from .helpers import Proc, gone, run_wsfleet
-from .test_master import Master, echo_once, write_app
+from .test_master import VERSIONED_APP, Master, app_master, echo_once, write_app
 
 
 def test_stop_waits_until_the_master_has_exited(spawn, tmp_path: Path) -> None:
@@ -29,19 +29,8 @@ def test_stop_waits_until_the_master_has_exited(spawn, tmp_path: Path) -> None:
 
 
 def test_stop_gives_up_after_its_timeout(spawn, tmp_path: Path) -> None:
-    (tmp_path / "hang.py").write_text(
-        "import time\n\nasync def handler(ws):\n    time.sleep(600)\n"
-    )
-    master = Master(
-        spawn,
-        tmp_path,
-        "-w",
-        "1",
-        "--app",
-        "hang:handler",
-        "--graceful-timeout",
-        "30",
-        cwd=tmp_path,
+    master = app_master(
+        spawn, tmp_path, "import time\n\nasync def handler(ws):\n    time.sleep(600)\n", "-w", "1"
     )
     from websockets.sync.client import connect
 
@@ -97,17 +86,7 @@ def test_reload_rereads_the_config_file(spawn, tmp_path: Path) -> None:
 
 
 def test_reload_keeps_the_old_worker_when_the_new_code_is_broken(spawn, tmp_path: Path) -> None:
-    write_app(tmp_path, "v1")
-    master = Master(
-        spawn,
-        tmp_path,
-        "-w",
-        "2",
-        "--app",
-        "app:handler",
-        cwd=tmp_path,
-        env={"PYTHONDONTWRITEBYTECODE": "1"},
-    )
+    master = app_master(spawn, tmp_path, VERSIONED_APP.format(version="v1"), "-w", "2")
     before = master.worker_pids()
     (tmp_path / "app.py").write_text("def broken(:\n")
     master.proc.signal(signal.SIGHUP)

@@ -11,21 +11,11 @@ from pathlib import Path
 from wsfleet.loadtest import Load
 
 from .helpers import gone, wait_for
-from .test_master import Master, echo_once, write_app
+from .test_master import VERSIONED_APP, Master, app_master, echo_once, write_app
 
 
 def test_rolling_restart_under_load_fails_nothing(spawn, tmp_path: Path) -> None:
-    write_app(tmp_path, "v1")
-    master = Master(
-        spawn,
-        tmp_path,
-        "-w",
-        "2",
-        "--app",
-        "app:handler",
-        cwd=tmp_path,
-        env={"PYTHONDONTWRITEBYTECODE": "1"},
-    )
+    master = app_master(spawn, tmp_path, VERSIONED_APP.format(version="v1"), "-w", "2")
     assert echo_once(master.url, "version?") == "v1"
     old_workers = master.worker_pids()
     load = Load(master.url, rate=200, long_lived=100, duration=60).start()

@@ -70,8 +70,23 @@ async def handler(websocket):
 """
 
 
-def write_app(directory: Path, version: str, name: str = "app.py") -> None:
-    (directory / name).write_text(VERSIONED_APP.format(version=version))
+def write_app(directory: Path, version: str) -> None:
+    (directory / "app.py").write_text(VERSIONED_APP.format(version=version))
+
+
+def app_master(spawn: Any, tmp_path: Path, source: str, *args: str) -> Master:
+    """A master serving app:handler, written from source into the test's directory (no
+    bytecode cache, so that a rewrite within the same second is what a reload imports)."""
+    (tmp_path / "app.py").write_text(source)
+    return Master(
+        spawn,
+        tmp_path,
+        *args,
+        "--app",
+        "app:handler",
+        cwd=tmp_path,
+        env={"PYTHONDONTWRITEBYTECODE": "1"},
+    )
 
 
 def test_start_serves_with_titles_and_status(spawn, tmp_path: Path) -> None:
@@ -222,18 +237,7 @@ async def handler(websocket):
 
 
 def test_stragglers_are_killed_after_the_graceful_timeout(spawn, tmp_path: Path) -> None:
-    (tmp_path / "hang.py").write_text(HANGING_APP)
-    master = Master(
-        spawn,
-        tmp_path,
-        "-w",
-        "1",
-        "--app",
-        "hang:handler",
-        "--graceful-timeout",
-        "1",
-        cwd=tmp_path,
-    )
+    master = app_master(spawn, tmp_path, HANGING_APP, "-w", "1", "--graceful-timeout", "1")
     (worker,) = master.worker_pids()
     with connect(master.url) as ws:
         ws.send("hang")
@@ -246,10 +250,7 @@ def test_stragglers_are_killed_after_the_graceful_timeout(spawn, tmp_path: Path)
 
 
 def test_hung_worker_is_killed_and_replaced(spawn, tmp_path: Path) -> None:
-    (tmp_path / "hang.py").write_text(HANGING_APP)
-    master = Master(
-        spawn, tmp_path, "-w", "1", "--app", "hang:handler", "--timeout", "2", cwd=tmp_path
-    )
+    master = app_master(spawn, tmp_path, HANGING_APP, "-w", "1", "--timeout", "2")
     (worker,) = master.worker_pids()
     with connect(master.url) as ws:
         ws.send("hang")
@@ -359,8 +360,7 @@ async def handler(websocket):
 
 
 def test_crash_loop_backs_off_and_others_keep_serving(spawn, tmp_path: Path) -> None:
-    (tmp_path / "crashy.py").write_text(CRASHING_APP)
-    master = Master(spawn, tmp_path, "-w", "2", "--app", "crashy:handler", cwd=tmp_path)
+    master = app_master(spawn, tmp_path, CRASHING_APP, "-w", "2")
     healthy, victim = sorted(master.worker_pids())
     (tmp_path / "crash").write_text("")  # every new worker now dies while importing
     os.kill(victim, signal.SIGKILL)
