@@ -1,0 +1,293 @@
+"""The deployment files: the real supervisord and supervisorctl running copies of
+conf/supervisord*.conf, scripts/rolling-restart, the systemd unit's readiness notification,
+and the Kubernetes manifest's agreement with wsfleet's defaults."""
+
+from __future__ import annotations
+
+import configparser
+import contextlib
+import os
+import re
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+from wsfleet import config as cfg
+
+from .helpers import ROOT, gone, wait_for
+from .test_master import Master, echo_once
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Supervisor:
+    """supervisord started from a copy of one of the project's configurations, as a user
+    would: `supervisord -c FILE` (it daemonizes), driven with supervisorctl."""
+
+    def __init__(self, directory: Path, conf: str, port: int, options: str = "") -> None:
+        self.conf = str(directory / "supervisord.conf")
+        text = (ROOT / "conf" / conf).read_text()
+        if options:  # only where a test needs another app
+            text = text.replace("command = wsfleet worker", f"command = wsfleet worker {options}")
+        # The fcgi variant names its port in the file (supervisord opens the socket).
+        Path(self.conf).write_text(text.replace("127.0.0.1:8765", f"127.0.0.1:{port}"))
+        self.port = port
+        self.url = f"ws://127.0.0.1:{port}/"
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("WSFLEET_")},
+            "WSFLEET_PORT": str(port),
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # where wsfleet is
+        }
+        started = subprocess.run(
+            [str(BIN / "supervisord"), "-c", self.conf],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert started.returncode == 0, started.stdout + started.stderr
+        self.pidfile = directory / "supervisord.pid"
+        wait_for(self.pidfile.exists, what="supervisord's pidfile")
+        self.pid = int(self.pidfile.read_text())
+
+    def ctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(BIN / "supervisorctl"), "-c", self.conf, *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def status(self) -> dict[str, tuple[str, int | None]]:
+        out = self.ctl("status").stdout
+        found = {}
+        for line in out.splitlines():
+            if m := re.match(r"^(\S+)\s+(\S+)\s+(?:pid (\d+),)?", line):
+                found[m.group(1)] = (m.group(2), int(m.group(3)) if m.group(3) else None)
+        return found
+
+    def pids(self) -> set[int]:
+        return {pid for _, pid in self.status().values() if pid}
+
+    def wait_running(self, count: int = 4) -> None:
+        def all_running() -> bool:
+            states = self.status()
+            return len(states) == count and all(s == "RUNNING" for s, _ in states.values())
+
+        wait_for(all_running, 30, f"{count} processes RUNNING")
+
+    def cleanup(self) -> None:
+        """End supervisord and every process it started, by pid."""
+        with contextlib.suppress(psutil.NoSuchProcess):
+            children = psutil.Process(self.pid).children(recursive=True)
+            for proc in [*children, psutil.Process(self.pid)]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    proc.kill()
+            psutil.wait_procs([*children], timeout=10)
+
+
+@pytest.fixture
+def supervisor(tmp_path: Path) -> Iterator[Supervisor]:
+    sv = Supervisor(tmp_path, "supervisord.conf", free_port())
+    try:
+        sv.wait_running()
+        yield sv
+    finally:
+        sv.cleanup()
+
+
+@pytest.fixture
+def fcgi_supervisor(tmp_path: Path) -> Iterator[Supervisor]:
+    sv = Supervisor(tmp_path, "supervisord-fcgi.conf", free_port())
+    try:
+        sv.wait_running()
+        yield sv
+    finally:
+        sv.cleanup()
+
+
+def test_supervisord_runs_four_workers_on_one_port(supervisor: Supervisor) -> None:
+    states = supervisor.status()
+    assert sorted(states) == [f"wsfleet:wsfleet_0{i}" for i in range(4)]
+    assert echo_once(supervisor.url) == "hi"
+    for pid in supervisor.pids():
+        title = Path(f"/proc/{pid}/cmdline").read_bytes()
+        assert title.startswith(f"wsfleet: worker [127.0.0.1:{supervisor.port}]".encode())
+    # Runtime files live next to the configuration.
+    here = Path(supervisor.conf).parent
+    assert (here / "supervisor.sock").exists() and (here / "wsfleet_00.log").exists()
+
+
+def test_stop_all_closes_connections_with_1001(supervisor: Supervisor) -> None:
+    with contextlib.ExitStack() as stack:
+        clients = [stack.enter_context(connect(supervisor.url)) for _ in range(8)]
+        for ws in clients:
+            ws.send("x")
+            ws.recv(timeout=5)
+        result = supervisor.ctl("stop", "all")
+        assert result.returncode == 0, result.stdout
+        for ws in clients:
+            with pytest.raises(ConnectionClosed) as info:
+                ws.recv(timeout=10)
+            assert info.value.rcvd is not None and info.value.rcvd.code == 1001
+    assert all(state == "STOPPED" for state, _ in supervisor.status().values())
+    log = (Path(supervisor.conf).parent / "supervisord.log").read_text()
+    assert log.count("(exit status 0)") == 4  # every worker drained and exited cleanly
+
+
+def test_restart_all(supervisor: Supervisor) -> None:
+    before = supervisor.pids()
+    result = supervisor.ctl("restart", "all")
+    assert result.returncode == 0, result.stdout
+    supervisor.wait_running()
+    assert not supervisor.pids() & before
+    assert echo_once(supervisor.url) == "hi"
+
+
+def rolling_restart(sv: Supervisor, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "rolling-restart"), sv.conf, *args],
+        env=sv.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def assert_one_at_a_time(sv: Supervisor) -> None:
+    """supervisord's log: each process is stopped and back to RUNNING before the next stops."""
+    log = (Path(sv.conf).parent / "supervisord.log").read_text()
+    events = re.findall(r"(stopped|success): (wsfleet_\d\d)", log)
+    events = events[events.index(("stopped", "wsfleet_00")) :]
+    assert events == [
+        (kind, f"wsfleet_0{i}") for i in range(4) for kind in ("stopped", "success")
+    ], events
+
+
+def test_rolling_restart_script_replaces_every_pid_one_at_a_time(supervisor: Supervisor) -> None:
+    before = supervisor.pids()
+    result = rolling_restart(supervisor)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(re.findall(r"wsfleet:wsfleet_0\d: pid \d+ -> \d+", result.stdout)) == 4
+    assert not supervisor.pids() & before
+    assert_one_at_a_time(supervisor)
+
+
+def test_rolling_restart_script_stops_when_a_process_does_not_come_back(tmp_path: Path) -> None:
+    (tmp_path / "app.py").write_text("async def handler(ws):\n    await ws.send('hi')\n")
+    sv = Supervisor(tmp_path, "supervisord.conf", free_port(), options="--app app:handler")
+    try:
+        sv.wait_running()
+        before = sv.status()
+        (tmp_path / "app.py").write_text("def broken(:\n")  # new code that cannot import
+        result = rolling_restart(sv, "--timeout", "5")
+        assert result.returncode == 1
+        assert "rolling-restart: wsfleet:wsfleet_00 is not RUNNING" in result.stderr
+        assert "stopping here" in result.stderr
+        # It stopped there: the other three still run their old processes.
+        after = sv.status()
+        for name in ("wsfleet:wsfleet_01", "wsfleet:wsfleet_02", "wsfleet:wsfleet_03"):
+            assert after[name] == before[name]
+    finally:
+        sv.cleanup()
+
+
+def test_shutdown_leaves_nothing_running(supervisor: Supervisor) -> None:
+    workers = supervisor.pids()
+    result = supervisor.ctl("shutdown")
+    assert result.returncode == 0, result.stdout
+    wait_for(lambda: gone(supervisor.pid), 30, "supervisord to exit")
+    assert all(gone(pid) for pid in workers)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", supervisor.port), timeout=5).close()
+
+
+def test_fcgi_variant_shares_supervisords_socket(fcgi_supervisor: Supervisor) -> None:
+    assert echo_once(fcgi_supervisor.url) == "hi"
+    before = fcgi_supervisor.pids()
+    result = rolling_restart(fcgi_supervisor)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not fcgi_supervisor.pids() & before
+    assert_one_at_a_time(fcgi_supervisor)
+    # The workers inherited one socket: supervisord holds it, not a bind of their own.
+    assert echo_once(fcgi_supervisor.url) == "hi"
+
+
+def test_supervisord_conf_numbers_agree_with_wsfleet() -> None:
+    for name in ("supervisord.conf", "supervisord-fcgi.conf"):
+        parser = configparser.RawConfigParser()
+        parser.read(ROOT / "conf" / name)
+        (section,) = [s for s in parser.sections() if s.endswith("program:wsfleet")]
+        program = parser[section]
+        graceful = float(re.search(r"--graceful-timeout (\S+)", program["command"]).group(1))
+        assert graceful == cfg.Config().graceful_timeout
+        assert float(program["stopwaitsecs"]) > graceful
+        assert program["stopsignal"] == "TERM"
+        assert program["numprocs"] == "4"
+        assert program["process_name"] == "%(program_name)s_%(process_num)02d"
+        assert "%(ENV_" not in (ROOT / "conf" / name).read_text()
+
+
+def test_systemd_unit_agrees_with_wsfleet() -> None:
+    unit = configparser.RawConfigParser(strict=False)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.read(ROOT / "conf" / "wsfleet.service")
+    service = unit["Service"]
+    assert service["Type"] == "notify"
+    assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert service["KillSignal"] == "SIGTERM"
+    graceful = float(re.search(r"WSFLEET_GRACEFUL_TIMEOUT=(\S+)", service["Environment"])[1])
+    assert float(service["TimeoutStopSec"]) > graceful + 1  # the master's kill margin
+    assert int(service["LimitNOFILE"]) >= 10_000
+    assert " start " in service["ExecStart"]
+
+
+def test_master_notifies_systemd_when_ready(spawn, tmp_path: Path) -> None:
+    """Type=notify: READY=1 on $NOTIFY_SOCKET once every worker accepts."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(tmp_path / "notify.sock"))
+        notify.settimeout(15)
+        master = Master(
+            spawn, tmp_path, "-w", "2", env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock")}
+        )
+        message = notify.recv(4096).decode()
+    assert message.startswith("READY=1")
+    assert f"MAINPID={master.proc.pid}" in message
+    assert echo_once(master.url) == "hi"
+
+
+def test_kubernetes_manifest_agrees_with_wsfleet() -> None:
+    documents = list(yaml.safe_load_all((ROOT / "conf" / "kubernetes.yaml").read_text()))
+    kinds = {doc["kind"]: doc for doc in documents}
+    assert set(kinds) == {"Deployment", "Service"}
+    pod = kinds["Deployment"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    defaults = cfg.Config()
+    assert container["command"][:2] == ["wsfleet", "start"]
+    assert int(env["WSFLEET_PORT"]) == defaults.port
+    assert container["ports"][0]["containerPort"] == defaults.port
+    assert float(env["WSFLEET_GRACEFUL_TIMEOUT"]) == defaults.graceful_timeout
+    assert container["readinessProbe"]["httpGet"]["path"] == defaults.health_path
+    pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    # The kubelet's SIGKILL comes after the grace period, which counts preStop too.
+    assert pod["terminationGracePeriodSeconds"] > float(pre_stop[1]) + defaults.graceful_timeout
+    service = kinds["Service"]["spec"]
+    assert service["ports"][0]["targetPort"] == container["ports"][0]["name"]
+    assert service["selector"] == kinds["Deployment"]["spec"]["selector"]["matchLabels"]
