@@ -128,6 +128,26 @@ class _DrainingServer(Server):
         return True
 
 
+async def stop_accepting(servers: list[Server]) -> None:
+    """Stop accepting on these servers' sockets without failing a connection accepted already.
+
+    asyncio's accept callback accepts a batch of connections and builds their transports in
+    tasks that run later; closing the server in between makes those tasks fail (the closed
+    server refuses to attach them) and drop their connections without a word: the clients'
+    handshakes end in a reset. So: stop reading the listening sockets, let the pending tasks
+    attach their transports (one pass of the event loop), and only then close. Handshakes in
+    flight then complete (see _DrainingServer).
+    """
+    loop = asyncio.get_running_loop()
+    for server in servers:
+        server.__class__ = _DrainingServer
+        for sock in server.sockets:
+            loop.remove_reader(sock.fileno())  # a no-op on uvloop, which has no such race
+    await asyncio.sleep(0)
+    for server in servers:
+        server.server.close()
+
+
 class Worker:
     """One process serving the app on its listening socket (and on sockets lent to it).
 
@@ -272,7 +292,7 @@ class Worker:
             elif kind == "adopt" and fds:
                 await self._adopt(int(message["slot"]), socket.socket(fileno=fds.pop(0)))
             elif kind == "release":
-                self._release(int(message["slot"]))
+                await self._release(int(message["slot"]))
             for fd in fds:
                 os.close(fd)
             self._inbox.pop(0)
@@ -285,12 +305,11 @@ class Worker:
         self.borrowed[slot] = await self._serve(sock)
         log.info("accepting for slot %d while it has no worker", slot)
 
-    def _release(self, slot: int) -> None:
+    async def _release(self, slot: int) -> None:
         """Stop accepting on a lent socket; its connections stay and are served as usual."""
         server = self.borrowed.pop(slot, None)
         if server is not None:
-            server.__class__ = _DrainingServer  # in-flight handshakes complete, no 503
-            server.server.close()  # closes this process's descriptor only
+            await stop_accepting([server])  # closes this process's descriptor only
             log.info("gave slot %d back", slot)
 
     # Draining
@@ -320,9 +339,8 @@ class Worker:
         self.drain_code, self.drain_reason = code, reason
         # Stop accepting now rather than when websockets' close task first runs. In-flight
         # handshakes go on and succeed (see _DrainingServer), then _handle closes them.
+        await stop_accepting(self.servers)
         for server in self.servers:
-            server.__class__ = _DrainingServer
-            server.server.close()
             server.close(close_connections=False)
         log.info(
             "stopped accepting; closing %d connections with code %d",
