@@ -23,3 +23,9 @@ def spawn() -> Iterator[Any]:
     finally:
         for proc in procs:
             proc.kill()
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def loop(request: pytest.FixtureRequest) -> str:
+    """The --loop value; tests taking it run on both event loops."""
+    return str(request.param)

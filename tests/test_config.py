@@ -47,7 +47,7 @@ def test_precedence_through_the_real_command(spawn, tmp_path: Path) -> None:
         "300",
         env={"WSFLEET_MAX_SIZE": "200", "WSFLEET_MAX_QUEUE": "4"},
     )
-    proc.wait_line(r"max_size=300, max_queue=4, write_limit=7\)")
+    proc.wait_line(r"max_size=300, max_queue=4, write_limit=7,")
 
 
 def test_file_options_of_the_other_command_are_ignored(tmp_path: Path) -> None:

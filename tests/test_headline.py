@@ -14,8 +14,10 @@ from .helpers import gone, wait_for
 from .test_master import VERSIONED_APP, Master, app_master, echo_once, write_app
 
 
-def test_rolling_restart_under_load_fails_nothing(spawn, tmp_path: Path) -> None:
-    master = app_master(spawn, tmp_path, VERSIONED_APP.format(version="v1"), "-w", "2")
+def test_rolling_restart_under_load_fails_nothing(spawn, tmp_path: Path, loop: str) -> None:
+    master = app_master(
+        spawn, tmp_path, VERSIONED_APP.format(version="v1"), "-w", "2", "--loop", loop
+    )
     assert echo_once(master.url, "version?") == "v1"
     old_workers = master.worker_pids()
     load = Load(master.url, rate=200, long_lived=100, duration=60).start()
@@ -42,8 +44,8 @@ def test_rolling_restart_under_load_fails_nothing(spawn, tmp_path: Path) -> None
         master.proc.wait_line(rf"worker {pid} \(slot \d\) exited \(exit status 0\)")
 
 
-def test_kill_9_under_load_fails_nothing(spawn, tmp_path: Path) -> None:
-    master = Master(spawn, tmp_path, "-w", "2")
+def test_kill_9_under_load_fails_nothing(spawn, tmp_path: Path, loop: str) -> None:
+    master = Master(spawn, tmp_path, "-w", "2", "--loop", loop)
     victim = min(master.worker_pids())
     load = Load(master.url, rate=200, long_lived=20, duration=60).start()
     try:

@@ -23,7 +23,7 @@ def run(app: Any = "wsfleet.echo:echo", **options: Any) -> int:
     (``wsfleet.arbiter.BootError`` when no worker can start, OSError when the port is taken).
     """
     from . import config as cfg
-    from . import logs
+    from . import logs, sockets
     from .arbiter import Arbiter
     from .worker import check_handler
 
@@ -43,4 +43,5 @@ def run(app: Any = "wsfleet.echo:echo", **options: Any) -> int:
         values["app"] = f"{app.__module__}:{getattr(app, '__qualname__', 'handler')}"
     config = cfg.Config(**values)
     logs.setup(config.log_level, config.log_file)
+    sockets.raise_fd_limit()
     return Arbiter(config, handler=handler).run()

@@ -453,18 +453,18 @@ class Arbiter:
         control.set_ready_fd(None)
 
     def run_worker(self, slot: Slot, worker_end: socket.socket) -> int:
-        import asyncio
-
-        from .worker import AppError, Worker, load_app
+        from . import worker
 
         setproctitle(f"wsfleet: worker {slot.index} [{self.address}]")
         try:
-            handler = self.handler or load_app(self.config.app)
-        except AppError as exc:
+            handler = self.handler or worker.load_app(self.config.app)
+        except worker.AppError as exc:
             logging.getLogger("wsfleet.worker").error("%s", exc)
             channel.send(worker_end, {"t": "error", "message": str(exc)})
             return EXIT_APP
-        return asyncio.run(Worker(self.config, slot.sock, handler, worker_end).run())
+        return worker.run(
+            self.config, worker.Worker(self.config, slot.sock, handler, worker_end).run()
+        )
 
     def drain(self, worker: WorkerProc, code: int, reason: str) -> None:
         worker.asked_to_stop = True

@@ -8,7 +8,7 @@ bad config file); 4 the app cannot be loaded.
 from __future__ import annotations
 
 import argparse
-import asyncio
+import importlib.util
 import json
 import os
 import sys
@@ -135,7 +135,7 @@ def setup_logging(config: cfg.Config) -> None:
 
 def run_worker(config: cfg.Config) -> int:
     """``wsfleet worker``: one worker on host:port or on --fd."""
-    from .worker import AppError, Worker, load_app  # websockets loads only when serving
+    from .worker import AppError, Worker, load_app, run  # websockets loads only when serving
 
     try:
         handler = load_app(config.app)
@@ -153,7 +153,8 @@ def run_worker(config: cfg.Config) -> int:
     except OSError as exc:
         fail(f"cannot listen on {config.host}:{config.port}: {exc}", EXIT_RUNTIME)
     setproctitle(f"wsfleet: worker [{sockets.sock_address(sock)}]")
-    return asyncio.run(Worker(config, sock, handler).run())
+    sockets.raise_fd_limit()
+    return run(config, Worker(config, sock, handler).run())
 
 
 def run_master(config: cfg.Config, args: argparse.Namespace) -> int:
@@ -164,6 +165,7 @@ def run_master(config: cfg.Config, args: argparse.Namespace) -> int:
         given = {k: v for k, v in vars(args).items() if k in cfg.FIELDS}
         return cfg.load("start", given, args.config)
 
+    sockets.raise_fd_limit()  # before forking: the workers inherit it
     if config.daemon:
         daemonize()
     try:
@@ -232,6 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except cfg.ConfigError as exc:
             fail(str(exc), EXIT_USAGE)
     config = load_config(args.command, args)
+    if config.loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        fail("--loop uvloop: uvloop is not installed (pip install 'wsfleet[fast]')", EXIT_USAGE)
     setup_logging(config)
     if args.command == "worker":
         return run_worker(config)

@@ -230,6 +230,12 @@ class Config:
         parse=_integer(1, 65535),
         metavar="N",
     )
+    loop: str = option(
+        "auto",
+        "event loop: uvloop, asyncio, or auto (uvloop when installed: pip install wsfleet[fast])",
+        parse=_choice("auto", "uvloop", "asyncio"),
+        metavar="auto|uvloop|asyncio",
+    )
     pidfile: str | None = option(
         None,
         "file where the master writes its pid",

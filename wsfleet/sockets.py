@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import socket
 
 
@@ -68,3 +69,20 @@ def format_address(address: tuple[object, ...] | str) -> str:
 def sock_address(sock: socket.socket) -> str:
     """The host:port a listening socket is bound to (the real port when it bound port 0)."""
     return format_address(sock.getsockname())
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft limit on open files to the hard limit; return the new soft limit.
+
+    Every connection is a file descriptor, and the usual soft limit (1024) is far below what
+    one worker can serve; the hard limit is what the administrator allows.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1_048_576)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft

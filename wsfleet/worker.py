@@ -10,11 +10,13 @@ the graceful timeout, and return.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http
 import importlib
 import inspect
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -142,10 +144,29 @@ async def stop_accepting(servers: list[Server]) -> None:
     for server in servers:
         server.__class__ = _DrainingServer
         for sock in server.sockets:
-            loop.remove_reader(sock.fileno())  # a no-op on uvloop, which has no such race
+            with contextlib.suppress(RuntimeError):  # uvloop: not its reader, and no such race
+                loop.remove_reader(sock.fileno())
     await asyncio.sleep(0)
     for server in servers:
         server.server.close()
+
+
+def run(config: Config, main: Awaitable[int]) -> int:
+    """Run the worker's coroutine on the event loop that --loop names."""
+    factory = None
+    if config.loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if config.loop == "uvloop":  # the CLI checks first; this is for wsfleet.run()
+                raise AppError("--loop uvloop: uvloop is not installed") from None
+        else:
+            factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)  # type: ignore[arg-type]
+
+
+FD_LIMIT_WARNING = 10_000  # connections a single worker is expected to hold (see docs)
 
 
 class Worker:
@@ -178,6 +199,8 @@ class Worker:
         self._stopped: asyncio.Future[int] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()  # the loop holds tasks only weakly
         self._inbox: list[tuple[channel.Message, list[int]]] = []
+        self._accept_failures = 0
+        self._accept_reported = float("-inf")
 
     # Serving
 
@@ -185,6 +208,7 @@ class Worker:
         """Serve until a drain completes; return the exit status."""
         loop = asyncio.get_running_loop()
         self._stopped = loop.create_future()
+        loop.set_exception_handler(self._on_loop_error)
         loop.add_signal_handler(signal.SIGTERM, self._on_stop_signal, signal.SIGTERM)
         loop.add_signal_handler(signal.SIGQUIT, self._on_quit_signal)
         loop.add_signal_handler(signal.SIGUSR1, logs.reopen)
@@ -195,8 +219,10 @@ class Worker:
             loop.add_signal_handler(signal.SIGINT, lambda: None)
 
         await self._serve(self.sock)
+        fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         log.info(
-            "worker %d serving app %s on ws://%s (%s, max_size=%d, max_queue=%d, write_limit=%d)",
+            "worker %d serving app %s on ws://%s (%s, max_size=%d, max_queue=%d, write_limit=%d, "
+            "loop=%s, open file limit %d)",
             os.getpid(),
             self.config.app,
             self.address,
@@ -204,7 +230,15 @@ class Worker:
             self.config.max_size,
             self.config.max_queue,
             self.config.write_limit,
+            type(loop).__module__.split(".")[0],
+            fd_limit,
         )
+        if fd_limit < FD_LIMIT_WARNING:
+            log.warning(
+                "the open file limit is %d: this worker can hold fewer than that many "
+                "connections; raise the hard limit (ulimit -Hn, systemd's LimitNOFILE)",
+                fd_limit,
+            )
         if self.channel is None:
             # The readiness line that scripts and tests wait for; always on stderr.
             print(f"listening on ws://{self.address}", file=sys.stderr, flush=True)
@@ -251,6 +285,30 @@ class Worker:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """Report running out of file descriptors once every few seconds, not per attempt.
+
+        asyncio logs every failed accept() at the open-file limit, up to the backlog per
+        wake-up (a flood of log lines and CPU); it retries by itself a second later, so
+        connections are accepted again as soon as descriptors are free.
+        """
+        if context.get("message") != "socket.accept() out of system resource":
+            loop.default_exception_handler(context)
+            return
+        self._accept_failures += 1
+        now = loop.time()
+        if now - self._accept_reported >= 5.0:
+            log.error(
+                "cannot accept connections: %s (%d connections open, open file limit %d); "
+                "%d failed accepts since the last report; retrying every second",
+                context.get("exception"),
+                len(self.connections),
+                resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                self._accept_failures,
+            )
+            self._accept_reported = now
+            self._accept_failures = 0
 
     # The master's channel
 
