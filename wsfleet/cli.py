@@ -76,6 +76,19 @@ def _add_control_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="TOML file whose pidfile to use")
 
 
+def _positive(kind: type) -> Any:
+    def convert(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+        return value
+
+    return convert
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="wsfleet",
@@ -105,6 +118,27 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="how long to wait for the master to exit (default: 60)",
     )
+    bench = commands.add_parser(
+        "bench",
+        help="measure an echo server: messages/s and round-trip times",
+        description="Keep IN_FLIGHT messages of SIZE bytes in flight on each of CONNECTIONS "
+        "connections to an echo server for DURATION seconds, from several processes.",
+    )
+    bench.add_argument("url", help="ws://HOST:PORT/PATH of an echo server")
+    bench.add_argument("-c", "--connections", type=_positive(int), default=50, metavar="N")
+    bench.add_argument("-k", "--in-flight", type=_positive(int), default=4, metavar="K")
+    bench.add_argument("-s", "--size", type=_positive(int), default=64, metavar="BYTES")
+    bench.add_argument("-t", "--duration", type=_positive(float), default=10.0, metavar="S")
+    bench.add_argument(
+        "-p",
+        "--processes",
+        type=_positive(int),
+        default=None,
+        metavar="N",
+        help="client processes (default: number of CPUs)",
+    )
+    bench.add_argument("--compression", choices=("none", "deflate"), default="none")
+    bench.add_argument("--json", action="store_true", help="print the report as JSON")
     reload = commands.add_parser("reload", help="rolling restart of the workers (SIGHUP)")
     _add_control_options(reload)
     status = commands.add_parser("status", help="show the master and its workers")
@@ -226,8 +260,30 @@ def run_control(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_bench(args: argparse.Namespace) -> int:
+    """``wsfleet bench URL``: the load client."""
+    from . import bench
+
+    if not args.url.startswith(("ws://", "wss://")):
+        fail(f"bench: expected a ws:// URL, got {args.url!r}", EXIT_USAGE)
+    report = bench.run(
+        args.url,
+        connections=args.connections,
+        in_flight=args.in_flight,
+        size=args.size,
+        duration=args.duration,
+        processes=args.processes,
+        compression=args.compression,
+        progress=args.duration > 3 and sys.stderr.isatty() and not args.json,
+    )
+    print(bench.format_report(report, args.json))
+    return 0 if report.messages else EXIT_RUNTIME
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "bench":
+        return run_bench(args)
     if args.command in ("stop", "reload", "status"):
         try:
             return run_control(args)

@@ -1,0 +1,56 @@
+"""`wsfleet bench`: the load client against a real worker."""
+
+from __future__ import annotations
+
+import json
+
+from .helpers import run_wsfleet
+
+
+def start_worker(spawn):  # type: ignore[no-untyped-def]
+    proc = spawn("worker", "--port", "0", "--compression", "none")
+    return proc.wait_ready()
+
+
+def test_bench_reports_throughput_and_round_trips(spawn) -> None:
+    port = start_worker(spawn)
+    result = run_wsfleet(
+        [
+            "bench",
+            f"ws://127.0.0.1:{port}/",
+            "-c",
+            "6",
+            "-k",
+            "2",
+            "-s",
+            "100",
+            "-t",
+            "1",
+            "-p",
+            "2",
+            "--json",
+        ],
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["connected"] == 6 and report["processes"] == 2
+    assert report["messages"] > 100
+    assert report["messages_per_s"] > 0
+    assert 0 < report["p50_ms"] <= report["p99_ms"]
+    assert report["connect_errors"] == {}
+    assert report["close_codes"] == {"1000": 6}  # the client closes every connection itself
+
+
+def test_bench_counts_what_fails(spawn) -> None:
+    port = start_worker(spawn)
+    # The health path answers plain HTTP 200 instead of a handshake: every connection fails.
+    result = run_wsfleet(["bench", f"ws://127.0.0.1:{port}/health/", "-c", "3", "-t", "0.5"])
+    assert result.returncode == 1
+    assert "connection errors: {'HTTP 200': 3}" in result.stdout
+
+
+def test_bench_needs_a_ws_url() -> None:
+    result = run_wsfleet(["bench", "http://127.0.0.1:1/"])
+    assert result.returncode == 2
+    assert "expected a ws:// URL" in result.stderr
