@@ -11,6 +11,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import websocket  # websocket-client, the second client library
 from websockets.exceptions import ConnectionClosed, ConnectionClosedError
@@ -372,3 +373,45 @@ def test_at_the_open_file_limit_it_neither_floods_nor_stalls(spawn, loop: str) -
     with connect(f"ws://127.0.0.1:{port}/", open_timeout=10) as ws:
         ws.send("back")
         assert ws.recv(timeout=5) == "back"
+
+
+def test_a_client_that_never_reads_cannot_make_the_worker_buffer_without_bound(spawn) -> None:
+    """Backpressure: the echo's sends wait once write_limit bytes are buffered, the worker
+    then stops reading (max_queue frames), and TCP pushes back on the client."""
+    proc, port = start_worker(spawn, "--compression", "none", "--write-limit", "65536")
+    worker = psutil.Process(proc.pid)
+    chunk = b"x" * 65536
+    with raw_connect(port) as sock:
+        sock.sendall(upgrade_request())
+        assert read_http_response(sock)[0] == 101
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and never read
+        before = worker.memory_info().rss
+        sock.setblocking(False)
+        sent, stalled_at = 0, None
+        deadline = time.monotonic() + 20
+        while sent < 400 * len(chunk) and time.monotonic() < deadline:  # at most 25 MiB
+            try:
+                send_frame(sock, 2, chunk)
+                sent += len(chunk)
+            except BlockingIOError:
+                stalled_at = sent  # the worker stopped taking data: backpressure
+                break
+        assert stalled_at is not None, f"the worker took all {sent} bytes"
+        growth = worker.memory_info().rss - before
+        # Buffers: the client's and worker's socket buffers, max_queue frames, write_limit.
+        assert growth < 24 * 2**20, f"worker grew by {growth} bytes"
+    with connect(f"ws://127.0.0.1:{port}/") as ws:  # and it still serves others
+        ws.send("ok")
+        assert ws.recv(timeout=5) == "ok"
+
+
+def test_a_client_that_never_finishes_its_handshake_is_dropped(spawn) -> None:
+    """websockets' open timeout (10 s) drops a connection that sends no request."""
+    _, port = start_worker(spawn)
+    with raw_connect(port, timeout=30) as sock:
+        started = time.monotonic()
+        try:
+            assert sock.recv(1) == b""  # closed by the server...
+        except ConnectionResetError:
+            pass  # ...or reset: dropped either way
+        assert 9 < time.monotonic() - started < 20
