@@ -54,3 +54,26 @@ def test_bench_needs_a_ws_url() -> None:
     result = run_wsfleet(["bench", "http://127.0.0.1:1/"])
     assert result.returncode == 2
     assert "expected a ws:// URL" in result.stderr
+
+
+def test_bench_memory_measures_each_setting() -> None:
+    result = run_wsfleet(
+        ["bench", "memory", "-n", "30", "--settings", "12/5,9/2,none", "--json"], timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    rows = report["settings"]
+    assert set(rows) == {"12/5", "9/2", "none"}
+    assert rows["12/5"]["size_vs_default"] == 1.0
+    assert rows["none"]["size_vs_default"] > rows["9/2"]["size_vs_default"] >= 1.0
+    for row in rows.values():
+        assert row["errors"] == 0
+        assert row["tracemalloc_kib"] > 0 and row["rss_kib"] > 0
+    # Compression state is what a connection costs most: off is far cheaper than 12/5.
+    assert rows["none"]["tracemalloc_kib"] < rows["12/5"]["tracemalloc_kib"] / 2
+
+
+def test_bench_memory_rejects_a_bad_setting() -> None:
+    result = run_wsfleet(["bench", "memory", "--settings", "16/9"])
+    assert result.returncode == 2
+    assert "'16/9' is not BITS/LEVEL" in result.stderr

@@ -298,3 +298,227 @@ def format_report(report: Report, as_json: bool) -> str:
         f"connection errors: {report.connect_errors or 'none'}; "
         f"close codes: {report.close_codes or 'none'}"
     )
+
+
+# `wsfleet bench memory`: what each compression setting costs per connection, and gains.
+
+SETTINGS = ("15/8", "14/7", "13/6", "12/5", "11/4", "10/3", "9/2", "none")
+PROBE = "__wsfleet_memory__"
+
+
+async def memory_probe(websocket: Any) -> None:
+    """The app `wsfleet bench memory` runs: an echo that also reports the worker's traced
+    memory (tracemalloc) when asked."""
+    import tracemalloc
+
+    async for message in websocket:
+        if message == PROBE:
+            current = tracemalloc.get_traced_memory()[0] if tracemalloc.is_tracing() else -1
+            await websocket.send(str(current))
+        else:
+            await websocket.send(message)
+
+
+def load_messages(path: str | None) -> list[bytes | str]:
+    """Typical messages: one per line of a JSON-lines file, one per file of a directory, or
+    (no path) a synthetic chat-like sample, the kind of JSON most WebSocket apps send."""
+    if path is None:
+        rng = random.Random(42)
+        words = [
+            "hello",
+            "world",
+            "meeting",
+            "tomorrow",
+            "lunch",
+            "project",
+            "update",
+            "ok",
+            "thanks",
+            "see",
+            "you",
+        ]
+        return [
+            json.dumps(
+                {
+                    "type": "message",
+                    "room": f"room-{rng.randrange(50)}",
+                    "user": f"user-{rng.randrange(1000)}",
+                    "text": " ".join(rng.choices(words, k=rng.randrange(3, 20))),
+                    "ts": 1_764_000_000 + i,
+                }
+            )
+            for i in range(20)
+        ]
+    if os.path.isdir(path):
+        names = sorted(os.listdir(path))
+        return [open(os.path.join(path, n), "rb").read() for n in names if not n.startswith(".")]
+    with open(path, encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f if line.strip()]
+
+
+def compression_table(messages: list[bytes | str]) -> dict[str, dict[str, float]]:
+    """Per setting: compressed size and compression time relative to websockets' default
+    (12/5), compressing the messages in order with context takeover, as a connection does."""
+    import zlib
+
+    raw = [m.encode() if isinstance(m, str) else m for m in messages]
+    results: dict[str, dict[str, float]] = {}
+    for setting in SETTINGS:
+        if setting == "none":
+            results[setting] = {"bytes": float(sum(map(len, raw))), "seconds": 0.0}
+            continue
+        bits, level = map(int, setting.split("/"))
+        best = float("inf")
+        for _ in range(5):  # the fastest of five: the least disturbed by the machine
+            compressor = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -bits, level)
+            size = 0
+            started = time.perf_counter()
+            for data in raw:
+                size += len(compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)) - 4
+            best = min(best, time.perf_counter() - started)
+        results[setting] = {"bytes": float(size), "seconds": best}
+    base = results["12/5"]
+    for values in results.values():
+        values["size_vs_default"] = round(values["bytes"] / base["bytes"], 3)
+        values["time_vs_default"] = round(values["seconds"] / base["seconds"], 3)
+    return results
+
+
+async def _open_and_exchange(
+    url: str, count: int, messages: list[bytes | str], compression: str
+) -> tuple[list[Any], int]:
+    from websockets.asyncio.client import connect
+
+    connections, errors = [], 0
+    for _ in range(count):
+        try:
+            ws = await connect(
+                url, compression=None if compression == "none" else "deflate", max_size=None
+            )
+            for message in messages:
+                await ws.send(message)
+                await ws.recv()
+            connections.append(ws)
+        except Exception:
+            errors += 1
+    return connections, errors
+
+
+def _worker(setting: str, trace: bool) -> tuple[Any, int]:
+    import re
+    import subprocess
+
+    options = (
+        ["--compression", "none"]
+        if setting == "none"
+        else [
+            "--compression",
+            "deflate",
+            "--window-bits",
+            setting.split("/")[0],
+            "--memory-level",
+            setting.split("/")[1],
+        ]
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONTRACEMALLOC"}
+    if trace:
+        env["PYTHONTRACEMALLOC"] = "1"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "wsfleet",
+            "worker",
+            "--port",
+            "0",
+            "--log-level",
+            "warning",
+            "--app",
+            "wsfleet.bench:memory_probe",
+            "--max-size",
+            str(2**24),
+            *options,
+        ],
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if m := re.search(r"listening on ws://\S+:(\d+)", line):
+            return proc, int(m.group(1))
+    raise RuntimeError(f"the worker for {setting} did not start")
+
+
+def measure_memory(setting: str, messages: list[bytes | str], count: int) -> dict[str, float]:
+    """Memory per connection with this setting: tracemalloc inside one worker, RSS and USS
+    from outside another (tracemalloc's own bookkeeping would inflate RSS)."""
+    import psutil
+    from websockets.sync.client import connect as sync_connect
+
+    results: dict[str, float] = {}
+    for trace in (True, False):
+        proc, port = _worker(setting, trace)
+        url = f"ws://127.0.0.1:{port}/"
+        compression = "none" if setting == "none" else "deflate"
+        try:
+            with sync_connect(url, compression=None) as probe:
+
+                def traced() -> int:
+                    probe.send(PROBE)
+                    return int(probe.recv(timeout=60))
+
+                worker = psutil.Process(proc.pid)
+                before = traced() if trace else worker.memory_full_info()
+                loop = asyncio.new_event_loop()
+                try:
+                    conns, errors = loop.run_until_complete(
+                        _open_and_exchange(url, count, messages, compression)
+                    )
+                    opened = len(conns)
+                    after = traced() if trace else worker.memory_full_info()
+                    for ws in conns:
+                        loop.run_until_complete(ws.close())
+                finally:
+                    loop.close()
+            if trace:
+                results["tracemalloc_kib"] = round((after - before) / opened / 1024, 1)
+            else:
+                results["rss_kib"] = round((after.rss - before.rss) / opened / 1024, 1)
+                results["uss_kib"] = round((after.uss - before.uss) / opened / 1024, 1)
+            results["errors"] = results.get("errors", 0) + errors
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    return results
+
+
+def run_memory(path: str | None, count: int, settings: list[str]) -> dict[str, Any]:
+    messages = load_messages(path)
+    table = compression_table(messages)
+    rows = {}
+    for setting in settings:
+        rows[setting] = {**table[setting], **measure_memory(setting, messages, count)}
+    return {"messages": len(messages), "connections": count, "settings": rows}
+
+
+def format_memory(report: dict[str, Any], as_json: bool) -> str:
+    if as_json:
+        return json.dumps(report, indent=2)
+    lines = [
+        f"{report['connections']} connections, each having exchanged {report['messages']} "
+        "messages; compression relative to websockets' default (12/5)",
+        "",
+        "| window bits / memory level | compressed size | compression time "
+        "| tracemalloc per connection | RSS per connection | USS per connection |",
+        "|---|---|---|---|---|---|",
+    ]
+    for setting, row in report["settings"].items():
+        time_ratio = "-" if setting == "none" else f"{row['time_vs_default']:.2f}x"
+        lines.append(
+            f"| {setting} | {row['size_vs_default']:.2f}x | {time_ratio} "
+            f"| {row['tracemalloc_kib']:.1f} KiB | {row['rss_kib']:.1f} KiB "
+            f"| {row['uss_kib']:.1f} KiB |"
+        )
+    return "\n".join(lines)

@@ -11,6 +11,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -280,7 +281,46 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0 if report.messages else EXIT_RUNTIME
 
 
+def run_bench_memory(argv: Sequence[str]) -> int:
+    """``wsfleet bench memory [MESSAGES]``: memory and compression by deflate setting."""
+    from . import bench
+
+    parser = _Parser(
+        prog="wsfleet bench memory",
+        description="For each permessage-deflate setting (window bits / memory level) and "
+        "without compression: the compressed size and compression time of typical messages "
+        "relative to websockets' default (12/5), and the memory per connection of a worker "
+        "holding N connections that exchanged them (tracemalloc inside, RSS/USS outside).",
+    )
+    parser.add_argument(
+        "messages",
+        nargs="?",
+        help="a JSON-lines file (one message a line) or a directory (one message a file); "
+        "default: a synthetic sample of chat-like JSON messages",
+    )
+    parser.add_argument("-n", "--connections", type=_positive(int), default=2000, metavar="N")
+    parser.add_argument(
+        "--settings",
+        default=",".join(bench.SETTINGS),
+        help="comma-separated BITS/LEVEL or none (default: %(default)s)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = parser.parse_args(argv)
+    settings = args.settings.split(",")
+    for setting in settings:
+        if setting != "none" and not re.fullmatch(r"(9|1[0-5])/[1-9]", setting):
+            parser.error(f"--settings: {setting!r} is not BITS/LEVEL (9-15/1-9) or none")
+    if args.messages and not os.path.exists(args.messages):
+        fail(f"bench memory: no such file or directory: {args.messages}", EXIT_USAGE)
+    report = bench.run_memory(args.messages, args.connections, settings)
+    print(bench.format_memory(report, args.json))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["bench", "memory"]:
+        return run_bench_memory(argv[2:])
     args = build_parser().parse_args(argv)
     if args.command == "bench":
         return run_bench(args)
