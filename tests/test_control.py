@@ -85,6 +85,21 @@ def test_reload_rereads_the_config_file(spawn, tmp_path: Path) -> None:
     master.wait_workers(2)  # and the new worker count
 
 
+def test_reload_with_a_broken_config_file_keeps_the_running_configuration(
+    spawn, tmp_path: Path
+) -> None:
+    toml = tmp_path / "wsfleet.toml"
+    toml.write_text("max_size = 100\nworkers = 1\n")
+    master = Master(spawn, tmp_path, "--config", str(toml))
+    toml.write_text("max_size = [\n")
+    master.proc.signal(signal.SIGHUP)
+    master.proc.wait_line(r"reload: configuration not reloaded: .*wsfleet.toml: invalid TOML")
+    master.proc.wait_line("rolling restart done")
+    master.wait_workers(1)
+    assert master.proc.output.count("max_size=100,") == 2  # the new worker, old settings
+    assert echo_once(master.url) == "hi"
+
+
 def test_reload_keeps_the_old_worker_when_the_new_code_is_broken(spawn, tmp_path: Path) -> None:
     master = app_master(spawn, tmp_path, VERSIONED_APP.format(version="v1"), "-w", "2")
     before = master.worker_pids()
@@ -96,10 +111,12 @@ def test_reload_keeps_the_old_worker_when_the_new_code_is_broken(spawn, tmp_path
     )
     assert master.worker_pids() == before
     assert echo_once(master.url, "version?") == "v1"
-    # A config error on reload is logged and the running configuration kept.
+    # Fixed code: the next reload goes through.
     write_app(tmp_path, "v2")
     master.proc.signal(signal.SIGHUP)
     master.proc.wait_line("rolling restart done")
+    # The old workers drain only now: one could still take (and close with 1012) a connection.
+    master.wait_workers(2)
     assert echo_once(master.url, "version?") == "v2"
 
 

@@ -232,7 +232,7 @@ class Config:
     )
     loop: str = option(
         "auto",
-        "event loop: uvloop, asyncio, or auto (uvloop when installed: pip install wsfleet[fast])",
+        "event loop: uvloop, asyncio, or auto (uvloop when installed, as it is by default)",
         parse=_choice("auto", "uvloop", "asyncio"),
         metavar="auto|uvloop|asyncio",
     )
