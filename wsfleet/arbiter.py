@@ -230,17 +230,16 @@ class Arbiter:
             logs.reopen()
             self.signal_workers(signal.SIGUSR1)
 
-    def on_message(self, sock: socket.socket) -> None:
-        worker = next((w for w in self.workers.values() if w.channel is sock), None)
-        while worker is not None:
+    def on_message(self, worker: WorkerProc) -> None:
+        while True:
             try:
-                message, fds = channel.receive(sock)
+                message, fds = channel.receive(worker.channel)
             except BlockingIOError:
                 return
             for fd in fds:
                 os.close(fd)
             if message is None:  # the worker is exiting; SIGCHLD follows
-                self.selector.unregister(sock)
+                self.selector.unregister(worker.channel)
                 return
             worker.last_seen = time.monotonic()
             kind = message.get("t")
@@ -424,7 +423,7 @@ class Arbiter:
         worker_end.close()
         worker = WorkerProc(pid, slot.index, master_end)
         self.workers[pid] = worker
-        self.selector.register(master_end, selectors.EVENT_READ, self.on_message)
+        self.selector.register(master_end, selectors.EVENT_READ, lambda _: self.on_message(worker))
         if replacement:
             slot.replacement = worker
         else:
