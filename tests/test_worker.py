@@ -103,6 +103,7 @@ def test_sigterm_closes_every_connection_with_1001_and_exits_0(spawn, loop: str)
         assert opcode == websocket.ABNF.OPCODE_CLOSE
         assert close_code(data) == 1001
         other.send_close()
+        other.shutdown()  # and end the TCP connection, as websockets waits for
         assert proc.wait() == 0
         proc.wait_line(r"stopped accepting; closing 6 connections with code 1001")
 
