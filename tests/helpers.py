@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import psutil
@@ -243,3 +243,13 @@ def gone(pid: int) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+@contextlib.contextmanager
+def stuck_client(port: int) -> Iterator[socket.socket]:
+    """A WebSocket client that completed its handshake and never reads or answers again:
+    it keeps a drain waiting for its closing handshake."""
+    with raw_connect(port) as sock:
+        sock.sendall(upgrade_request())
+        assert read_http_response(sock)[0] == 101
+        yield sock

@@ -21,6 +21,7 @@ from .helpers import (
     raw_connect,
     read_http_response,
     run_wsfleet,
+    stuck_client,
     upgrade_request,
     wait_for,
 )
@@ -203,9 +204,7 @@ def test_sigterm_drains_with_1001_removes_pidfile_and_exits_0(spawn, tmp_path: P
 
 def test_second_sigterm_stops_at_once(spawn, tmp_path: Path) -> None:
     master = Master(spawn, tmp_path, "-w", "1", "--graceful-timeout", "60")
-    with raw_connect(master.port) as stuck:  # never answers the close frame
-        stuck.sendall(upgrade_request())
-        assert read_http_response(stuck)[0] == 101
+    with stuck_client(master.port):  # never answers the close frame
         master.proc.signal(signal.SIGTERM)
         master.proc.wait_line("stopped accepting; closing 1 connections")
         master.proc.signal(signal.SIGTERM)
@@ -216,9 +215,7 @@ def test_second_sigterm_stops_at_once(spawn, tmp_path: Path) -> None:
 def test_sigquit_stops_at_once(spawn, tmp_path: Path) -> None:
     master = Master(spawn, tmp_path, "-w", "2", "--graceful-timeout", "60")
     workers = master.worker_pids()
-    with raw_connect(master.port) as stuck:
-        stuck.sendall(upgrade_request())
-        assert read_http_response(stuck)[0] == 101
+    with stuck_client(master.port):
         master.proc.signal(signal.SIGQUIT)
         assert master.proc.wait(timeout=10) == 0
     assert all(gone(pid) for pid in workers)

@@ -24,6 +24,7 @@ from .helpers import (
     recv_frame,
     run_wsfleet,
     send_frame,
+    stuck_client,
     upgrade_request,
     wait_for,
 )
@@ -137,47 +138,31 @@ def test_health_is_503_while_draining_and_late_handshakes_succeed(spawn, loop: s
 
 def test_drain_stops_accepting_at_once(spawn) -> None:
     proc, port = start_worker(spawn, "--graceful-timeout", "30")
-    # A client that never answers the close frame keeps the drain going.
-    stuck = raw_connect(port)
-    stuck.sendall(upgrade_request())
-    assert read_http_response(stuck)[0] == 101
-    try:
+    with stuck_client(port):  # keeps the drain going
         proc.signal(signal.SIGTERM)
         proc.wait_line("stopped accepting")
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", port), timeout=5).close()
         assert proc.popen.poll() is None  # still draining, waiting for the closing handshake
-    finally:
-        stuck.close()
     assert proc.wait() == 0
 
 
 def test_graceful_timeout_bounds_the_drain(spawn) -> None:
     proc, port = start_worker(spawn, "--graceful-timeout", "0.5")
-    stuck = raw_connect(port)
-    try:
-        stuck.sendall(upgrade_request())
-        assert read_http_response(stuck)[0] == 101
+    with stuck_client(port):
         proc.signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0  # without the bound, close_timeout is 10 s
         proc.wait_line(r"graceful timeout \(0.5s\) reached: aborting 1 connections")
-    finally:
-        stuck.close()
 
 
 def test_second_sigterm_stops_at_once(spawn) -> None:
     proc, port = start_worker(spawn, "--graceful-timeout", "60")
-    stuck = raw_connect(port)
-    try:
-        stuck.sendall(upgrade_request())
-        assert read_http_response(stuck)[0] == 101
+    with stuck_client(port):
         proc.signal(signal.SIGTERM)
         proc.wait_line("stopped accepting")
         proc.signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 1
         proc.wait_line("again: closing every connection now")
-    finally:
-        stuck.close()
 
 
 def test_message_over_max_size_closes_1009_and_spares_others(spawn, loop: str) -> None:

@@ -37,7 +37,7 @@ def send(sock: socket.socket, message: Message, fds: Sequence[int] = ()) -> bool
             socket.send_fds(sock, [data], list(fds))
         else:
             sock.send(data)
-    except (BlockingIOError, BrokenPipeError, ConnectionResetError, OSError):
+    except OSError:  # BlockingIOError, BrokenPipeError, ConnectionResetError...
         return False
     return True
 
