@@ -399,3 +399,60 @@ def test_a_client_that_never_finishes_its_handshake_is_dropped(spawn) -> None:
         with contextlib.suppress(ConnectionResetError):  # a reset is dropped too
             assert sock.recv(1) == b""  # closed by the server
         assert 9 < time.monotonic() - started < 20
+
+
+BURST_APP = """
+async def handler(websocket):
+    async for message in websocket:
+        count, size, close = message.split()
+        # Nothing here yields to the event loop: every send() happens in one pass.
+        for i in range(int(count)):
+            await websocket.send(b"%06d" % i + b"." * int(size))
+        if close == "close":
+            await websocket.close(4000, "done")
+"""
+
+
+def data_segments_in(sock: socket.socket) -> int:
+    """tcpi_data_segs_in of Linux's struct tcp_info: TCP segments with data received."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    return int.from_bytes(info[152:156], sys.byteorder)
+
+
+def test_what_a_handler_sends_in_one_pass_is_written_at_once(spawn, tmp_path, loop) -> None:
+    """The worker's connections write in one system call what the handler sent during one
+    pass of the event loop, instead of one call per message (wsfleet/connection.py)."""
+    (tmp_path / "burst.py").write_text(BURST_APP)
+    _, port = start_worker(spawn, "--app", "burst:handler", "--loop", loop, cwd=tmp_path)
+    with raw_connect(port) as sock:
+        sock.sendall(upgrade_request())
+        status, _, buffer = read_http_response(sock)
+        assert status == 101
+        before = data_segments_in(sock)
+        send_frame(sock, 1, b"20 10 open")
+        payloads = [recv_frame(sock, buffer) for _ in range(20)]
+        assert payloads == [(2, b"%06d" % i + b"." * 10) for i in range(20)]
+        # One write of 20 frames (320 bytes) is one segment on loopback; websockets alone
+        # writes 20 times (TCP_NODELAY), which arrives as up to 20 segments.
+        assert data_segments_in(sock) - before <= 2
+
+
+def test_a_burst_beyond_write_limit_then_close_arrives_whole_and_in_order(
+    spawn, tmp_path, loop
+) -> None:
+    """Large messages go to the transport once write_limit bytes wait, the close frame after
+    everything sent before it."""
+    (tmp_path / "burst.py").write_text(BURST_APP)
+    _, port = start_worker(
+        spawn, "--app", "burst:handler", "--loop", loop, "--write-limit", "65536", cwd=tmp_path
+    )
+    with connect(f"ws://127.0.0.1:{port}/", max_size=None) as ws:
+        ws.send("5 10 open")  # small ones first, so that the large ones join a waiting list
+        ws.send("40 50000 close")  # 2 MB in one pass, then the close
+        received = [ws.recv(timeout=10) for _ in range(45)]
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=10)
+    expected = [b"%06d" % i + b"." * 10 for i in range(5)]
+    expected += [b"%06d" % i + b"." * 50000 for i in range(40)]
+    assert received == expected
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 4000

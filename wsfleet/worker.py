@@ -32,6 +32,7 @@ from websockets.protocol import State
 
 from . import channel, logs
 from .config import Config
+from .connection import Connection
 from .sockets import sock_address
 
 Handler = Callable[[ServerConnection], Awaitable[None]]
@@ -276,6 +277,7 @@ class Worker:
             # asyncio calls listen() again on the socket, with 100 unless told otherwise.
             backlog=self.config.backlog,
             process_request=self._process_request,
+            create_connection=Connection,
             **websockets_options(self.config),
         )
         self.servers.append(server)
