@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
 
 from .helpers import run_wsfleet
 
@@ -77,3 +83,35 @@ def test_bench_memory_rejects_a_bad_setting() -> None:
     result = run_wsfleet(["bench", "memory", "--settings", "16/9"])
     assert result.returncode == 2
     assert "'16/9' is not BITS/LEVEL" in result.stderr
+
+
+def test_bench_throughput_script_compares_the_servers(tmp_path: Path) -> None:
+    """scripts/bench-throughput, shortened: every server starts, serves the client, and stops."""
+    out = tmp_path / "throughput.json"
+    script = Path(__file__).parent.parent / "scripts" / "bench-throughput"
+    args = ["--runs", "1", "--duration", "1", "--compressions", "none,deflate", "--json", str(out)]
+    proc = subprocess.Popen(
+        [sys.executable, str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        descendants = (
+            psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
+        )
+        proc.terminate()  # the script stops its servers on SIGTERM
+        proc.wait(30)
+        for child in descendants:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+    assert proc.returncode == 0, stderr.decode()
+    table = stdout.decode()
+    for compression in ("none", "deflate"):
+        for server in ("recipe", "wsfleet-asyncio", "wsfleet"):
+            assert f"| {compression} | {server} |" in table
+    assert "connection errors" not in table
+    runs = json.loads(out.read_text())["runs"]
+    assert len(runs) >= 6
+    for run in runs:
+        assert run["messages_per_s"][0] > 1000
+        assert 0 < run["p50_ms"][0] <= run["p99_ms"][0]
