@@ -3,21 +3,27 @@
 websockets writes every frame to the socket as soon as it is produced: one ``send()`` is one
 ``write()`` system call. A handler woken by a batch of incoming messages answers them all in
 one pass of the event loop, so an echo under load makes several system calls per connection
-per pass where one would do; those calls were a third of a worker's time (py-spy, 50
-connections x 4 messages in flight). This class gathers what a connection sends during one
-pass and writes it in one call at the start of the next.
+per pass where one would do; those calls took a third to two fifths of a worker's time (py-spy,
+50 connections x 4 messages in flight). This class gathers what a connection sends during one
+pass and writes it in one call at the start of the next (docs/performance.md: 1.3x messages
+per second on both event loops).
 
 What stays as in websockets:
 - Ordering: everything a connection writes goes through ``send_data()``, here as there.
-- Backpressure: at most ``write_limit`` bytes wait here; beyond that they go to the transport
-  at once, whose buffer limits make ``send()`` wait as before.
-- Everything outside the OPEN state (the handshake's response, closing frames, the end of the
-  TCP stream) is written at once, after whatever is waiting, so closing behaves exactly as in
-  websockets.
+- Backpressure: at most the transport's high-water mark (``write_limit``) waits here; beyond
+  that it goes to the transport at once, whose buffer limits make ``send()`` wait as before.
+- Everything outside the OPEN state (a refused handshake's response, closing frames, the end
+  of the TCP stream) is written at once, after whatever waits, so closing behaves as in
+  websockets; the 101 response is written before the handler starts.
+
+What differs: a message leaves when the handler gives the event loop back, not inside
+``send()``. A handler that blocks the loop after a send (which stalls every other connection
+of the worker too) delays that message until it yields.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from websockets.asyncio.server import ServerConnection
@@ -29,32 +35,38 @@ class Connection(ServerConnection):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.pending: list[bytes] = []
-        self.pending_size = 0
+        self._writes: list[bytes] = []
+        self._writes_size = 0
+        self._writes_limit = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        # websockets has just set the transport's limits from write_limit.
+        self._writes_limit = self.transport.get_write_buffer_limits()[1]
 
     async def handshake(self, *args: Any, **kwargs: Any) -> None:
         await super().handshake(*args, **kwargs)
         # The 101 response leaves in the OPEN state: write it before the handler starts, which
         # may keep the loop busy for a while.
-        self.flush()
+        self._write_waiting()
 
     def send_data(self) -> None:
         if self.protocol.state is not State.OPEN:
-            self.flush()
+            self._write_waiting()
             super().send_data()
             return
         for data in self.protocol.data_to_send():
-            if not self.pending:
-                self.loop.call_soon(self.flush)
-            self.pending.append(data)
-            self.pending_size += len(data)
-        if self.pending_size > self.write_limit_high:
-            self.flush()
+            if not self._writes:
+                self.loop.call_soon(self._write_waiting)
+            self._writes.append(data)
+            self._writes_size += len(data)
+        if self._writes_size > self._writes_limit:
+            self._write_waiting()
 
-    def flush(self) -> None:
-        """Write what is waiting (nothing if the connection is gone: it would be lost anyway)."""
-        if not self.pending:
+    def _write_waiting(self) -> None:
+        """Write what waits (nothing if the connection is gone: it would be lost anyway)."""
+        if not self._writes:
             return
-        pending, self.pending, self.pending_size = self.pending, [], 0
+        writes, self._writes, self._writes_size = self._writes, [], 0
         if not self.transport.is_closing():
-            self.transport.writelines(pending)
+            self.transport.writelines(writes)
