@@ -10,6 +10,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -456,3 +457,29 @@ def test_a_burst_beyond_write_limit_then_close_arrives_whole_and_in_order(
     expected += [b"%06d" % i + b"." * 50000 for i in range(40)]
     assert received == expected
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 4000
+
+
+def test_the_worker_connection_costs_no_more_memory_than_websockets() -> None:
+    """wsfleet's Connection keeps its state out of the instance dict (see its __slots__)."""
+    import asyncio
+
+    from websockets.asyncio.client import connect as aconnect
+    from websockets.asyncio.server import serve
+
+    from wsfleet.connection import Connection
+
+    async def dict_size(create_connection: type | None) -> int:
+        opened: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        async def handler(websocket: Any) -> None:
+            opened.set_result(websocket)
+            await websocket.wait_closed()
+
+        async with serve(handler, "127.0.0.1", 0, create_connection=create_connection) as server:
+            port = server.sockets[0].getsockname()[1]
+            async with aconnect(f"ws://127.0.0.1:{port}/"):
+                websocket = await asyncio.wait_for(opened, 10)
+                assert isinstance(websocket, create_connection or object)
+                return sys.getsizeof(vars(websocket))
+
+    assert asyncio.run(dict_size(Connection)) <= asyncio.run(dict_size(None))
