@@ -483,3 +483,55 @@ def test_the_worker_connection_costs_no_more_memory_than_websockets() -> None:
                 return sys.getsizeof(vars(websocket))
 
     assert asyncio.run(dict_size(Connection)) <= asyncio.run(dict_size(None))
+
+
+def test_a_connection_buffers_no_more_than_write_limit_for_a_client_that_does_not_read() -> None:
+    """What waits for the next pass and what the transport buffers stay within write_limit
+    together, as the transport's buffer alone does in websockets; then send() waits."""
+    import asyncio
+
+    from websockets.asyncio.server import serve
+
+    from wsfleet.connection import Connection
+
+    limit, size = 32768, 1000
+
+    async def peak_buffered() -> int:
+        loop = asyncio.get_running_loop()
+        peak = 0
+        opened: asyncio.Future[Connection] = loop.create_future()
+
+        async def handler(websocket: Connection) -> None:
+            nonlocal peak
+            opened.set_result(websocket)
+            # Nothing here yields until send() must wait: all in one pass of the loop.
+            for _ in range(20_000):  # at most 20 MB, far more than the buffers hold
+                await websocket.send(b"x" * size)
+                waiting = websocket._writes_size + websocket.transport.get_write_buffer_size()
+                peak = max(peak, waiting)
+
+        server = await serve(
+            handler, "127.0.0.1", 0, create_connection=Connection, write_limit=limit
+        )
+        try:
+            with socket.socket() as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and never read
+                sock.setblocking(False)
+                await loop.sock_connect(sock, server.sockets[0].getsockname())
+                await loop.sock_sendall(sock, upgrade_request())
+                response = b""
+                while b"\r\n\r\n" not in response:
+                    response += await asyncio.wait_for(loop.sock_recv(sock, 1), 10)
+                assert response.startswith(b"HTTP/1.1 101")
+                websocket = await asyncio.wait_for(opened, 10)
+                async with asyncio.timeout(10):
+                    while not websocket.paused:  # the transport asked send() to wait
+                        await asyncio.sleep(0.01)
+                websocket.transport.abort()
+        finally:
+            server.close()
+            await server.wait_closed()
+        return peak
+
+    peak = asyncio.run(peak_buffered())
+    assert limit - size <= peak <= limit + size + 100

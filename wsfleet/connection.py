@@ -10,15 +10,18 @@ per second on both event loops).
 
 What stays as in websockets:
 - Ordering: everything a connection writes goes through ``send_data()``, here as there.
-- Backpressure: at most the transport's high-water mark (``write_limit``) waits here; beyond
-  that it goes to the transport at once, whose buffer limits make ``send()`` wait as before.
+- Backpressure: what waits here and in the transport's buffer together stays within
+  ``write_limit``, as the transport's buffer alone does in websockets: beyond it, frames go to
+  the transport at once, whose buffer limits make ``send()`` wait as before.
 - Everything outside the OPEN state (a refused handshake's response, closing frames, the end
   of the TCP stream) is written at once, after whatever waits, so closing behaves as in
   websockets; the 101 response is written before the handler starts.
 
 What differs: a message leaves when the handler gives the event loop back, not inside
 ``send()``. A handler that blocks the loop after a send (which stalls every other connection
-of the worker too) delays that message until it yields.
+of the worker too) delays that message until it yields; one that closes or aborts the
+transport itself right after a send loses that message unless it calls ``write_waiting()``
+first (``close()`` on the connection needs no such help).
 """
 
 from __future__ import annotations
@@ -53,25 +56,37 @@ class Connection(ServerConnection):
         await super().handshake(*args, **kwargs)
         # The 101 response leaves in the OPEN state: write it before the handler starts, which
         # may keep the loop busy for a while.
-        self._write_waiting()
+        self.write_waiting()
 
     def send_data(self) -> None:
         if self.protocol.state is not State.OPEN:
-            self._write_waiting()
+            self.write_waiting()
             super().send_data()
             return
         for data in self.protocol.data_to_send():
             if not self._writes:
-                self.loop.call_soon(self._write_waiting)
+                self.loop.call_soon(self.write_waiting)
             self._writes.append(data)
             self._writes_size += len(data)
-        if self._writes_size > self._writes_limit:
-            self._write_waiting()
+        # Counting the transport's buffer too keeps a connection's total at websockets' own
+        # bound; with a backlog there, writing at once costs no system call anyway.
+        if self._writes_size + self.transport.get_write_buffer_size() > self._writes_limit:
+            self.write_waiting()
 
-    def _write_waiting(self) -> None:
-        """Write what waits (nothing if the connection is gone: it would be lost anyway)."""
+    def write_waiting(self) -> None:
+        """Write what waits now (nothing if the transport is closing: it would be lost).
+
+        Call it before closing or aborting the transport directly; close() needs no help.
+        """
         if not self._writes:
             return
         writes, self._writes, self._writes_size = self._writes, [], 0
-        if not self.transport.is_closing():
+        if self.transport.is_closing():
+            return
+        try:
             self.transport.writelines(writes)
+        except Exception as exc:
+            # What websockets' send() does when writing fails, though send() has returned:
+            # the connection ends, and recv() and the next send() raise ConnectionClosed.
+            self.set_connection_exc(exc)
+            self.transport.abort()

@@ -459,6 +459,8 @@ class Worker:
     def _abort_connections(self) -> None:
         for server in self.servers:
             for connection in list(server.all_connections):
+                if isinstance(connection, Connection):
+                    connection.write_waiting()  # what the app sent last, as websockets would
                 connection.transport.abort()
 
     def _finish(self, status: int) -> None:
