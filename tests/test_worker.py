@@ -499,20 +499,23 @@ def test_a_connection_buffers_no_more_than_write_limit_for_a_client_that_does_no
     async def peak_buffered() -> int:
         loop = asyncio.get_running_loop()
         peak = 0
-        opened: asyncio.Future[Connection] = loop.create_future()
+        paused: asyncio.Future[Connection] = loop.create_future()
+
+        class Watched(Connection):
+            def pause_writing(self) -> None:  # the transport asks send() to wait
+                super().pause_writing()
+                if not paused.done():
+                    paused.set_result(self)
 
         async def handler(websocket: Connection) -> None:
             nonlocal peak
-            opened.set_result(websocket)
             # Nothing here yields until send() must wait: all in one pass of the loop.
             for _ in range(20_000):  # at most 20 MB, far more than the buffers hold
                 await websocket.send(b"x" * size)
                 waiting = websocket._writes_size + websocket.transport.get_write_buffer_size()
                 peak = max(peak, waiting)
 
-        server = await serve(
-            handler, "127.0.0.1", 0, create_connection=Connection, write_limit=limit
-        )
+        server = await serve(handler, "127.0.0.1", 0, create_connection=Watched, write_limit=limit)
         try:
             with socket.socket() as sock:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and never read
@@ -523,10 +526,7 @@ def test_a_connection_buffers_no_more_than_write_limit_for_a_client_that_does_no
                 while b"\r\n\r\n" not in response:
                     response += await asyncio.wait_for(loop.sock_recv(sock, 1), 10)
                 assert response.startswith(b"HTTP/1.1 101")
-                websocket = await asyncio.wait_for(opened, 10)
-                async with asyncio.timeout(10):
-                    while not websocket.paused:  # the transport asked send() to wait
-                        await asyncio.sleep(0.01)
+                websocket = await asyncio.wait_for(paused, 10)
                 websocket.transport.abort()
         finally:
             server.close()
