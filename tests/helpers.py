@@ -185,6 +185,11 @@ def read_http_response(sock: socket.socket) -> tuple[int, bytes, bytearray]:
 
 def send_frame(sock: socket.socket, opcode: int, payload: bytes, fin: bool = True) -> None:
     """Send one masked client frame."""
+    sock.sendall(client_frame(opcode, payload, fin))
+
+
+def client_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    """One masked client frame, to send several in one system call."""
     head = bytes([(0x80 if fin else 0) | opcode])
     n = len(payload)
     if n < 126:
@@ -195,7 +200,7 @@ def send_frame(sock: socket.socket, opcode: int, payload: bytes, fin: bool = Tru
         head += bytes([0x80 | 127]) + struct.pack("!Q", n)
     mask = os.urandom(4)
     masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    sock.sendall(head + mask + masked)
+    return head + mask + masked
 
 
 def recv_frame(sock: socket.socket, buffer: bytearray) -> tuple[int, bytes]:

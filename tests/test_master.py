@@ -257,6 +257,30 @@ def test_hung_worker_is_killed_and_replaced(spawn, tmp_path: Path) -> None:
     assert echo_once(master.url) == "hi"
 
 
+SEND_THEN_HANG_APP = """
+import time
+
+
+async def handler(websocket):
+    async for message in websocket:
+        await websocket.send("sent before the hang")
+        time.sleep(600)  # blocks the event loop: the master kills the worker after --timeout
+"""
+
+
+def test_a_message_sent_before_a_worker_hangs_survives_its_kill(spawn, tmp_path, loop) -> None:
+    """SPEC, Delivery: what a handler sent before blocking its loop is on the wire, so the
+    master's kill of the hung worker does not take it along."""
+    master = app_master(
+        spawn, tmp_path, SEND_THEN_HANG_APP, "-w", "1", "--timeout", "2", "--loop", loop
+    )
+    (worker,) = master.worker_pids()
+    with connect(master.url) as ws:
+        ws.send("go")
+        assert ws.recv(timeout=10) == "sent before the hang"
+        wait_for(lambda: gone(worker), 15, "the hung worker's kill")
+
+
 def test_start_fails_with_the_import_error(tmp_path: Path) -> None:
     (tmp_path / "broken.py").write_text("import no_such_dependency\n")
     pidfile = tmp_path / "m.pid"

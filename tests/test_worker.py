@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -19,6 +20,7 @@ from websockets.exceptions import ConnectionClosed, ConnectionClosedError
 from websockets.sync.client import connect
 
 from .helpers import (
+    client_frame,
     close_code,
     raw_connect,
     read_http_response,
@@ -413,6 +415,28 @@ async def handler(websocket):
             await websocket.close(4000, "done")
 """
 
+BLOCKING_APP = """
+import asyncio
+import json
+import time
+
+
+async def handler(websocket):
+    async for message in websocket:
+        if message == "progress":
+            for i in range(5):
+                time.sleep(0.2)  # synchronous work: the event loop is blocked
+                await websocket.send(json.dumps([i, time.monotonic()]))
+        elif message == "send then block":
+            await websocket.send("sent")
+            time.sleep(600)
+        elif message == "send then await":
+            await websocket.send(json.dumps(["held", time.monotonic()]))
+            await asyncio.sleep(2)
+        else:
+            await websocket.send(json.dumps([message, time.monotonic()]))
+"""
+
 
 def data_segments_in(sock: socket.socket) -> int:
     """tcpi_data_segs_in of Linux's struct tcp_info: TCP segments with data received."""
@@ -420,43 +444,82 @@ def data_segments_in(sock: socket.socket) -> int:
     return int.from_bytes(info[152:156], sys.byteorder)
 
 
-def test_what_a_handler_sends_in_one_pass_is_written_at_once(spawn, tmp_path, loop) -> None:
-    """The worker's connections write in one system call what the handler sent during one
-    pass of the event loop, instead of one call per message (wsfleet/connection.py)."""
-    (tmp_path / "burst.py").write_text(BURST_APP)
-    _, port = start_worker(spawn, "--app", "burst:handler", "--loop", loop, cwd=tmp_path)
+def lateness(message: str | bytes) -> float:
+    """Seconds between a BLOCKING_APP send (its monotonic clock, system-wide) and now."""
+    return time.monotonic() - float(json.loads(message)[1])
+
+
+def test_progress_updates_leave_as_they_are_sent(spawn, tmp_path, loop) -> None:
+    """Sends between pieces of blocking work are each on the wire before the next piece, as
+    under websockets alone (SPEC: Delivery)."""
+    (tmp_path / "blocking.py").write_text(BLOCKING_APP)
+    _, port = start_worker(spawn, "--app", "blocking:handler", "--loop", loop, cwd=tmp_path)
+    with connect(f"ws://127.0.0.1:{port}/") as ws:
+        ws.send("progress")
+        late = [lateness(ws.recv(timeout=10)) for _ in range(5)]
+    assert max(late) < 0.05, late  # held until the end, they would be 0.8 s, 0.6 s, ... late
+
+
+def test_a_message_sent_before_the_loop_blocks_arrives(spawn, tmp_path, loop) -> None:
+    (tmp_path / "blocking.py").write_text(BLOCKING_APP)
+    proc, port = start_worker(spawn, "--app", "blocking:handler", "--loop", loop, cwd=tmp_path)
+    with connect(f"ws://127.0.0.1:{port}/") as ws:
+        ws.send("send then block")
+        assert ws.recv(timeout=10) == "sent"  # while the worker sleeps for 600 s
+        proc.kill()
+
+
+def test_replies_to_a_batch_leave_in_one_write(spawn, loop) -> None:
+    """20 messages read in one go are answered in one system call (one TCP segment on
+    loopback), where websockets alone writes 20 times (TCP_NODELAY): wsfleet/connection.py."""
+    _, port = start_worker(spawn, "--loop", loop)
     with raw_connect(port) as sock:
         sock.sendall(upgrade_request())
         status, _, buffer = read_http_response(sock)
         assert status == 101
         before = data_segments_in(sock)
-        send_frame(sock, 1, b"20 10 open")
-        payloads = [recv_frame(sock, buffer) for _ in range(20)]
-        assert payloads == [(2, b"%06d" % i + b"." * 10) for i in range(20)]
-        # One write of 20 frames (320 bytes) is one segment on loopback; websockets alone
-        # writes 20 times (TCP_NODELAY), which arrives as up to 20 segments.
+        sock.sendall(b"".join(client_frame(1, b"%02d" % i) for i in range(20)))
+        replies = [recv_frame(sock, buffer) for _ in range(20)]
+        assert replies == [(1, b"%02d" % i) for i in range(20)]
         assert data_segments_in(sock) - before <= 2
+
+
+def test_a_reply_held_for_its_batch_leaves_when_the_handler_yields(spawn, tmp_path, loop):
+    """The reply to the first of two messages read together may wait for the second one's,
+    but not for a handler that awaits something else first."""
+    (tmp_path / "blocking.py").write_text(BLOCKING_APP)
+    _, port = start_worker(spawn, "--app", "blocking:handler", "--loop", loop, cwd=tmp_path)
+    with raw_connect(port) as sock:
+        sock.sendall(upgrade_request())
+        status, _, buffer = read_http_response(sock)
+        assert status == 101
+        sock.sendall(client_frame(1, b"send then await") + client_frame(1, b"next"))
+        _, held = recv_frame(sock, buffer)
+        assert json.loads(held)[0] == "held"
+        assert lateness(held) < 0.5  # the handler awaits for 2 s before it reads "next"
+        assert json.loads(recv_frame(sock, buffer)[1])[0] == "next"
 
 
 def test_a_burst_beyond_write_limit_then_close_arrives_whole_and_in_order(
     spawn, tmp_path, loop
 ) -> None:
-    """Large messages go to the transport once write_limit bytes wait, the close frame after
-    everything sent before it."""
+    """Replies held for a batch go to the transport once write_limit bytes wait, the close
+    frame after everything sent before it."""
     (tmp_path / "burst.py").write_text(BURST_APP)
     _, port = start_worker(
         spawn, "--app", "burst:handler", "--loop", loop, "--write-limit", "65536", cwd=tmp_path
     )
-    with connect(f"ws://127.0.0.1:{port}/", max_size=None) as ws:
-        ws.send("5 10 open")  # small ones first, so that the large ones join a waiting list
-        ws.send("40 50000 close")  # 2 MB in one pass, then the close
-        received = [ws.recv(timeout=10) for _ in range(45)]
-        with pytest.raises(ConnectionClosed) as closed:
-            ws.recv(timeout=10)
-    expected = [b"%06d" % i + b"." * 10 for i in range(5)]
-    expected += [b"%06d" % i + b"." * 50000 for i in range(40)]
-    assert received == expected
-    assert closed.value.rcvd is not None and closed.value.rcvd.code == 4000
+    with raw_connect(port) as sock:
+        sock.sendall(upgrade_request())
+        status, _, buffer = read_http_response(sock)
+        assert status == 101
+        # Read in one go: the replies to the first are held while the second waits.
+        sock.sendall(client_frame(1, b"5 10 open") + client_frame(1, b"40 50000 close"))
+        received = [recv_frame(sock, buffer) for _ in range(46)]
+    expected = [(2, b"%06d" % i + b"." * 10) for i in range(5)]
+    expected += [(2, b"%06d" % i + b"." * 50000) for i in range(40)]
+    assert received[:45] == expected
+    assert received[45][0] == 8 and close_code(received[45][1]) == 4000
 
 
 def test_the_worker_connection_costs_no_more_memory_than_websockets() -> None:
@@ -496,9 +559,9 @@ def test_a_connection_buffers_no_more_than_write_limit_for_a_client_that_does_no
 
     limit, size = 32768, 1000
 
-    async def peak_buffered() -> int:
+    async def peak_buffered() -> tuple[int, int]:
         loop = asyncio.get_running_loop()
-        peak = 0
+        peak = held = 0
         paused: asyncio.Future[Connection] = loop.create_future()
 
         class Watched(Connection):
@@ -508,12 +571,14 @@ def test_a_connection_buffers_no_more_than_write_limit_for_a_client_that_does_no
                     paused.set_result(self)
 
         async def handler(websocket: Connection) -> None:
-            nonlocal peak
+            nonlocal peak, held
+            await websocket.recv()  # the client's second message stays buffered: sends wait
             # Nothing here yields until send() must wait: all in one pass of the loop.
             for _ in range(20_000):  # at most 20 MB, far more than the buffers hold
                 await websocket.send(b"x" * size)
                 waiting = websocket._writes_size + websocket.transport.get_write_buffer_size()
                 peak = max(peak, waiting)
+                held = max(held, websocket._writes_size)
 
         server = await serve(handler, "127.0.0.1", 0, create_connection=Watched, write_limit=limit)
         try:
@@ -526,12 +591,14 @@ def test_a_connection_buffers_no_more_than_write_limit_for_a_client_that_does_no
                 while b"\r\n\r\n" not in response:
                     response += await asyncio.wait_for(loop.sock_recv(sock, 1), 10)
                 assert response.startswith(b"HTTP/1.1 101")
+                await loop.sock_sendall(sock, client_frame(1, b"1") + client_frame(1, b"2"))
                 websocket = await asyncio.wait_for(paused, 10)
                 websocket.transport.abort()
         finally:
             server.close()
             await server.wait_closed()
-        return peak
+        return peak, held
 
-    peak = asyncio.run(peak_buffered())
+    peak, held = asyncio.run(peak_buffered())
+    assert held > 0  # the sends did wait (for the second message's reply)
     assert limit - size <= peak <= limit + size + 100

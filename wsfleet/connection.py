@@ -1,27 +1,29 @@
-"""The worker's WebSocket connection: websockets' ServerConnection, writing less often.
+"""The worker's WebSocket connection: websockets' ServerConnection, answering a batch at once.
 
 websockets writes every frame to the socket as soon as it is produced: one ``send()`` is one
-``write()`` system call. A handler woken by a batch of incoming messages answers them all in
-one pass of the event loop, so an echo under load makes several system calls per connection
-per pass where one would do; those calls took a third to two fifths of a worker's time (py-spy,
-50 connections x 4 messages in flight). This class gathers what a connection sends during one
-pass and writes it in one call at the start of the next (docs/performance.md: 1.3x messages
-per second on both event loops).
+``write()`` system call. Under load a client's messages arrive in batches (one read brings
+several), and an echo answers each with its own system call; those calls took a third to two
+fifths of a worker's time (py-spy, 50 connections x 4 messages in flight).
+
+The rule, kept in ``_may_hold()``: a frame may wait only while the connection has more
+incoming messages already received that the app has not read yet. The app then reads the next
+one without giving the event loop back, so the replies to one batch leave together, in one
+call, when the last of the batch is answered, or when the app yields first (whichever comes
+sooner). Every other frame is written at once, after whatever waits, as websockets writes it:
+a handler that sends progress updates between pieces of blocking work, or sends and then
+blocks, has each message on the wire before it blocks.
 
 What stays as in websockets:
 - Ordering: everything a connection writes goes through ``send_data()``, here as there.
 - Backpressure: what waits here and in the transport's buffer together stays within
-  ``write_limit``, as the transport's buffer alone does in websockets: beyond it, frames go to
+  ``write_limit``, as the transport's buffer alone does in websockets; beyond it, frames go to
   the transport at once, whose buffer limits make ``send()`` wait as before.
 - Everything outside the OPEN state (a refused handshake's response, closing frames, the end
-  of the TCP stream) is written at once, after whatever waits, so closing behaves as in
-  websockets; the 101 response is written before the handler starts.
+  of the TCP stream) is written at once; the 101 response before the handler starts.
 
-What differs: a message leaves when the handler gives the event loop back, not inside
-``send()``. A handler that blocks the loop after a send (which stalls every other connection
-of the worker too) delays that message until it yields; one that closes or aborts the
-transport itself right after a send loses that message unless it calls ``write_waiting()``
-first (``close()`` on the connection needs no such help).
+The one thing an app can notice: one that closes or aborts the *transport* itself right after
+a send, while more of its client's messages are buffered, loses that send unless it calls
+``write_waiting()`` first (``close()`` on the connection needs no help).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from websockets.protocol import State
 
 
 class Connection(ServerConnection):
-    """A ServerConnection that writes what one pass of the event loop sends in one call."""
+    """A ServerConnection that answers a batch of incoming messages in one write."""
 
     # Slots, not the instance dict: three more keys in a ServerConnection's 27 take its dict
     # from 296 bytes to 1,584 (scripts/bench-capacity, 10,000 connections on asyncio: 56.4 KiB
@@ -54,39 +56,59 @@ class Connection(ServerConnection):
 
     async def handshake(self, *args: Any, **kwargs: Any) -> None:
         await super().handshake(*args, **kwargs)
-        # The 101 response leaves in the OPEN state: write it before the handler starts, which
-        # may keep the loop busy for a while.
+        # The 101 response leaves in the OPEN state: never hold it behind the handler.
         self.write_waiting()
+
+    def _may_hold(self) -> bool:
+        """Whether what this connection sends may wait: only while the app has more received
+        messages to read (it reads them without yielding), and within write_limit.
+
+        Counting the transport's buffer too keeps a connection's total at websockets' own
+        bound; with a backlog there, writing at once costs no extra system call anyway.
+        """
+        return (
+            len(self.recv_messages.frames) > 0
+            and self._writes_size + self.transport.get_write_buffer_size() <= self._writes_limit
+        )
 
     def send_data(self) -> None:
         if self.protocol.state is not State.OPEN:
             self.write_waiting()
             super().send_data()
             return
+        held_before = bool(self._writes)
         for data in self.protocol.data_to_send():
-            if not self._writes:
-                self.loop.call_soon(self.write_waiting)
             self._writes.append(data)
             self._writes_size += len(data)
-        # Counting the transport's buffer too keeps a connection's total at websockets' own
-        # bound; with a backlog there, writing at once costs no system call anyway.
-        if self._writes_size + self.transport.get_write_buffer_size() > self._writes_limit:
-            self.write_waiting()
+        if not self._may_hold():
+            # Inside send(), as websockets writes: a failure is send()'s to report.
+            self._write()
+        elif not held_before:
+            # The app may yield before it answers the whole batch: write then.
+            self.loop.call_soon(self.write_waiting)
 
     def write_waiting(self) -> None:
-        """Write what waits now (nothing if the transport is closing: it would be lost).
+        """Write what waits now.
 
         Call it before closing or aborting the transport directly; close() needs no help.
         """
-        if not self._writes:
-            return
-        writes, self._writes, self._writes_size = self._writes, [], 0
-        if self.transport.is_closing():
+        if self.transport.is_closing():  # closed by the app: what waits is lost (see above)
+            self._writes, self._writes_size = [], 0
             return
         try:
-            self.transport.writelines(writes)
+            self._write()
         except Exception as exc:
             # What websockets' send() does when writing fails, though send() has returned:
             # the connection ends, and recv() and the next send() raise ConnectionClosed.
             self.set_connection_exc(exc)
             self.transport.abort()
+
+    def _write(self) -> None:
+        """Write what waits, in one call."""
+        if not self._writes:
+            return
+        writes, self._writes, self._writes_size = self._writes, [], 0
+        if len(writes) == 1:  # the common case: no join (asyncio's writelines copies)
+            self.transport.write(writes[0])
+        else:
+            self.transport.writelines(writes)
