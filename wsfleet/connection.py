@@ -5,7 +5,7 @@ websockets writes every frame to the socket as soon as it is produced: one ``sen
 several), and an echo answers each with its own system call; those calls took a third to two
 fifths of a worker's time (py-spy, 50 connections x 4 messages in flight).
 
-The rule, kept in ``_may_hold()``: a frame may wait only while the connection has more
+The rule, one condition in ``send_data()``: a frame may wait only while the connection has more
 incoming messages already received that the app has not read yet. The app then reads the next
 one without giving the event loop back, so the replies to one batch leave together, in one
 call, when the last of the batch is answered, or when the app yields first (whichever comes
@@ -59,18 +59,6 @@ class Connection(ServerConnection):
         # The 101 response leaves in the OPEN state: never hold it behind the handler.
         self.write_waiting()
 
-    def _may_hold(self) -> bool:
-        """Whether what this connection sends may wait: only while the app has more received
-        messages to read (it reads them without yielding), and within write_limit.
-
-        Counting the transport's buffer too keeps a connection's total at websockets' own
-        bound; with a backlog there, writing at once costs no extra system call anyway.
-        """
-        return (
-            len(self.recv_messages.frames) > 0
-            and self._writes_size + self.transport.get_write_buffer_size() <= self._writes_limit
-        )
-
     def send_data(self) -> None:
         if self.protocol.state is not State.OPEN:
             self.write_waiting()
@@ -80,12 +68,20 @@ class Connection(ServerConnection):
         for data in self.protocol.data_to_send():
             self._writes.append(data)
             self._writes_size += len(data)
-        if not self._may_hold():
+        # The rule: hold only while the app has more received messages to read (it reads the
+        # next without yielding), and within write_limit. Counting the transport's buffer
+        # keeps a connection's total at websockets' own bound; with a backlog there, writing
+        # at once costs no extra system call anyway. (The deque, not len(frames): hot path.)
+        if (
+            self.recv_messages.frames.queue
+            and self._writes_size + self.transport.get_write_buffer_size() <= self._writes_limit
+        ):
+            if not held_before:
+                # The app may yield before it answers the whole batch: write then.
+                self.loop.call_soon(self.write_waiting)
+        else:
             # Inside send(), as websockets writes: a failure is send()'s to report.
             self._write()
-        elif not held_before:
-            # The app may yield before it answers the whole batch: write then.
-            self.loop.call_soon(self.write_waiting)
 
     def write_waiting(self) -> None:
         """Write what waits now.
