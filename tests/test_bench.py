@@ -89,7 +89,8 @@ def test_bench_throughput_script_compares_the_servers(tmp_path: Path) -> None:
     """scripts/bench-throughput, shortened: every server starts, serves the client, and stops."""
     out = tmp_path / "throughput.json"
     script = Path(__file__).parent.parent / "scripts" / "bench-throughput"
-    args = ["--runs", "1", "--duration", "1", "--compressions", "none,deflate", "--json", str(out)]
+    args = ["--runs", "1", "--duration", "1", "--compressions", "none,deflate", "--cpu"]
+    args += ["--json", str(out)]
     proc = subprocess.Popen(
         [sys.executable, str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
@@ -110,8 +111,16 @@ def test_bench_throughput_script_compares_the_servers(tmp_path: Path) -> None:
         for server in ("recipe", "wsfleet-asyncio", "wsfleet"):
             assert f"| {compression} | {server} |" in table
     assert "connection errors" not in table
+    assert "| user µs/msg | sys µs/msg | reads/msg | writes/msg |" in table
     runs = json.loads(out.read_text())["runs"]
     assert len(runs) >= 6
     for run in runs:
         assert run["messages_per_s"][0] > 1000
         assert 0 < run["p50_ms"][0] <= run["p99_ms"][0]
+        # CPU is spent serving; an echo server writes at most once per message (counted on
+        # uvloop, whose socket calls are read/write; asyncio's recv/send are not: 0).
+        costs = run["per_message"]
+        assert costs["user_s"][0] > 0, costs
+        assert costs["writes"][0] <= 1.5 and costs["reads"][0] <= 1.5, costs
+        if run["server"] == "wsfleet":
+            assert costs["writes"][0] > 0, costs
