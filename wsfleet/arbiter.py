@@ -1,23 +1,36 @@
 """The master: owns the listening sockets, forks the workers, and keeps them running.
 
-Read top to bottom: start-up, the main loop, then each event it handles (signals, worker
-messages, worker exits) and the periodic checks (heartbeats, restarts due, the rolling
-restart, the shutdown deadline).
+Two parts, read top to bottom:
+
+- :class:`Fleet` decides. It holds the slots and the workers, each in one named state, and
+  reacts to events (a worker's message, a worker's exit, a signal's request, a deadline) by
+  changing states and asking its :class:`Processes` to act: fork, signal, send. After every
+  event :meth:`Fleet.reconcile` recomputes what follows from the states (which slot's socket
+  is lent to whom, whether the fleet is ready), and :meth:`Fleet.deadlines` lists every timer
+  there is; nothing else keeps time. Unit tests drive it with a fake :class:`Processes`.
+- :class:`Arbiter` does the I/O: it opens the sockets, forks, reaps, reads the channels and the
+  status socket, and turns signals (queued through ``signal.set_wakeup_fd``) into events. Each
+  event is handled in a guarded step: an error is logged with its traceback and the master
+  goes on.
+
+A worker's life: STARTING (forked) -> READY (it accepts) -> DRAINING (asked to stop; killed
+if still there after :func:`config.drain_limit`) -> reaped. A worker that stops answering
+goes to STOPPING (SIGTERM), then KILLED (SIGKILL). A slot's state follows from its workers:
+EMPTY (restart due at ``restart_at``), STARTING, SERVING, or REPLACING during a rolling
+restart.
 
 Why the master owns the sockets: it opens one SO_REUSEPORT socket per worker slot and keeps
-it for its whole life. The kernel spreads connections evenly over the slots, and a
-connection queued on a slot's socket while its worker restarts or crashes waits for the next
-worker instead of being reset, as it would be if the socket closed with its worker. While a
-slot has no ready worker, its socket is lent to a ready worker over the channel (SCM_RIGHTS),
-so its connections do not wait either.
-
-Signals are queued through ``signal.set_wakeup_fd`` and handled in the main loop; the Python
-handlers do nothing. The master never imports the app: workers do, after fork.
+it for its whole life. The kernel spreads connections evenly over the slots, and a connection
+queued on a slot's socket while its worker restarts or crashes waits for the next worker
+instead of being reset, as it would be if the socket closed with its worker. While a slot has
+no ready worker, its socket is lent to a ready worker over the channel (SCM_RIGHTS), so its
+connections do not wait either. The master never imports the app: workers do, after fork.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import os
 import random
@@ -27,9 +40,9 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from setproctitle import setproctitle
 
@@ -48,42 +61,80 @@ HANDLED_SIGNALS = (
     signal.SIGUSR1,
     signal.SIGCHLD,
 )
-HEALTHY_UPTIME = 10.0  # a worker up this long resets its slot's crash count
+# What a new worker ignores until its event loop installs its own handlers: a log rotation's
+# USR1 or a stray HUP must not kill it while it starts. (TERM and QUIT keep their default: a
+# worker asked to stop before it serves may just die.)
+IGNORED_WHILE_STARTING = (signal.SIGUSR1, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
 BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
-KILL_GRACE = 1.0  # between SIGTERM and SIGKILL for a hung worker, and after a second TERM
+KILL_GRACE = 1.0  # between SIGTERM (or QUIT) and SIGKILL for a worker that must stop now
 EXIT_APP = 4
 
 
+class WorkerState(enum.Enum):
+    STARTING = "starting"  # forked; not accepting yet
+    READY = "ready"  # accepting on its slot's socket (and on lent ones)
+    DRAINING = "draining"  # closing its connections; killed at its drain deadline
+    STOPPING = "stopping"  # told to stop now (hung: TERM; QUIT); SIGKILL after KILL_GRACE
+    KILLED = "killed"  # SIGKILL sent; waiting to be reaped
+
+
+class SlotState(enum.Enum):
+    EMPTY = "empty"  # no worker; one starts at restart_at
+    STARTING = "starting"  # its worker is starting
+    SERVING = "serving"  # its worker is ready
+    REPLACING = "replacing"  # rolling restart: a new worker starts beside the serving one
+
+
 @dataclass(eq=False)
-class WorkerProc:
+class Worker:
     """The master's view of one worker process."""
 
     pid: int
-    slot: int
-    channel: socket.socket
-    born: float = field(default_factory=time.monotonic)
-    born_wall: float = field(default_factory=time.time)
-    state: str = "starting"  # starting -> ready -> draining
-    last_seen: float = field(default_factory=time.monotonic)
+    slot: Slot
+    channel: Any  # the Processes' handle for talking to it
+    born: float  # monotonic
+    born_wall: float
+    state: WorkerState = WorkerState.STARTING
+    since: float = 0.0  # when it entered its state
+    ready_at: float | None = None  # when it became ready, if it did
+    last_seen: float = 0.0  # its last message (heartbeats come from its event loop)
     connections: int = 0
-    borrowed: set[int] = field(default_factory=set)
-    error: str | None = None
-    asked_to_stop: bool = False
-    hung: bool = False
-    kill_at: float | None = None
+    error: str | None = None  # why it could not start, as it said
 
 
 @dataclass(eq=False)
 class Slot:
-    """A listening socket and the worker that serves it."""
+    """A listening socket and the workers that serve it."""
 
     index: int
-    sock: socket.socket
-    worker: WorkerProc | None = None
-    replacement: WorkerProc | None = None  # the new worker of a rolling restart
-    crashes: int = 0  # consecutive deaths soon after start
-    restart_at: float | None = None
-    lent_to: WorkerProc | None = None
+    sock: Any  # socket.socket, or what a fake Processes gives
+    worker: Worker | None = None
+    replacement: Worker | None = None  # a rolling restart's new worker
+    crashes: int = 0  # consecutive exits at start
+    restart_at: float = 0.0  # when EMPTY: when its next worker starts
+    lent_to: Worker | None = None  # the worker that accepts on this socket meanwhile
+
+    @property
+    def state(self) -> SlotState:
+        if self.worker is None:
+            return SlotState.EMPTY
+        if self.replacement is not None:
+            return SlotState.REPLACING
+        return SlotState.SERVING if self.worker.state is WorkerState.READY else SlotState.STARTING
+
+
+class MasterState(enum.Enum):
+    BOOTING = "starting"  # until every slot has had a ready worker
+    RUNNING = "running"
+    STOPPING = "stopping"
+
+
+@dataclass
+class RollingRestart:
+    """A cursor over the slots: ``todo[0]`` is being restarted by ``step``, if started."""
+
+    todo: list[Slot]
+    step: Worker | None = None
 
 
 class BootError(Exception):
@@ -94,7 +145,381 @@ class BootError(Exception):
         self.status = status
 
 
+class Processes(Protocol):
+    """What the fleet asks of the outside world; the Arbiter does it, unit tests fake it."""
+
+    def open_slot(self, index: int) -> Any: ...  # a new listening socket; raises OSError
+    def close_slot(self, slot: Slot) -> None: ...
+    def fork(self, slot: Slot) -> tuple[int, Any]: ...  # (pid, channel); raises OSError
+    def signal(self, pid: int, sig: signal.Signals) -> None: ...
+    def send(self, worker: Worker, message: channel.Message, fds: Sequence[int] = ()) -> bool: ...
+    def all_ready(self) -> None: ...  # the fleet serves: say so (listening line, systemd)
+
+
+class Fleet:
+    """The master's decisions: which worker serves which slot, and what happens next."""
+
+    def __init__(
+        self, config: cfg.Config, processes: Processes, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.config = config
+        self.processes = processes
+        self.clock = clock
+        self.slots: list[Slot] = []
+        self.workers: dict[int, Worker] = {}
+        self.state = MasterState.BOOTING
+        self.restart: RollingRestart | None = None
+        self.last_restart = "none yet"
+
+    # Workers' lives
+
+    def start(self, sockets: Sequence[Any]) -> None:
+        """Boot: one slot per socket, each with a worker."""
+        self.slots = [Slot(index, sock) for index, sock in enumerate(sockets)]
+        for slot in self.slots:
+            self.spawn(slot)
+
+    def spawn(self, slot: Slot, replacement: bool = False) -> Worker | None:
+        """Fork a worker for the slot; a failed fork is retried like a crash at start."""
+        now = self.clock()
+        try:
+            pid, handle = self.processes.fork(slot)
+        except OSError as exc:
+            slot.crashes += 1
+            delay = max(backoff(slot.crashes), BACKOFF_FIRST)
+            log.error(
+                "cannot start a worker for slot %d: %s; retrying in %.1fs", slot.index, exc, delay
+            )
+            if not replacement:
+                slot.restart_at = now + delay
+            return None
+        worker = Worker(
+            pid, slot, handle, born=now, born_wall=time.time(), since=now, last_seen=now
+        )
+        self.workers[pid] = worker
+        if replacement:
+            slot.replacement = worker
+        else:
+            slot.worker = worker
+        log.info("started worker %d for slot %d", pid, slot.index)
+        return worker
+
+    def set_state(self, worker: Worker, state: WorkerState) -> None:
+        log.debug(
+            "worker %d (slot %d): %s -> %s",
+            worker.pid,
+            worker.slot.index,
+            worker.state.value,
+            state.value,
+        )
+        worker.state, worker.since = state, self.clock()
+
+    def on_message(self, worker: Worker, message: channel.Message) -> None:
+        """A validated message from a worker (channel.validate)."""
+        worker.last_seen = self.clock()
+        kind = message["t"]
+        if kind == "hb":
+            worker.connections = message["conns"]
+        elif kind == "error":
+            worker.error = message["message"]
+        elif kind == "ready" and worker.state is WorkerState.STARTING:
+            self.on_ready(worker)
+
+    def on_ready(self, worker: Worker) -> None:
+        self.set_state(worker, WorkerState.READY)
+        worker.ready_at = worker.since
+        slot = worker.slot
+        log.info("worker %d (slot %d) is ready", worker.pid, slot.index)
+        if slot.replacement is worker:
+            # Rolling restart: the new worker accepts on the slot's socket; the old one drains.
+            old, slot.worker, slot.replacement = slot.worker, worker, None
+            if old is not None:
+                self.drain(old, 1012, "service restart")
+        if self.restart is not None and self.restart.step is worker:
+            self.restart.todo.pop(0)
+            self.restart.step = None
+            self.advance_restart()
+
+    def on_exit(self, pid: int, code: int) -> None:
+        """A child was reaped with this exit code (negative: killed by that signal)."""
+        worker = self.workers.pop(pid, None)
+        if worker is None:
+            return
+        slot, now = worker.slot, self.clock()
+        how = f"exit status {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
+        reason = f": {worker.error}" if worker.error else ""
+        for other in self.slots:
+            if other.lent_to is worker:
+                other.lent_to = None
+        if slot.replacement is worker:
+            slot.replacement = None
+        was_serving = slot.worker is worker
+        if was_serving:
+            slot.worker = None
+        if self.restart is not None and self.restart.step is worker:
+            log.error(
+                "rolling restart stopped: the new worker %d for slot %d exited before it was "
+                "ready (%s)%s; the old worker keeps serving",
+                pid,
+                slot.index,
+                how,
+                reason,
+            )
+            self.last_restart = f"failed: worker {pid} for slot {slot.index} exited ({how}){reason}"
+            self.restart = None
+        if worker.state is WorkerState.DRAINING or self.state is MasterState.STOPPING:
+            log.info("worker %d (slot %d) exited (%s)", pid, slot.index, how)
+            return
+        if self.state is MasterState.BOOTING and worker.ready_at is None:
+            status = EXIT_APP if code == EXIT_APP else 1
+            raise BootError(f"worker {pid} could not start ({how}){reason}", status)
+        if not was_serving or slot not in self.slots:
+            return  # a replacement, or a slot scaled away
+        # Crashing at start: never ready, or dead within --start-seconds of it. Only a run of
+        # those backs off; a worker that served longer is replaced at once.
+        crashing = worker.ready_at is None or now - worker.ready_at < self.config.start_seconds
+        if crashing:
+            slot.crashes += 1
+            delay = backoff(slot.crashes)
+        else:
+            slot.crashes, delay = 0, 0.0
+        if delay:
+            log.error(
+                "worker %d (slot %d) died (%s) at start%s; %d times in a row: restarting in %.1fs",
+                pid,
+                slot.index,
+                how,
+                reason,
+                slot.crashes,
+                delay,
+            )
+        else:
+            log.error("worker %d (slot %d) died (%s)%s: replacing it", pid, slot.index, how, reason)
+        slot.restart_at = now + delay
+
+    def drain(self, worker: Worker, code: int, reason: str) -> None:
+        """Ask a worker to stop accepting and close its connections with this code."""
+        self.set_state(worker, WorkerState.DRAINING)
+        if not self.processes.send(worker, {"t": "drain", "code": code, "reason": reason}):
+            self.processes.signal(worker.pid, signal.SIGTERM)  # its channel is gone: drain 1001
+
+    def stop_now(self, worker: Worker, sig: signal.Signals) -> None:
+        self.set_state(worker, WorkerState.STOPPING)
+        self.processes.signal(worker.pid, sig)
+
+    # Deadlines: every timer of the master, in one place
+
+    def deadlines(self) -> Iterator[tuple[float, Callable[[Any], object], Any]]:
+        """(when, what to call, with what) for everything that waits on time."""
+        if self.state is not MasterState.STOPPING:
+            for slot in self.slots:
+                if slot.worker is None:
+                    yield slot.restart_at, self.spawn, slot
+        for worker in self.workers.values():
+            if worker.state in (WorkerState.STARTING, WorkerState.READY):
+                yield worker.last_seen + self.config.timeout, self.on_silent, worker
+            elif worker.state is WorkerState.DRAINING:
+                yield worker.since + cfg.drain_limit(self.config), self.on_drain_overdue, worker
+            elif worker.state is WorkerState.STOPPING:
+                yield worker.since + KILL_GRACE, self.kill, worker
+
+    def next_deadline(self) -> float | None:
+        return min((when for when, _, _ in self.deadlines()), default=None)
+
+    def on_time(self) -> None:
+        """Do what is due. Each action moves its deadline (a state changes), so none repeats."""
+        now = self.clock()
+        for when, action, arg in list(self.deadlines()):
+            if when <= now:
+                action(arg)
+
+    def on_silent(self, worker: Worker) -> None:
+        silent = self.clock() - worker.last_seen
+        if worker.state is WorkerState.STARTING:
+            log.error(
+                "worker %d (slot %d) was not ready after %.0fs: killing it",
+                worker.pid,
+                worker.slot.index,
+                silent,
+            )
+        else:
+            log.error(
+                "worker %d (slot %d) did not answer for %.0fs: killing it",
+                worker.pid,
+                worker.slot.index,
+                silent,
+            )
+        self.stop_now(worker, signal.SIGTERM)
+
+    def on_drain_overdue(self, worker: Worker) -> None:
+        log.error(
+            "worker %d (slot %d) is still draining %.0fs after it began: killing it",
+            worker.pid,
+            worker.slot.index,
+            self.clock() - worker.since,
+        )
+        self.kill(worker)
+
+    def kill(self, worker: Worker) -> None:
+        self.set_state(worker, WorkerState.KILLED)
+        self.processes.signal(worker.pid, signal.SIGKILL)
+
+    # What follows from the states, after every event
+
+    def reconcile(self) -> None:
+        if self.state is MasterState.BOOTING and all(
+            s.state is SlotState.SERVING for s in self.slots
+        ):
+            self.state = MasterState.RUNNING
+            log.info("all %d workers ready", len(self.slots))
+            self.processes.all_ready()
+        self.lend_sockets()
+
+    def lend_sockets(self) -> None:
+        """A slot without a ready worker of its own has its socket accepted on by a ready
+        worker of another slot; it is given back once its own worker is ready."""
+        for slot in self.slots:
+            borrower = slot.lent_to
+            if borrower is not None and borrower.state is not WorkerState.READY:
+                slot.lent_to = borrower = None  # a drain stops accepting on lent sockets too
+            own_ready = slot.state in (SlotState.SERVING, SlotState.REPLACING)
+            if borrower is not None and own_ready:
+                slot.lent_to = None
+                self.processes.send(borrower, {"t": "release", "slot": slot.index})
+            elif borrower is None and not own_ready and self.state is MasterState.RUNNING:
+                self.lend(slot)
+
+    def lend(self, slot: Slot) -> None:
+        borrowers = [
+            s.worker
+            for s in self.slots
+            if s is not slot and s.worker is not None and s.worker.state is WorkerState.READY
+        ]
+        if not borrowers:
+            return
+        borrower = min(borrowers, key=lambda w: len(self.borrowed(w)))
+        if self.processes.send(borrower, {"t": "adopt", "slot": slot.index}, [slot.sock.fileno()]):
+            slot.lent_to = borrower
+            log.info("slot %d has no worker: worker %d accepts for it", slot.index, borrower.pid)
+
+    def borrowed(self, worker: Worker) -> list[int]:
+        return [s.index for s in self.slots if s.lent_to is worker]
+
+    # Rolling restart, scaling, shutdown
+
+    def start_restart(self, config: cfg.Config) -> None:
+        if self.state is MasterState.STOPPING:
+            return
+        self.config = config
+        log.info("rolling restart of %d workers", len(self.slots))
+        self.last_restart = "in progress"
+        if self.restart is None:
+            self.restart = RollingRestart(list(self.slots))
+            self.advance_restart()
+        else:  # again from the start, the slot in progress first
+            current = self.restart.todo[:1]
+            self.restart.todo = current + [s for s in self.slots if s not in current]
+
+    def advance_restart(self) -> None:
+        """Start the next slot's new worker; on_ready drains the old one and comes back."""
+        restart = self.restart
+        assert restart is not None
+        while restart.todo and restart.todo[0] not in self.slots:
+            restart.todo.pop(0)  # scaled away meanwhile
+        if not restart.todo:
+            log.info("rolling restart done")
+            self.restart, self.last_restart = None, "done"
+            self.scale(self.config.workers)
+            return
+        slot = restart.todo[0]
+        restart.step = self.spawn(slot, replacement=slot.worker is not None)
+        if restart.step is None:
+            log.error("rolling restart stopped: no worker could be started for slot %d", slot.index)
+            self.restart, self.last_restart = None, f"failed: cannot start slot {slot.index}"
+
+    def scale(self, count: int) -> None:
+        count = max(1, count)
+        if count == len(self.slots) or self.state is MasterState.STOPPING:
+            return
+        log.info("scaling from %d to %d workers", len(self.slots), count)
+        while len(self.slots) < count:
+            slot = Slot(len(self.slots), self.processes.open_slot(len(self.slots)))
+            self.slots.append(slot)
+            self.spawn(slot)
+        while len(self.slots) > count:
+            slot = self.slots.pop()
+            for worker in (slot.worker, slot.replacement):
+                if worker is not None:
+                    self.drain(worker, 1001, "going away")
+            if slot.lent_to is not None:
+                self.processes.send(slot.lent_to, {"t": "release", "slot": slot.index})
+                slot.lent_to = None
+            self.processes.close_slot(slot)
+        restart = self.restart
+        if restart is not None and restart.step is not None and restart.step.slot not in self.slots:
+            restart.step = None
+            self.advance_restart()
+
+    def stop(self, graceful: bool) -> None:
+        """Graceful: every worker drains with 1001 (SIGTERM). Else: QUIT now, then SIGKILL."""
+        first = self.state is not MasterState.STOPPING
+        self.state = MasterState.STOPPING
+        if self.restart is not None:
+            self.restart, self.last_restart = None, "stopped by shutdown"
+        for worker in list(self.workers.values()):
+            if graceful and worker.state in (WorkerState.STARTING, WorkerState.READY):
+                self.set_state(worker, WorkerState.DRAINING)
+                self.processes.signal(worker.pid, signal.SIGTERM)
+            elif not graceful and worker.state is not WorkerState.KILLED:
+                self.stop_now(worker, signal.SIGQUIT)
+        if first:
+            # Nothing may wait in an accept queue that no worker serves: once the workers'
+            # copies close (they stop accepting at once), new connections are refused.
+            for slot in self.slots:
+                self.processes.close_slot(slot)
+
+    def signal_workers(self, sig: signal.Signals) -> None:
+        for worker in self.workers.values():
+            self.processes.signal(worker.pid, sig)
+
+    # Status
+
+    def status(self) -> dict[str, Any]:
+        now_wall = time.time()
+        return {
+            "master": {
+                "pid": os.getpid(),
+                "state": self.state.value,
+                "address": "",
+                "workers": len(self.slots),
+                "last_restart": self.last_restart,
+            },
+            "workers": [
+                {
+                    "slot": w.slot.index,
+                    "pid": w.pid,
+                    "state": w.state.value,
+                    "age": round(now_wall - w.born_wall, 1),
+                    "connections": w.connections,
+                    "borrowed_slots": self.borrowed(w),
+                }
+                for w in sorted(self.workers.values(), key=lambda w: (w.slot.index, w.born))
+            ],
+        }
+
+
+def backoff(crashes: int) -> float:
+    """No delay for a first crash at start; then exponential from BACKOFF_FIRST, capped, with
+    jitter so that slots that crash together do not restart in lockstep."""
+    if crashes <= 1:
+        return 0.0
+    delay = min(BACKOFF_FIRST * 2 ** (crashes - 2), BACKOFF_MAX)
+    return delay * random.uniform(0.75, 1.25)
+
+
 class Arbiter:
+    """The master process: the fleet's I/O, driven from one selector loop."""
+
     def __init__(
         self,
         config: cfg.Config,
@@ -104,21 +529,12 @@ class Arbiter:
         self.config = config
         self.reload_config = reload_config
         self.handler = handler  # an app object given to wsfleet.run(); else workers import
-        self.slots: list[Slot] = []
-        self.workers: dict[int, WorkerProc] = {}
+        self.fleet = Fleet(config, self)
         self.selector = selectors.DefaultSelector()
-        self.signal_queue: list[int] = []
         self.address = ""
         self.started = time.time()
-        self.booting = True
-        self.stopping = False
-        self.stop_deadline: float | None = None
-        self.exit_status = 0
-        self.reload_queue: list[int] = []  # slots still to restart, the current one first
-        self.reload_step: WorkerProc | None = None  # the new worker of the current slot
-        self.reload_deadline: float | None = None
         self.status_server: socket.socket | None = None
-        self.pidfile_written = False
+        self.pidfile: control.Pidfile | None = None
         self._wake_r, self._wake_w = os.pipe()
 
     # Start-up and the main loop
@@ -128,14 +544,16 @@ class Arbiter:
         sockets.AddressInUse or control.ControlError if the master cannot start."""
         try:
             if self.config.pidfile:
-                control.write_pidfile(self.config.pidfile)
-                self.pidfile_written = True
-            self.open_sockets()
+                self.pidfile = control.Pidfile(self.config.pidfile)
+            first = sockets.bind_exclusive(self.config.host, self.config.port, self.config.backlog)
+            self.address = sockets.sock_address(first)
+            rest = [self.open_slot(index) for index in range(1, self.config.workers)]
             setproctitle(f"wsfleet: master [{self.address}]")
             # Handlers before the first fork: a signal between fork and set-up would orphan.
             self.install_signals()
             self.status_server = control.listen_status(os.getpid())
-            self.selector.register(self.status_server, selectors.EVENT_READ, self.on_status_request)
+            if self.status_server is not None:
+                self.selector.register(self.status_server, selectors.EVENT_READ, "status")
             log.info(
                 "master %d starting %d workers on ws://%s (app %s)",
                 os.getpid(),
@@ -143,27 +561,16 @@ class Arbiter:
                 self.address,
                 self.config.app,
             )
-            for slot in self.slots:
-                self.spawn(slot)
-            while self.workers or not self.stopping:
+            self.fleet.start([first, *rest])
+            self.fleet.reconcile()
+            while self.fleet.workers or self.fleet.state is not MasterState.STOPPING:
                 self.loop_once()
+        except BootError:
+            self.stop_workers_and_wait()
+            raise
         finally:
             self.cleanup()
-        return self.exit_status
-
-    def open_sockets(self) -> None:
-        """One SO_REUSEPORT socket per slot; with port 0 the first picks the port."""
-        first = sockets.bind(self.config.host, self.config.port, self.config.backlog)
-        self.slots.append(Slot(0, first))
-        self.address = sockets.sock_address(first)
-        for index in range(1, self.config.workers):
-            self.add_slot(index)
-
-    def add_slot(self, index: int) -> Slot:
-        port = self.slots[0].sock.getsockname()[1]
-        slot = Slot(index, sockets.bind(self.config.host, port, self.config.backlog))
-        self.slots.append(slot)
-        return slot
+        return 0
 
     def install_signals(self) -> None:
         os.set_blocking(self._wake_r, False)
@@ -171,66 +578,83 @@ class Arbiter:
         signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         for sig in HANDLED_SIGNALS:
             signal.signal(sig, _no_op)  # the wake-up fd carries the signal number
-        self.selector.register(self._wake_r, selectors.EVENT_READ, self.on_wakeup)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, "signals")
 
     def loop_once(self) -> None:
-        timeout = max(0.0, min(self.next_deadline() - time.monotonic(), 1.0))
+        deadline = self.fleet.next_deadline()
+        timeout = 1.0 if deadline is None else min(max(0.0, deadline - time.monotonic()), 1.0)
         for key, _ in self.selector.select(timeout):
-            key.data(key.fileobj)
-        while self.signal_queue:
-            self.handle_signal(self.signal_queue.pop(0))
-        self.tick()
+            if key.data == "signals":
+                self.guarded("signals", self.on_signals)
+            elif key.data == "status":
+                self.guarded("a status request", self.on_status_request)
+            elif (worker := self.fleet.workers.get(key.data)) is not None:
+                self.guarded(
+                    f"worker {worker.pid}'s messages", lambda w=worker: self.on_messages(w)
+                )
+        self.guarded("deadlines", self.fleet.on_time)
+        self.guarded("reconciling", self.fleet.reconcile)
 
-    def next_deadline(self) -> float:
-        now = time.monotonic()
-        deadlines = [now + 1.0]
-        for slot in self.slots:
-            if slot.restart_at is not None:
-                deadlines.append(slot.restart_at)
-        for worker in self.workers.values():
-            if worker.kill_at is not None:
-                deadlines.append(worker.kill_at)
-            if worker.state != "draining":
-                deadlines.append(worker.last_seen + self.config.timeout)
-        for deadline in (self.stop_deadline, self.reload_deadline):
-            if deadline is not None:
-                deadlines.append(deadline)
-        return min(deadlines)
+    def guarded(self, what: str, step: Callable[[], None]) -> None:
+        """Run one event's handling; an error is logged, and the master goes on."""
+        try:
+            step()
+        except BootError:
+            raise
+        except Exception:
+            log.exception("error while handling %s; the master goes on", what)
 
     # Events
 
-    def on_wakeup(self, fd: int) -> None:
+    def on_signals(self) -> None:
         try:
-            data = os.read(fd, 4096)
+            data = os.read(self._wake_r, 4096)
         except BlockingIOError:
             return
-        self.signal_queue.extend(data)
+        for signum in data:
+            self.guarded(signal.Signals(signum).name, lambda s=signum: self.on_signal(s))
 
-    def handle_signal(self, signum: int) -> None:
+    def on_signal(self, signum: int) -> None:
         sig = signal.Signals(signum)
+        fleet = self.fleet
         if sig == signal.SIGCHLD:
             self.reap()
         elif sig in (signal.SIGTERM, signal.SIGINT):
-            if self.stopping:
+            if fleet.state is MasterState.STOPPING:
                 log.warning("received %s again: stopping now", sig.name)
-                self.stop_now()
+                fleet.stop(graceful=False)
             else:
                 log.info("received %s: graceful shutdown", sig.name)
-                self.stop_gracefully()
+                fleet.stop(graceful=True)
         elif sig == signal.SIGQUIT:
             log.info("received SIGQUIT: immediate shutdown")
-            self.stop_now()
+            fleet.stop(graceful=False)
         elif sig == signal.SIGHUP:
-            self.start_reload()
+            log.info("received SIGHUP")
+            fleet.start_restart(self.reread_config())
         elif sig == signal.SIGTTIN:
-            self.scale(len(self.slots) + 1)
+            fleet.scale(len(fleet.slots) + 1)
         elif sig == signal.SIGTTOU:
-            self.scale(len(self.slots) - 1)
+            fleet.scale(len(fleet.slots) - 1)
         elif sig == signal.SIGUSR1:
             logs.reopen()
-            self.signal_workers(signal.SIGUSR1)
+            fleet.signal_workers(signal.SIGUSR1)
 
-    def on_message(self, worker: WorkerProc) -> None:
+    def reread_config(self) -> cfg.Config:
+        if self.reload_config is None:
+            return self.fleet.config
+        try:
+            new = self.reload_config()
+        except cfg.ConfigError as exc:
+            log.error("reload: configuration not reloaded: %s", exc)
+            return self.fleet.config
+        for name in ("host", "port", "backlog"):
+            if getattr(new, name) != getattr(self.fleet.config, name):
+                log.warning("reload: a change of %s needs a full restart; ignored", name)
+                new = cfg.dataclasses.replace(new, **{name: getattr(self.fleet.config, name)})
+        return new
+
+    def on_messages(self, worker: Worker) -> None:
         while True:
             try:
                 message, fds = channel.receive(worker.channel)
@@ -241,47 +665,21 @@ class Arbiter:
             if message is None:  # the worker is exiting; SIGCHLD follows
                 self.selector.unregister(worker.channel)
                 return
-            worker.last_seen = time.monotonic()
-            kind = message.get("t")
-            if kind == "ready":
-                self.on_ready(worker)
-            elif kind == "hb":
-                worker.connections = int(message.get("conns", 0))
-            elif kind == "error":
-                worker.error = str(message.get("message"))
+            try:
+                self.fleet.on_message(worker, channel.validate(message))
+            except channel.BadMessage as exc:
+                log.warning("worker %d sent a malformed message (ignored): %s", worker.pid, exc)
 
-    def on_ready(self, worker: WorkerProc) -> None:
-        if worker.state != "starting":
-            return
-        worker.state = "ready"
-        slot = self.slots[worker.slot] if worker.slot < len(self.slots) else None
-        log.info("worker %d (slot %d) is ready", worker.pid, worker.slot)
-        if slot is not None and slot.replacement is worker:
-            # Rolling restart: the new worker accepts on the slot's socket; now the old
-            # one may drain.
-            old, slot.worker, slot.replacement = slot.worker, worker, None
-            if old is not None:
-                self.drain(old, 1012, "service restart")
-        if worker is self.reload_step:
-            self.reload_step = None
-            self.reload_queue.pop(0)
-            self.reload_deadline = None
-            self.advance_reload()
-        if slot is not None and slot.worker is worker:
-            self.reclaim(slot)
-        self.lend_idle_sockets()
-        if self.booting and all(s.worker and s.worker.state == "ready" for s in self.slots):
-            self.booting = False
-            log.info("all %d workers ready", len(self.slots))
-            print(f"listening on ws://{self.address}", file=sys.stderr, flush=True)
-            control.notify_ready(self.address)
-
-    def on_status_request(self, server: socket.socket) -> None:
+    def on_status_request(self) -> None:
+        assert self.status_server is not None
         try:
-            conn, _ = server.accept()
+            conn, _ = self.status_server.accept()
         except BlockingIOError:
             return
         with conn:
+            if not control.peer_allowed(conn):
+                log.warning("status request from a process of another user refused")
+                return
             conn.settimeout(1.0)
             with contextlib.suppress(OSError):
                 conn.sendall(control.encode_status(self.status()))
@@ -295,122 +693,34 @@ class Arbiter:
                 return
             if pid == 0:
                 return
-            worker = self.workers.pop(pid, None)
+            worker = self.fleet.workers.get(pid)
             if worker is not None:
-                self.on_exit(worker, os.waitstatus_to_exitcode(status))
+                with contextlib.suppress(KeyError, ValueError):
+                    self.selector.unregister(worker.channel)
+                worker.channel.close()
+            self.fleet.on_exit(pid, os.waitstatus_to_exitcode(status))
 
-    def on_exit(self, worker: WorkerProc, code: int) -> None:
-        with contextlib.suppress(OSError, KeyError, ValueError):
-            self.selector.unregister(worker.channel)
-        worker.channel.close()
-        for index in worker.borrowed:
-            if index < len(self.slots) and self.slots[index].lent_to is worker:
-                self.slots[index].lent_to = None
-        how = f"exit status {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
-        uptime = time.monotonic() - worker.born
-        slot = self.slots[worker.slot] if worker.slot < len(self.slots) else None
+    # The Processes the fleet uses
 
-        if self.stopping or (worker.asked_to_stop and not worker.hung):
-            log.info("worker %d (slot %d) exited (%s)", worker.pid, worker.slot, how)
-            return
-        reason = f": {worker.error}" if worker.error else ""
-        if self.booting and worker.state == "starting":
-            status = EXIT_APP if code == EXIT_APP else 1
-            raise BootError(f"worker {worker.pid} could not start ({how}){reason}", status)
-        if worker is self.reload_step:
-            log.error(
-                "rolling restart stopped: the new worker %d for slot %d exited before it was "
-                "ready (%s)%s; the old worker keeps serving",
-                worker.pid,
-                worker.slot,
-                how,
-                reason,
-            )
-            self.abort_reload()
-        if slot is not None and slot.replacement is worker:
-            slot.replacement = None
-            return
-        if slot is None or slot.worker is not worker:
-            return
-        slot.worker = None
-        if worker.hung:
-            slot.crashes = 0
-            delay = 0.0
-        else:
-            slot.crashes = 1 if uptime >= HEALTHY_UPTIME else slot.crashes + 1
-            delay = backoff(slot.crashes)
-        if delay:
-            log.error(
-                "worker %d (slot %d) died (%s) %.1fs after start%s; it died %d times in a row "
-                "right after start: restarting in %.1fs",
-                worker.pid,
-                worker.slot,
-                how,
-                uptime,
-                reason,
-                slot.crashes,
-                delay,
-            )
-        else:
-            log.error(
-                "worker %d (slot %d) died (%s)%s: replacing it",
-                worker.pid,
-                worker.slot,
-                how,
-                reason,
-            )
-        slot.restart_at = time.monotonic() + delay
-        self.lend_idle_sockets()
+    def open_slot(self, index: int) -> socket.socket:
+        port = int(self.address.rpartition(":")[2])
+        return sockets.bind(self.config.host, port, self.config.backlog)
 
-    # Periodic checks
+    def close_slot(self, slot: Slot) -> None:
+        slot.sock.close()
 
-    def tick(self) -> None:
-        now = time.monotonic()
-        for slot in self.slots:
-            if slot.restart_at is not None and now >= slot.restart_at and not self.stopping:
-                slot.restart_at = None
-                self.spawn(slot)
-        for worker in list(self.workers.values()):
-            if worker.kill_at is not None and now >= worker.kill_at:
-                worker.kill_at = None
-                self.kill(worker, signal.SIGKILL)
-            elif (
-                worker.state != "draining"
-                and not worker.hung
-                and now - worker.last_seen > self.config.timeout
-            ):
-                log.error(
-                    "worker %d (slot %d) did not answer for %.0fs: killing it",
-                    worker.pid,
-                    worker.slot,
-                    now - worker.last_seen,
-                )
-                worker.hung = worker.asked_to_stop = True
-                self.kill(worker, signal.SIGTERM)
-                worker.kill_at = now + KILL_GRACE
-        if self.stop_deadline is not None and now >= self.stop_deadline:
-            self.stop_deadline = None
-            if self.workers:
-                log.warning("shutdown timeout: killing %d workers still running", len(self.workers))
-            self.signal_workers(signal.SIGKILL)
-        if self.reload_deadline is not None and now >= self.reload_deadline:
-            step = self.reload_step
-            if step is not None:
-                log.error(
-                    "rolling restart stopped: the new worker %d for slot %d was not ready "
-                    "after %.0fs; the old worker keeps serving",
-                    step.pid,
-                    step.slot,
-                    self.config.timeout,
-                )
-                self.kill(step, signal.SIGKILL)  # its exit is handled like any other
-            self.abort_reload()
-
-    # Workers
-
-    def spawn(self, slot: Slot, replacement: bool = False) -> WorkerProc:
+    def fork(self, slot: Slot) -> tuple[int, socket.socket]:
         master_end, worker_end = channel.pair()
-        pid = os.fork()
+        # No signal may be handled in the child by the master's handlers: block them across
+        # fork; the child resets their dispositions before unblocking.
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        try:
+            pid = os.fork()
+        except OSError:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+            master_end.close()
+            worker_end.close()
+            raise
         if pid == 0:  # the child never returns from here
             status = 1
             try:
@@ -420,16 +730,23 @@ class Arbiter:
                 traceback.print_exc()
             finally:
                 os._exit(status)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
         worker_end.close()
-        worker = WorkerProc(pid, slot.index, master_end)
-        self.workers[pid] = worker
-        self.selector.register(master_end, selectors.EVENT_READ, lambda _: self.on_message(worker))
-        if replacement:
-            slot.replacement = worker
-        else:
-            slot.worker = worker
-        log.info("started worker %d for slot %d", pid, slot.index)
-        return worker
+        self.selector.register(master_end, selectors.EVENT_READ, pid)
+        return pid, master_end
+
+    def signal(self, pid: int, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+    def send(self, worker: Worker, message: channel.Message, fds: Sequence[int] = ()) -> bool:
+        return channel.send(worker.channel, message, fds)
+
+    def all_ready(self) -> None:
+        print(f"listening on ws://{self.address}", file=sys.stderr, flush=True)
+        control.notify_ready(self.address)
+
+    # Inside a new worker
 
     def become_child(self, slot: Slot, master_end: socket.socket) -> None:
         """In a new worker: drop the master's signal set-up and every descriptor it does not
@@ -437,18 +754,22 @@ class Arbiter:
         master died) and each worker holds only its own slot's socket."""
         signal.set_wakeup_fd(-1)
         for sig in HANDLED_SIGNALS:
-            signal.signal(sig, signal.SIG_DFL)
+            signal.signal(sig, signal.SIG_IGN if sig in IGNORED_WHILE_STARTING else signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the master decides
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
         self.selector.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
         master_end.close()
-        for worker in self.workers.values():
+        for worker in self.fleet.workers.values():
             worker.channel.close()
-        for other in self.slots:
+        for other in self.fleet.slots:
             if other is not slot:
                 other.sock.close()
         if self.status_server is not None:
             self.status_server.close()
+        if self.pidfile is not None:
+            self.pidfile.close_in_child()
         control.set_ready_fd(None)
 
     def run_worker(self, slot: Slot, worker_end: socket.socket) -> int:
@@ -456,194 +777,46 @@ class Arbiter:
 
         setproctitle(f"wsfleet: worker {slot.index} [{self.address}]")
         try:
-            handler = self.handler or worker.load_app(self.config.app)
+            handler = self.handler or worker.load_app(self.fleet.config.app)
         except worker.AppError as exc:
             logging.getLogger("wsfleet.worker").error("%s", exc)
             channel.send(worker_end, {"t": "error", "message": str(exc)})
             return EXIT_APP
-        return worker.run(
-            self.config, worker.Worker(self.config, slot.sock, handler, worker_end).run()
-        )
+        config = self.fleet.config
+        return worker.run(config, worker.Worker(config, slot.sock, handler, worker_end).run())
 
-    def drain(self, worker: WorkerProc, code: int, reason: str) -> None:
-        worker.asked_to_stop = True
-        worker.state = "draining"
-        self.release_borrowed(worker)
-        if not channel.send(worker.channel, {"t": "drain", "code": code, "reason": reason}):
-            self.kill(worker, signal.SIGTERM)
+    # Shutting down
 
-    def kill(self, worker: WorkerProc, sig: signal.Signals) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(worker.pid, sig)
-
-    def signal_workers(self, sig: signal.Signals) -> None:
-        for worker in list(self.workers.values()):
-            self.kill(worker, sig)
-
-    # Lending the socket of a slot that has no ready worker
-
-    def lend_idle_sockets(self) -> None:
-        if self.stopping or self.booting:
-            return
-        for slot in self.slots:
-            if slot.lent_to is not None or (slot.worker and slot.worker.state == "ready"):
-                continue
-            if slot.replacement is not None:
-                continue
-            borrowers = [
-                w
-                for w in self.workers.values()
-                if w.state == "ready" and not w.asked_to_stop and w.slot != slot.index
-            ]
-            if not borrowers:
-                return
-            borrower = min(borrowers, key=lambda w: len(w.borrowed))
-            if channel.send(
-                borrower.channel, {"t": "adopt", "slot": slot.index}, [slot.sock.fileno()]
-            ):
-                slot.lent_to = borrower
-                borrower.borrowed.add(slot.index)
-                log.info(
-                    "slot %d has no worker: worker %d accepts for it", slot.index, borrower.pid
-                )
-
-    def reclaim(self, slot: Slot) -> None:
-        """The slot has its own ready worker again: the borrower gives its socket back."""
-        borrower, slot.lent_to = slot.lent_to, None
-        if borrower is not None:
-            borrower.borrowed.discard(slot.index)
-            channel.send(borrower.channel, {"t": "release", "slot": slot.index})
-
-    def release_borrowed(self, worker: WorkerProc) -> None:
-        """A worker that drains stops accepting on lent sockets too: lend them elsewhere."""
-        for index in worker.borrowed:
-            if index < len(self.slots) and self.slots[index].lent_to is worker:
-                self.slots[index].lent_to = None
-        worker.borrowed.clear()
-        self.lend_idle_sockets()
-
-    # Rolling restart, scaling, shutdown
-
-    def start_reload(self) -> None:
-        if self.stopping:
-            return
-        if self.reload_config is not None:
-            try:
-                new = self.reload_config()
-            except cfg.ConfigError as exc:
-                log.error("reload: configuration not reloaded: %s", exc)
-                new = self.config
-            for name in ("host", "port", "backlog"):
-                if getattr(new, name) != getattr(self.config, name):
-                    log.warning("reload: a change of %s needs a full restart; ignored", name)
-                    new = cfg.dataclasses.replace(new, **{name: getattr(self.config, name)})
-            self.config = new
-        log.info("received SIGHUP: rolling restart of %d workers", len(self.slots))
-        in_progress = bool(self.reload_queue)
-        current = self.reload_queue[:1]
-        self.reload_queue = current + [s.index for s in self.slots if s.index not in current]
-        if not in_progress:
-            self.advance_reload()
-
-    def advance_reload(self) -> None:
-        """Start the new worker of the next slot; on_ready drains the old one."""
-        while self.reload_queue and self.reload_queue[0] >= len(self.slots):
-            self.reload_queue.pop(0)  # scaled down meanwhile
-        if not self.reload_queue:
-            log.info("rolling restart done")
-            self.scale(self.config.workers)
-            return
-        slot = self.slots[self.reload_queue[0]]
-        slot.restart_at = None  # a slot in backoff gets its new worker now
-        self.reload_step = self.spawn(slot, replacement=slot.worker is not None)
-        self.reload_deadline = time.monotonic() + self.config.timeout
-
-    def abort_reload(self) -> None:
-        self.reload_queue.clear()
-        self.reload_step = None
-        self.reload_deadline = None
-
-    def scale(self, count: int) -> None:
-        count = max(1, count)
-        if count == len(self.slots) or self.stopping:
-            return
-        log.info("scaling from %d to %d workers", len(self.slots), count)
-        while len(self.slots) < count:
-            self.spawn(self.add_slot(len(self.slots)))
-        while len(self.slots) > count:
-            slot = self.slots.pop()
-            for worker in (slot.worker, slot.replacement):
-                if worker is not None:
-                    self.drain(worker, 1001, "going away")
-            if slot.lent_to is not None:
-                self.reclaim(slot)
-            slot.sock.close()
-
-    def stop_gracefully(self) -> None:
-        self.stopping = True
-        self.abort_reload()
-        self.stop_deadline = time.monotonic() + self.config.graceful_timeout + KILL_GRACE
-        for worker in self.workers.values():
-            worker.asked_to_stop = True
-            worker.state = "draining"
-        self.signal_workers(signal.SIGTERM)
-
-    def stop_now(self) -> None:
-        self.stopping = True
-        self.abort_reload()
-        self.stop_deadline = time.monotonic() + KILL_GRACE
-        self.signal_workers(signal.SIGQUIT)
+    def stop_workers_and_wait(self) -> None:
+        """Start-up failed: the workers that did start drain, and are waited for."""
+        self.fleet.stop(graceful=True)
+        deadline = time.monotonic() + cfg.drain_limit(self.fleet.config)
+        for pid in list(self.fleet.workers):
+            if not control.wait_exit(pid, deadline - time.monotonic()):
+                self.signal(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        self.fleet.workers.clear()
 
     def cleanup(self) -> None:
-        if self.workers:  # only on an error path: never leave orphans
-            self.signal_workers(signal.SIGKILL)
-            for pid in list(self.workers):
-                with contextlib.suppress(OSError, KeyError, ValueError):
-                    os.waitpid(pid, 0)
-            self.workers.clear()
-        for slot in self.slots:
+        """Leave: on an error path, workers still running see their channels close and drain
+        with 1001 by themselves, as when the master is killed; nothing kills them here."""
+        for slot in self.fleet.slots:
             slot.sock.close()
         if self.status_server is not None:
             self.status_server.close()
-        if self.pidfile_written and self.config.pidfile:
-            control.remove_pidfile(self.config.pidfile)
+        if self.pidfile is not None:
+            self.pidfile.remove()
         signal.set_wakeup_fd(-1)
         log.info("master %d exiting", os.getpid())
 
     # Status
 
     def status(self) -> dict[str, Any]:
-        now_wall = time.time()
-        state = "stopping" if self.stopping else ("starting" if self.booting else "running")
-        return {
-            "master": {
-                "pid": os.getpid(),
-                "state": state,
-                "age": round(now_wall - self.started, 1),
-                "address": f"ws://{self.address}",
-                "workers": len(self.slots),
-            },
-            "workers": [
-                {
-                    "slot": w.slot,
-                    "pid": w.pid,
-                    "state": w.state,
-                    "age": round(now_wall - w.born_wall, 1),
-                    "connections": w.connections,
-                    "borrowed_slots": sorted(w.borrowed),
-                }
-                for w in sorted(self.workers.values(), key=lambda w: (w.slot, w.born))
-            ],
-        }
-
-
-def backoff(crashes: int) -> float:
-    """No delay for a first crash; then exponential, capped, with jitter so that slots that
-    crash together do not restart in lockstep."""
-    if crashes <= 1:
-        return 0.0
-    delay = min(BACKOFF_FIRST * 2 ** (crashes - 2), BACKOFF_MAX)
-    return delay * random.uniform(0.75, 1.25)
+        status = self.fleet.status()
+        status["master"]["age"] = round(time.time() - self.started, 1)
+        status["master"]["address"] = f"ws://{self.address}"
+        return status
 
 
 def _no_op(signum: int, frame: object) -> None:

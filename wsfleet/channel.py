@@ -57,6 +57,37 @@ def receive(sock: socket.socket) -> tuple[Message | None, list[int]]:
         return None, []
     try:
         message = json.loads(data)
-    except ValueError:
-        message = {"t": "garbled"}
+    except (ValueError, RecursionError):  # RecursionError: deeply nested JSON
+        message = {"t": "garbled", "data": data[:80].decode(errors="replace")}
     return message, list(fds)
+
+
+class BadMessage(ValueError):
+    """A worker's message that does not follow the protocol (the master logs and ignores it)."""
+
+
+# What each kind a worker sends must carry: the field and its type.
+_WORKER_MESSAGES: dict[str, dict[str, type]] = {
+    "ready": {},
+    "hb": {"conns": int},
+    "error": {"message": str},
+}
+
+
+def validate(message: object) -> Message:
+    """Check a message from a worker against the protocol; BadMessage says what is wrong."""
+    if not isinstance(message, dict):
+        raise BadMessage(f"not an object: {message!r:.80}")
+    kind = message.get("t")
+    fields = _WORKER_MESSAGES.get(kind) if isinstance(kind, str) else None
+    if fields is None:
+        raise BadMessage(f"unknown kind {kind!r:.40}")
+    for name, kind_of in fields.items():
+        value = message.get(name)
+        if (
+            not isinstance(value, kind_of)
+            or isinstance(value, bool)
+            or (isinstance(value, int) and value < 0)
+        ):
+            raise BadMessage(f"{kind!r} message with a bad {name!r}: {value!r:.40}")
+    return message

@@ -182,6 +182,14 @@ class Config:
         commands=frozenset({"start"}),
         metavar="S",
     )
+    start_seconds: float = option(
+        1.0,
+        "a worker that exits before it is ready, or within S seconds after, is crashing at "
+        "start: only consecutive such exits back off",
+        parse=_seconds,
+        commands=frozenset({"start"}),
+        metavar="S",
+    )
     health_path: str = option(
         "/health/",
         "plain HTTP GET path answering 200 while serving and 503 while draining; '' disables",
@@ -261,6 +269,17 @@ class Config:
         parse=_optional_path,
         metavar="FILE",
     )
+
+
+# websockets' close_timeout, which a draining worker applies to every connection (worker.py).
+CLOSE_TIMEOUT = 10.0
+KILL_MARGIN = 1.0  # what the master adds to a worker's own deadlines before it kills
+
+
+def drain_limit(config: Config) -> float:
+    """How long a draining worker may live: its graceful timeout aborts what is left, then
+    its connections' close timeout, then a margin; the master kills it after that."""
+    return config.graceful_timeout + CLOSE_TIMEOUT + KILL_MARGIN
 
 
 FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(Config)}

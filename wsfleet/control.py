@@ -8,11 +8,15 @@ limit, and a stale pidfile shows itself because nobody answers.
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
+import logging
 import os
 import select
 import signal
 import socket
+import struct
 import time
 from typing import Any
 
@@ -28,40 +32,84 @@ def status_address(pid: int) -> str:
     return f"\0wsfleet-master-{pid}"
 
 
-def listen_status(pid: int) -> socket.socket:
+def listen_status(pid: int) -> socket.socket | None:
+    """The master's status socket; None (logged) if another process holds its name."""
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(status_address(pid))
+    try:
+        server.bind(status_address(pid))
+    except OSError as exc:
+        server.close()
+        logging.getLogger("wsfleet.master").error(
+            "no status socket: its name %s is taken (%s); `wsfleet status` will refuse "
+            "whoever holds it",
+            status_address(pid)[1:],
+            exc.strerror,
+        )
+        return None
     server.listen(8)
     server.setblocking(False)
     return server
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a Unix socket."""
+    data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", data)
+    return pid, uid, gid
+
+
+def peer_allowed(conn: socket.socket) -> bool:
+    """The status socket answers only the master's own user and root."""
+    return peer_credentials(conn)[1] in (0, os.getuid())
 
 
 def encode_status(status: dict[str, Any]) -> bytes:
     return json.dumps(status).encode()
 
 
-def write_pidfile(path: str) -> None:
-    """Write our pid, refusing if the file names a master that is still running."""
-    try:
-        pid = read_pid(path)
-    except ControlError:
-        pid = None  # missing or unreadable: ours to write
-    if pid is not None and pid != os.getpid() and is_master(pid):
-        raise ControlError(f"a wsfleet master (pid {pid}) already runs with pidfile {path}")
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w") as f:
-            f.write(f"{os.getpid()}\n")
-        os.replace(tmp, path)  # atomic: a reader never sees half a pid
-    except OSError as exc:
-        raise ControlError(f"cannot write pidfile {path}: {exc.strerror}") from None
+class Pidfile:
+    """The master's pidfile, held locked (flock) for its whole life.
 
+    The lock, not the pid in the file, says whether a master runs: a second master with the
+    same pidfile fails to take it and names the running pid. The file is opened without
+    following a symbolic link, so a link planted where it goes is refused, not written
+    through.
+    """
 
-def remove_pidfile(path: str) -> None:
-    """Remove the pidfile if it is still ours (a new master may have replaced it)."""
-    with contextlib.suppress(ControlError, OSError):
-        if read_pid(path) == os.getpid():
-            os.unlink(path)
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise ControlError(
+                    f"pidfile {path} is a symbolic link: refusing to write through it"
+                ) from None
+            raise ControlError(f"cannot open pidfile {path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            try:
+                running = f"pid {read_pid(path)}"
+            except ControlError:
+                running = "its pid not written yet"
+            raise ControlError(
+                f"a wsfleet master ({running}) already runs with pidfile {path}"
+            ) from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def close_in_child(self) -> None:
+        """A worker must not hold the lock: it would outlive a killed master."""
+        os.close(self.fd)
+
+    def remove(self) -> None:
+        """Remove the file if it is still ours, then let go of the lock."""
+        with contextlib.suppress(OSError):
+            if os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(self.fd).st_ino:
+                os.unlink(self.path)
+        os.close(self.fd)
 
 
 _ready_fd: int | None = None
@@ -126,10 +174,16 @@ def master_pid(path: str) -> int:
 
 
 def query_status(pid: int, timeout: float = 5.0) -> dict[str, Any]:
+    """Ask master pid for its status; only an answer from that very process is trusted."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         try:
             s.connect(status_address(pid))
+            if (peer := peer_credentials(s)[0]) != pid:
+                raise ControlError(
+                    f"the status socket of master {pid} is held by another process (pid "
+                    f"{peer}): not trusting its answer"
+                )
             chunks = []
             while chunk := s.recv(65536):
                 chunks.append(chunk)

@@ -39,7 +39,14 @@ def reopen() -> None:
     """Reopen the log file, as after logrotate moved it (USR1). A no-op for stderr."""
     if _handler is None or _path is None:
         return
-    old = _handler.setStream(_open(_path))
+    try:
+        stream = _open(_path)
+    except OSError as exc:  # a removed directory, a wrong owner: keep writing where we were
+        logging.getLogger("wsfleet").error(
+            "cannot reopen log file %s (%s): still writing to the old one", _path, exc.strerror
+        )
+        return
+    old = _handler.setStream(stream)
     if old is not None:
         old.close()
     logging.getLogger("wsfleet").info("reopened log file %s", _path)

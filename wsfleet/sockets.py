@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import resource
 import socket
+from typing import Any
 
 
 class AddressInUse(Exception):
@@ -17,11 +19,7 @@ def bind(host: str, port: int, backlog: int) -> socket.socket:
     port; the kernel then spreads new connections over them. A program that binds the port
     without SO_REUSEPORT still excludes us, and that is reported as AddressInUse.
     """
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise OSError(f"cannot resolve host {host!r}: {exc.strerror}") from None
-    family, type_, proto, _, address = infos[0]
+    family, type_, proto, address = _resolve(host, port)
     sock = socket.socket(family, type_, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -29,7 +27,7 @@ def bind(host: str, port: int, backlog: int) -> socket.socket:
         try:
             sock.bind(address)
         except OSError as exc:
-            if exc.errno == 98:  # EADDRINUSE
+            if exc.errno == errno.EADDRINUSE:
                 raise AddressInUse(
                     f"address {format_address(address)} is already in use by a program "
                     "that does not share it (SO_REUSEPORT); stop it or choose another --port"
@@ -41,6 +39,40 @@ def bind(host: str, port: int, backlog: int) -> socket.socket:
         raise
     sock.setblocking(False)
     return sock
+
+
+def bind_exclusive(host: str, port: int, backlog: int) -> socket.socket:
+    """The master's first socket: as bind(), but refused when anything listens on the port
+    already, even a socket that shares it (another master, a forgotten `wsfleet worker`),
+    which SO_REUSEPORT would otherwise silently join and take part of the traffic from.
+
+    The probe binds without SO_REUSEPORT: Linux refuses that next to any listener on the
+    port, sharing or not (SO_REUSEADDR still lets it past connections in TIME_WAIT).
+    """
+    if port != 0:  # port 0: the kernel picks a free port
+        family, type_, proto, address = _resolve(host, port)
+        with socket.socket(family, type_, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise AddressInUse(
+                        f"address {format_address(address)} is already in use (another wsfleet "
+                        "master, a `wsfleet worker`, or another program); stop it or choose "
+                        "another --port"
+                    ) from None
+                raise
+    return bind(host, port, backlog)
+
+
+def _resolve(host: str, port: int) -> tuple[socket.AddressFamily, int, int, Any]:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise OSError(f"cannot resolve host {host!r}: {exc.strerror}") from None
+    family, type_, proto, _, address = infos[0]
+    return family, type_, proto, address
 
 
 def from_fd(fd: int) -> socket.socket:

@@ -31,7 +31,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 
 from . import channel, logs
-from .config import Config
+from .config import CLOSE_TIMEOUT, Config
 from .connection import Connection
 from .sockets import sock_address
 
@@ -168,7 +168,6 @@ def run(config: Config, main: Awaitable[int]) -> int:
         return runner.run(main)  # type: ignore[arg-type]
 
 
-CLOSE_TIMEOUT = 10.0  # websockets' default close_timeout, which its close() would apply
 FD_LIMIT_WARNING = 10_000  # connections a single worker is expected to hold (see docs)
 
 
