@@ -1,0 +1,458 @@
+"""The master's decisions (arbiter.Fleet) against a fake process layer and a fake clock: each
+test runs in milliseconds. The same behaviours keep end-to-end tests with real processes in
+test_master.py and test_headline.py."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import signal
+from typing import Any
+
+import pytest
+
+from wsfleet import channel
+from wsfleet import config as cfg
+from wsfleet.arbiter import (
+    BACKOFF_FIRST,
+    BACKOFF_MAX,
+    KILL_GRACE,
+    Arbiter,
+    BootError,
+    Fleet,
+    MasterState,
+    SlotState,
+    Worker,
+    WorkerState,
+)
+
+
+class FakeSocket:
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def fileno(self) -> int:
+        return 100 + self.index
+
+
+class FakeProcesses:
+    """Records what the fleet asks for; forks fail while fail_forks > 0."""
+
+    def __init__(self) -> None:
+        self.pid = 1000
+        self.forked: list[tuple[int, int]] = []  # (pid, slot index)
+        self.signals: list[tuple[int, signal.Signals]] = []
+        self.sent: list[tuple[int, dict[str, Any], list[int]]] = []
+        self.closed: list[int] = []
+        self.ready_calls = 0
+        self.fail_forks = 0
+
+    def open_slot(self, index: int) -> FakeSocket:
+        return FakeSocket(index)
+
+    def close_slot(self, slot: Any) -> None:
+        self.closed.append(slot.index)
+
+    def fork(self, slot: Any) -> tuple[int, object]:
+        if self.fail_forks:
+            self.fail_forks -= 1
+            raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+        self.pid += 1
+        self.forked.append((self.pid, slot.index))
+        return self.pid, object()
+
+    def signal(self, pid: int, sig: signal.Signals) -> None:
+        self.signals.append((pid, sig))
+
+    def send(self, worker: Worker, message: dict[str, Any], fds: Any = ()) -> bool:
+        self.sent.append((worker.pid, message, list(fds)))
+        return True
+
+    def all_ready(self) -> None:
+        self.ready_calls += 1
+
+    def sent_to(self, worker: Worker) -> list[dict[str, Any]]:
+        return [message for pid, message, _ in self.sent if pid == worker.pid]
+
+
+class Harness:
+    """A fleet, its fake processes and clock, and the events the Arbiter would feed it."""
+
+    def __init__(self, workers: int = 2, **options: Any) -> None:
+        self.now = 1000.0
+        self.procs = FakeProcesses()
+        self.config = cfg.Config(workers=workers, **options)
+        self.fleet = Fleet(self.config, self.procs, clock=lambda: self.now)
+        self.fleet.start([FakeSocket(i) for i in range(workers)])
+        self.fleet.reconcile()
+
+    def worker(self, slot: int) -> Worker:
+        worker = self.fleet.slots[slot].worker
+        assert worker is not None
+        return worker
+
+    def newest(self, slot: int) -> Worker:
+        return max(
+            (w for w in self.fleet.workers.values() if w.slot.index == slot), key=lambda w: w.pid
+        )
+
+    def ready(self, *workers: Worker) -> None:
+        for worker in workers:
+            self.fleet.on_message(worker, {"t": "ready"})
+        self.settle()
+
+    def boot(self) -> None:
+        self.ready(*[s.worker for s in self.fleet.slots if s.worker is not None])
+        assert self.fleet.state is MasterState.RUNNING
+
+    def exit(self, worker: Worker, code: int = -9) -> None:
+        self.fleet.on_exit(worker.pid, code)
+        self.settle()
+
+    def settle(self) -> None:
+        self.fleet.on_time()
+        self.fleet.reconcile()
+        deadline = self.fleet.next_deadline()
+        assert deadline is None or deadline > self.now  # nothing left due: no busy loop
+
+    def advance(self, seconds: float, silent: tuple[Worker, ...] = ()) -> None:
+        """Let time pass in small steps, every live worker sending heartbeats but these."""
+        end = self.now + seconds
+        while self.now < end:
+            self.now = min(end, self.now + 0.1)
+            for worker in list(self.fleet.workers.values()):
+                if worker not in silent and worker.state is not WorkerState.KILLED:
+                    self.fleet.on_message(worker, {"t": "hb", "conns": 0})
+            self.settle()
+
+    def delay_until_restart(self, slot: int) -> float:
+        assert self.fleet.slots[slot].state is SlotState.EMPTY
+        return self.fleet.slots[slot].restart_at - self.now
+
+
+def test_boot_announces_once_every_worker_is_ready() -> None:
+    h = Harness(3)
+    assert h.fleet.state is MasterState.BOOTING and len(h.procs.forked) == 3
+    h.ready(h.worker(0), h.worker(1))
+    assert h.procs.ready_calls == 0
+    h.ready(h.worker(2))
+    assert h.procs.ready_calls == 1 and h.fleet.state is MasterState.RUNNING
+
+
+@pytest.mark.parametrize(("code", "status"), [(4, 4), (1, 1), (-9, 1)])
+def test_a_worker_that_cannot_start_at_boot_fails_the_start(code: int, status: int) -> None:
+    h = Harness(2)
+    h.ready(h.worker(0))
+    h.fleet.workers[h.worker(1).pid].error = "cannot import --app app:handler"
+    with pytest.raises(BootError, match="cannot import") as failed:
+        h.exit(h.worker(1), code)
+    assert failed.value.status == status
+
+
+def test_a_worker_that_served_is_replaced_at_once_however_often_it_dies() -> None:
+    """The chaos case: kill -9 of a worker that served 5 s, every 2 s: no backoff, ever."""
+    h = Harness(4)
+    h.boot()
+    h.advance(5)
+    for kill in range(30):
+        victim = h.worker(kill % 4)
+        forks = len(h.procs.forked)
+        h.exit(victim)
+        assert len(h.procs.forked) == forks + 1  # the replacement is forked in the same step
+        h.ready(h.worker(kill % 4))
+        h.advance(2)
+    assert all(slot.crashes == 0 for slot in h.fleet.slots)
+
+
+def test_consecutive_crashes_at_start_back_off_exponentially_up_to_the_cap() -> None:
+    h = Harness(2)
+    h.boot()
+    h.exit(h.worker(1), 1)  # died within --start-seconds of becoming ready
+    assert h.fleet.slots[1].state is SlotState.STARTING  # the first one: at once
+    delays = []
+    for _ in range(9):
+        h.exit(h.worker(1), 1)  # never ready
+        delays.append(h.delay_until_restart(1))
+        h.advance(delays[-1])
+        assert h.fleet.slots[1].state is SlotState.STARTING
+    for i, delay in enumerate(delays[:6]):
+        expected = BACKOFF_FIRST * 2**i
+        assert 0.75 * expected - 0.11 <= delay <= 1.25 * expected, delays
+    assert max(delays) <= 1.25 * BACKOFF_MAX
+    assert delays[-1] >= 0.75 * BACKOFF_MAX - 0.11
+    # The healthy slot kept serving all along, and got the crashing slot's socket meanwhile.
+    assert h.worker(0).state is WorkerState.READY
+
+
+def test_start_seconds_sets_what_counts_as_a_crash_at_start() -> None:
+    h = Harness(1, start_seconds=3)
+    h.boot()
+    h.advance(2.5)
+    h.exit(h.worker(0))  # 2.5 s after ready: a crash at start (count 1: at once)
+    h.ready(h.worker(0))
+    h.advance(2.5)
+    h.exit(h.worker(0))  # the second in a row: backoff
+    assert h.delay_until_restart(0) >= 0.75 * BACKOFF_FIRST - 0.11
+    h.advance(h.delay_until_restart(0))
+    h.ready(h.worker(0))
+    h.advance(3.5)
+    h.exit(h.worker(0))  # served longer than --start-seconds: at once, count reset
+    assert h.fleet.slots[0].state is SlotState.STARTING and h.fleet.slots[0].crashes == 0
+
+
+def test_a_failed_fork_is_retried_with_the_backoff_and_the_master_goes_on() -> None:
+    h = Harness(2)
+    h.boot()
+    h.advance(5)
+    h.procs.fail_forks = 2
+    h.exit(h.worker(1))  # it served: replaced at once, but fork fails
+    first = h.delay_until_restart(1)
+    assert BACKOFF_FIRST <= first <= BACKOFF_FIRST * 1.25
+    h.advance(first)  # fails again: longer
+    second = h.delay_until_restart(1)
+    assert second >= BACKOFF_FIRST
+    h.advance(second)
+    assert h.fleet.slots[1].state is SlotState.STARTING  # the third fork worked
+    h.ready(h.worker(1))
+    assert h.fleet.slots[1].crashes == 2  # the failed forks; reset once a worker has served
+
+
+def test_a_failed_fork_at_boot_is_retried_too() -> None:
+    h = Harness.__new__(Harness)
+    h.now, h.procs = 1000.0, FakeProcesses()
+    h.procs.fail_forks = 1
+    h.config = cfg.Config(workers=2)
+    h.fleet = Fleet(h.config, h.procs, clock=lambda: h.now)
+    h.fleet.start([FakeSocket(0), FakeSocket(1)])
+    h.settle()
+    assert h.fleet.slots[0].state is SlotState.EMPTY
+    h.ready(h.worker(1))
+    h.advance(h.delay_until_restart(0))
+    h.ready(h.worker(0))
+    assert h.procs.ready_calls == 1
+
+
+def test_a_slot_without_a_ready_worker_lends_its_socket_and_takes_it_back() -> None:
+    h = Harness(3)
+    h.boot()
+    h.exit(h.worker(2), 1)
+    h.exit(h.worker(2), 1)  # now in backoff
+    lent = [(pid, m, fds) for pid, m, fds in h.procs.sent if m["t"] == "adopt"]
+    assert len(lent) == 1  # once, not once per crash
+    borrower_pid, message, fds = lent[0]
+    assert message == {"t": "adopt", "slot": 2} and fds == [102]
+    borrower = h.fleet.workers[borrower_pid]
+    assert borrower.slot.index in (0, 1) and h.fleet.borrowed(borrower) == [2]
+    h.advance(h.delay_until_restart(2))
+    h.ready(h.worker(2))
+    assert h.procs.sent_to(borrower)[-1] == {"t": "release", "slot": 2}
+    assert h.fleet.slots[2].lent_to is None
+
+
+def test_a_borrower_that_drains_is_replaced_by_another() -> None:
+    h = Harness(3)
+    h.boot()
+    h.exit(h.worker(2), 1)
+    h.exit(h.worker(2), 1)
+    first = h.fleet.slots[2].lent_to
+    assert first is not None
+    h.fleet.scale(2)  # removes slot 2 itself: the loan ends with a release
+    h.settle()
+    assert h.procs.sent_to(first)[-1] == {"t": "release", "slot": 2}
+    h.fleet.scale(3)  # slot 2 again, starting: lent again
+    h.settle()
+    h.exit(h.worker(1), 1)
+    h.exit(h.worker(1), 1)  # slot 1 in backoff too: slot 0's worker holds both
+    assert {s.index for s in h.fleet.slots if s.lent_to is h.worker(0)} >= {1}
+
+
+def test_rolling_restart_replaces_one_slot_at_a_time() -> None:
+    h = Harness(3)
+    h.boot()
+    old = [h.worker(i) for i in range(3)]
+    h.fleet.start_restart(h.config)
+    for i in range(3):
+        new = h.fleet.slots[i].replacement
+        assert new is not None
+        assert sum(s.state is SlotState.REPLACING for s in h.fleet.slots) == 1
+        h.ready(new)
+        assert h.fleet.slots[i].worker is new
+        assert old[i].state is WorkerState.DRAINING
+        assert h.procs.sent_to(old[i])[-1] == {
+            "t": "drain",
+            "code": 1012,
+            "reason": "service restart",
+        }
+    assert h.fleet.restart is None and h.fleet.last_restart == "done"
+
+
+def test_a_new_worker_that_fails_stops_the_rolling_restart() -> None:
+    h = Harness(2)
+    h.boot()
+    old = h.worker(0)
+    h.fleet.start_restart(h.config)
+    new = h.fleet.slots[0].replacement
+    assert new is not None
+    h.exit(new, 4)
+    assert h.fleet.restart is None and h.fleet.last_restart.startswith("failed")
+    assert h.worker(0) is old and old.state is WorkerState.READY  # keeps serving
+    assert len(h.procs.forked) == 3  # nothing else was started
+
+
+def test_a_new_worker_not_ready_within_timeout_is_killed_and_the_restart_stops() -> None:
+    h = Harness(2, timeout=5)
+    h.boot()
+    h.fleet.start_restart(h.config)
+    new = h.fleet.slots[0].replacement
+    assert new is not None
+    h.advance(5.1, silent=(new,))
+    assert (new.pid, signal.SIGTERM) in h.procs.signals and new.state is WorkerState.STOPPING
+    h.advance(KILL_GRACE, silent=(new,))
+    assert (new.pid, signal.SIGKILL) in h.procs.signals
+    h.exit(new)
+    assert h.fleet.restart is None and h.fleet.last_restart.startswith("failed")
+
+
+def test_scaling_during_a_rolling_restart() -> None:
+    h = Harness(3)
+    h.boot()
+    h.fleet.start_restart(h.config)
+    h.ready(h.fleet.slots[0].replacement)  # type: ignore[arg-type]
+    assert h.fleet.slots[1].replacement is not None
+    h.fleet.scale(4)  # TTIN: the new slot starts with new code, not part of the cursor
+    h.settle()
+    h.ready(h.worker(3))
+    h.fleet.scale(3)  # TTOU: slot 3 goes again
+    h.fleet.scale(2)  # and slot 2, still to do
+    h.settle()
+    h.ready(h.fleet.slots[1].replacement)  # type: ignore[arg-type]
+    # Done, and back to the configured count (as a HUP re-reads the configuration).
+    assert h.fleet.restart is None and h.fleet.last_restart == "done"
+    assert len(h.fleet.slots) == 3 and h.fleet.slots[2].state is SlotState.STARTING
+
+
+def test_removing_the_slot_being_restarted_moves_the_cursor_on() -> None:
+    h = Harness(2)
+    h.boot()
+    h.fleet.start_restart(h.config)
+    h.ready(h.fleet.slots[0].replacement)  # type: ignore[arg-type]
+    step = h.fleet.slots[1].replacement
+    assert step is not None
+    h.fleet.scale(1)
+    h.settle()
+    assert step.state is WorkerState.DRAINING
+    assert h.fleet.restart is None  # slot 1 was the last: done, then scaled back to 2
+    assert len(h.fleet.slots) == 2
+
+
+@pytest.mark.parametrize("why", ["reload", "scale-down", "stop"])
+def test_a_draining_worker_is_killed_at_its_drain_limit(why: str) -> None:
+    h = Harness(2, graceful_timeout=3)
+    h.boot()
+    if why == "reload":
+        old = h.worker(0)
+        h.fleet.start_restart(h.config)
+        h.ready(h.fleet.slots[0].replacement)  # type: ignore[arg-type]
+    elif why == "scale-down":
+        old = h.worker(1)
+        h.fleet.scale(1)
+    else:
+        old = h.worker(0)
+        h.fleet.stop(graceful=True)
+    h.settle()
+    assert old.state is WorkerState.DRAINING
+    limit = cfg.drain_limit(h.config)
+    assert limit == 3 + cfg.CLOSE_TIMEOUT + 1
+    h.advance(limit - 0.2, silent=(old,))
+    assert (old.pid, signal.SIGKILL) not in h.procs.signals
+    h.advance(0.3, silent=(old,))
+    assert (old.pid, signal.SIGKILL) in h.procs.signals and old.state is WorkerState.KILLED
+
+
+def test_a_hung_worker_gets_term_then_kill_then_an_immediate_replacement() -> None:
+    h = Harness(2, timeout=4)
+    h.boot()
+    h.advance(5)
+    hung = h.worker(0)
+    h.advance(4.05, silent=(hung,))
+    assert h.procs.signals[-1] == (hung.pid, signal.SIGTERM)
+    h.advance(KILL_GRACE, silent=(hung,))
+    assert h.procs.signals[-1] == (hung.pid, signal.SIGKILL)
+    h.advance(3, silent=(hung,))  # not reaped yet: nothing more, and no busy loop (settle)
+    assert h.procs.signals[-1] == (hung.pid, signal.SIGKILL)
+    h.exit(hung)
+    assert h.fleet.slots[0].state is SlotState.STARTING
+
+
+def test_graceful_stop_drains_everyone_closes_the_sockets_and_restarts_nothing() -> None:
+    h = Harness(3)
+    h.boot()
+    h.exit(h.worker(2), 1)
+    h.exit(h.worker(2), 1)  # slot 2 waits in backoff
+    h.fleet.stop(graceful=True)
+    h.settle()
+    assert sorted(h.procs.closed) == [0, 1, 2]
+    terms = {pid for pid, sig in h.procs.signals if sig == signal.SIGTERM}
+    assert terms == set(h.fleet.workers)
+    h.advance(BACKOFF_MAX)
+    assert len(h.procs.forked) == 4  # 3, and slot 2's first replacement: none since
+    h.fleet.stop(graceful=False)  # a second TERM: now
+    h.settle()
+    quits = {pid for pid, sig in h.procs.signals if sig == signal.SIGQUIT}
+    assert quits == set(h.fleet.workers)
+    h.advance(KILL_GRACE + 0.1)
+    kills = {pid for pid, sig in h.procs.signals if sig == signal.SIGKILL}
+    assert kills == set(h.fleet.workers)
+
+
+def test_heartbeats_update_connections_and_liveness() -> None:
+    h = Harness(1, timeout=2)
+    h.boot()
+    worker = h.worker(0)
+    for _ in range(10):
+        h.now += 1.5
+        h.fleet.on_message(worker, {"t": "hb", "conns": 7})
+        h.settle()
+    assert worker.state is WorkerState.READY and worker.connections == 7
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"[]",
+        b'{"t":"hb","conns":null}',
+        b'{"t":"hb","conns":-1}',
+        b'{"t":"hb","conns":true}',
+        b'{"t":"nope"}',
+        b'{"t":"error"}',
+        b"[" * 100_000 + b"]" * 100_000,
+        b"\xff",
+    ],
+)
+def test_malformed_worker_messages_are_refused(data: bytes) -> None:
+    master, worker = channel.pair()
+    with master, worker:
+        worker.send(data)
+        message, fds = channel.receive(master)
+        assert fds == []
+        with pytest.raises(channel.BadMessage):
+            channel.validate(message)
+
+
+def test_valid_worker_messages_pass() -> None:
+    for message in ({"t": "ready"}, {"t": "hb", "conns": 3}, {"t": "error", "message": "x"}):
+        assert channel.validate(json.loads(json.dumps(message))) == message
+
+
+def test_an_error_in_one_step_is_logged_and_the_master_goes_on(caplog) -> None:
+    arbiter = Arbiter(cfg.Config(workers=1))
+
+    def broken() -> None:
+        raise RuntimeError("boom")
+
+    with caplog.at_level(logging.ERROR, logger="wsfleet.master"):
+        arbiter.guarded("a test step", broken)
+    assert caplog.records[-1].exc_info is not None  # with its traceback
+    with pytest.raises(BootError):
+        arbiter.guarded("boot", lambda: (_ for _ in ()).throw(BootError("no", 4)))
