@@ -60,7 +60,7 @@ def test_a_second_master_on_the_same_pidfile_is_refused(spawn, tmp_path: Path) -
     master = Master(spawn, tmp_path, "-w", "1")
     result = run_wsfleet(["start", "-w", "1", "--port", "0", "--pidfile", master.pidfile])
     assert result.returncode == 1
-    assert f"already runs with pidfile {master.pidfile}" in result.stderr
+    assert f"(pid {master.proc.pid}) already runs with pidfile {master.pidfile}" in result.stderr
     assert os.path.exists(master.pidfile)  # the first one's pidfile is untouched
 
 

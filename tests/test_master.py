@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -16,6 +15,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from wsfleet import config as cfg
+from wsfleet import control
 
 from .helpers import (
     Proc,
@@ -39,10 +39,9 @@ class Master:
         self.url = f"ws://127.0.0.1:{self.port}/"
 
     def status(self) -> dict[str, Any]:
-        result = run_wsfleet(["status", "--pidfile", self.pidfile, "--json"])
-        assert result.returncode == 0, result.stderr
-        status: dict[str, Any] = json.loads(result.stdout)
-        return status
+        """What `wsfleet status --json` prints, asked from this process (no interpreter per
+        poll); test_control.py checks the command itself."""
+        return control.query_status(control.master_pid(self.pidfile))
 
     def worker_pids(self) -> set[int]:
         return {w["pid"] for w in self.status()["workers"]}
