@@ -1,4 +1,4 @@
-"""Test helpers: real wsfleet processes with their stderr followed line by line, and a raw
+"""Test helpers: running wsfleet (from wsfleet.harness, shared with scripts/), and a raw
 WebSocket client for what well-behaved client libraries refuse to send."""
 
 from __future__ import annotations
@@ -6,135 +6,29 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
-import re
-import signal
 import socket
 import struct
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
-import psutil
+from wsfleet.harness import ROOT, Process, clean_env, gone, wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
-READY = re.compile(r"listening on ws://(\S+):(\d+)")
+__all__ = ["ROOT", "gone", "wait_for"]  # re-exported for the tests
 
-
-class Proc:
-    """A wsfleet process whose stderr (and stdout) is read by a thread into a line list, so
-    tests can wait for a line (an event) instead of sleeping, and the pipe never fills."""
-
-    def __init__(
-        self,
-        args: Sequence[str],
-        *,
-        env: dict[str, str] | None = None,
-        cwd: str | os.PathLike[str] | None = None,
-        pass_fds: Sequence[int] = (),
-        program: Sequence[str] = (sys.executable, "-m", "wsfleet"),
-    ) -> None:
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("WSFLEET_")}
-        full_env["PYTHONUNBUFFERED"] = "1"
-        full_env.update(env or {})
-        self.args = [*program, *args]
-        self.popen = subprocess.Popen(
-            self.args,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=full_env,
-            cwd=cwd,
-            pass_fds=pass_fds,
-            text=True,
-        )
-        self.pid = self.popen.pid
-        self.lines: list[str] = []
-        self._new = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.popen.stdout is not None
-        for line in self.popen.stdout:
-            with self._new:
-                self.lines.append(line.rstrip("\n"))
-                self._new.notify_all()
-        with self._new:
-            self.lines.append("")  # EOF marker: wakes waiters
-            self._new.notify_all()
-
-    @property
-    def output(self) -> str:
-        return "\n".join(self.lines)
-
-    def wait_line(self, pattern: str | re.Pattern[str], timeout: float = 15) -> re.Match[str]:
-        """Wait until a line matches; fail with the output so far if it never does."""
-        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
-        deadline = time.monotonic() + timeout
-        seen = 0
-        with self._new:
-            while True:
-                for line in self.lines[seen:]:
-                    if match := regex.search(line):
-                        return match
-                seen = len(self.lines)
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or (
-                    self.popen.poll() is not None and not self._reader.is_alive()
-                ):
-                    raise AssertionError(
-                        f"no line matching {regex.pattern!r} within {timeout}s "
-                        f"(exit status {self.popen.poll()}); output:\n{self.output}"
-                    )
-                self._new.wait(min(remaining, 0.5))
-
-    def wait_ready(self, timeout: float = 15) -> int:
-        """Wait for the readiness line; return the port."""
-        return int(self.wait_line(READY, timeout).group(2))
-
-    def signal(self, sig: signal.Signals) -> None:
-        os.kill(self.pid, sig)
-
-    def wait(self, timeout: float = 15) -> int:
-        status = self.popen.wait(timeout)
-        self._reader.join(timeout)
-        return status
-
-    def children(self) -> list[psutil.Process]:
-        try:
-            return psutil.Process(self.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return []
-
-    def kill(self) -> None:
-        """Make sure the process and every process it started are gone (the fixture's
-        cleanup): children first, found by pid while the parent still exists."""
-        children = self.children() if self.popen.poll() is None else []
-        for child in children:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                child.kill()
-        if self.popen.poll() is None:
-            self.popen.kill()
-        self.popen.wait(10)
-        psutil.wait_procs(children, timeout=10)
-        self._reader.join(5)
+Proc = Process  # the tests' name for it
 
 
 def run_wsfleet(
     args: Sequence[str], *, env: dict[str, str] | None = None, timeout: float = 20, **kw: object
 ) -> subprocess.CompletedProcess[str]:
     """Run a wsfleet command that is expected to exit by itself."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("WSFLEET_")}
-    full_env.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "wsfleet", *args],
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
-        env=full_env,
+        env=clean_env(env),
         timeout=timeout,
         **kw,  # type: ignore[arg-type]
     )
@@ -230,24 +124,6 @@ def recv_frame(sock: socket.socket, buffer: bytearray) -> tuple[int, bytes]:
 
 def close_code(payload: bytes) -> int:
     return struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005
-
-
-def wait_for(predicate: object, timeout: float = 10, what: str = "condition") -> None:
-    """Poll a condition (a file's content, a process's state) until it holds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
-
-
-def gone(pid: int) -> bool:
-    """Whether a process has exited. An orphan's zombie counts as gone: not every init
-    reaps (this sandbox's does not)."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 @contextlib.contextmanager

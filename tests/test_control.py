@@ -4,13 +4,14 @@ broken code, and the `wsfleet.run()` API."""
 from __future__ import annotations
 
 import os
-import re
 import signal
 import sys
 import textwrap
 from pathlib import Path
 
 import psutil
+
+from wsfleet.control import READY
 
 from .helpers import Proc, gone, run_wsfleet
 from .test_master import VERSIONED_APP, Master, app_master, echo_once, write_app
@@ -140,10 +141,10 @@ def test_daemon_detaches_and_stops(tmp_path: Path) -> None:
     pid = int(pidfile.read_text()) if pidfile.exists() else None
     try:
         assert result.returncode == 0, result.stderr
-        match = re.search(r"listening on ws://127.0.0.1:(\d+)", result.stderr)
-        assert match, result.stderr
+        match = READY.search(result.stderr)
+        assert match and match.group(1) == "127.0.0.1", result.stderr
         assert pid is not None and psutil.Process(pid).ppid() != os.getpid()
-        assert echo_once(f"ws://127.0.0.1:{match.group(1)}/") == "hi"
+        assert echo_once(f"ws://127.0.0.1:{match.group(2)}/") == "hi"
         stop = run_wsfleet(["stop", "--pidfile", str(pidfile)])
         assert stop.returncode == 0, stop.stderr
         assert gone(pid)

@@ -6,104 +6,26 @@ from __future__ import annotations
 
 import configparser
 import contextlib
-import os
 import re
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from wsfleet import config as cfg
+from wsfleet.harness import Supervisor
 
 from .helpers import ROOT, gone, wait_for
 from .test_master import Master, echo_once
 
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Supervisor:
-    """supervisord started from a copy of one of the project's configurations, as a user
-    would: `supervisord -c FILE` (it daemonizes), driven with supervisorctl."""
-
-    def __init__(self, directory: Path, conf: str, port: int, options: str = "") -> None:
-        self.conf = str(directory / "supervisord.conf")
-        text = (ROOT / "conf" / conf).read_text()
-        if options:  # only where a test needs another app
-            text = text.replace("command = wsfleet worker", f"command = wsfleet worker {options}")
-        # The fcgi variant names its port in the file (supervisord opens the socket).
-        Path(self.conf).write_text(text.replace("127.0.0.1:8765", f"127.0.0.1:{port}"))
-        self.port = port
-        self.url = f"ws://127.0.0.1:{port}/"
-        self.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("WSFLEET_")},
-            "WSFLEET_PORT": str(port),
-            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # where wsfleet is
-        }
-        started = subprocess.run(
-            [str(BIN / "supervisord"), "-c", self.conf],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        assert started.returncode == 0, started.stdout + started.stderr
-        self.pidfile = directory / "supervisord.pid"
-        wait_for(self.pidfile.exists, what="supervisord's pidfile")
-        self.pid = int(self.pidfile.read_text())
-
-    def ctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(BIN / "supervisorctl"), "-c", self.conf, *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-
-    def status(self) -> dict[str, tuple[str, int | None]]:
-        out = self.ctl("status").stdout
-        found = {}
-        for line in out.splitlines():
-            if m := re.match(r"^(\S+)\s+(\S+)\s+(?:pid (\d+),)?", line):
-                found[m.group(1)] = (m.group(2), int(m.group(3)) if m.group(3) else None)
-        return found
-
-    def pids(self) -> set[int]:
-        return {pid for _, pid in self.status().values() if pid}
-
-    def wait_running(self, count: int = 4) -> None:
-        def all_running() -> bool:
-            states = self.status()
-            return len(states) == count and all(s == "RUNNING" for s, _ in states.values())
-
-        wait_for(all_running, 30, f"{count} processes RUNNING")
-
-    def cleanup(self) -> None:
-        """End supervisord and every process it started, by pid."""
-        with contextlib.suppress(psutil.NoSuchProcess):
-            children = psutil.Process(self.pid).children(recursive=True)
-            for proc in [*children, psutil.Process(self.pid)]:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    proc.kill()
-            psutil.wait_procs([*children], timeout=10)
-
 
 @pytest.fixture
 def supervisor(tmp_path: Path) -> Iterator[Supervisor]:
-    sv = Supervisor(tmp_path, "supervisord.conf", free_port())
+    sv = Supervisor(tmp_path, "supervisord.conf")
     try:
         sv.wait_running()
         yield sv
@@ -113,7 +35,7 @@ def supervisor(tmp_path: Path) -> Iterator[Supervisor]:
 
 @pytest.fixture
 def fcgi_supervisor(tmp_path: Path) -> Iterator[Supervisor]:
-    sv = Supervisor(tmp_path, "supervisord-fcgi.conf", free_port())
+    sv = Supervisor(tmp_path, "supervisord-fcgi.conf")
     try:
         sv.wait_running()
         yield sv
@@ -159,16 +81,6 @@ def test_restart_all(supervisor: Supervisor) -> None:
     assert echo_once(supervisor.url) == "hi"
 
 
-def rolling_restart(sv: Supervisor, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "rolling-restart"), sv.conf, *args],
-        env=sv.env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
 def assert_one_at_a_time(sv: Supervisor) -> None:
     """supervisord's log: each process is stopped and back to RUNNING before the next stops."""
     log = (Path(sv.conf).parent / "supervisord.log").read_text()
@@ -181,7 +93,7 @@ def assert_one_at_a_time(sv: Supervisor) -> None:
 
 def test_rolling_restart_script_replaces_every_pid_one_at_a_time(supervisor: Supervisor) -> None:
     before = supervisor.pids()
-    result = rolling_restart(supervisor)
+    result = supervisor.rolling_restart(timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert len(re.findall(r"wsfleet:wsfleet_0\d: pid \d+ -> \d+", result.stdout)) == 4
     assert not supervisor.pids() & before
@@ -190,12 +102,12 @@ def test_rolling_restart_script_replaces_every_pid_one_at_a_time(supervisor: Sup
 
 def test_rolling_restart_script_stops_when_a_process_does_not_come_back(tmp_path: Path) -> None:
     (tmp_path / "app.py").write_text("async def handler(ws):\n    await ws.send('hi')\n")
-    sv = Supervisor(tmp_path, "supervisord.conf", free_port(), options="--app app:handler")
+    sv = Supervisor(tmp_path, "supervisord.conf", options="--app app:handler")
     try:
         sv.wait_running()
         before = sv.status()
         (tmp_path / "app.py").write_text("def broken(:\n")  # new code that cannot import
-        result = rolling_restart(sv, "--timeout", "5")
+        result = sv.rolling_restart("--timeout", "5", timeout=120)
         assert result.returncode == 1
         assert "rolling-restart: wsfleet:wsfleet_00 is not RUNNING" in result.stderr
         assert "stopping here" in result.stderr
@@ -220,7 +132,7 @@ def test_shutdown_leaves_nothing_running(supervisor: Supervisor) -> None:
 def test_fcgi_variant_shares_supervisords_socket(fcgi_supervisor: Supervisor) -> None:
     assert echo_once(fcgi_supervisor.url) == "hi"
     before = fcgi_supervisor.pids()
-    result = rolling_restart(fcgi_supervisor)
+    result = fcgi_supervisor.rolling_restart(timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert not fcgi_supervisor.pids() & before
     assert_one_at_a_time(fcgi_supervisor)
@@ -252,7 +164,8 @@ def test_systemd_unit_agrees_with_wsfleet() -> None:
     assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert service["KillSignal"] == "SIGTERM"
     graceful = float(re.search(r"WSFLEET_GRACEFUL_TIMEOUT=(\S+)", service["Environment"])[1])
-    assert float(service["TimeoutStopSec"]) > graceful + 1  # the master's kill margin
+    # Above the master's own deadline for a draining worker, which it kills then.
+    assert float(service["TimeoutStopSec"]) > cfg.drain_limit(cfg.Config(graceful_timeout=graceful))
     assert int(service["LimitNOFILE"]) >= 10_000
     assert " start " in service["ExecStart"]
 

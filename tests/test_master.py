@@ -15,10 +15,9 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from wsfleet import config as cfg
-from wsfleet import control
+from wsfleet import harness
 
 from .helpers import (
-    Proc,
     gone,
     raw_connect,
     read_http_response,
@@ -29,29 +28,11 @@ from .helpers import (
 )
 
 
-class Master:
-    """A running `wsfleet start` with its pidfile."""
+class Master(harness.Master):
+    """A running `wsfleet start` with its pidfile, ended by the test's spawn fixture."""
 
     def __init__(self, spawn: Any, tmp_path: Path, *args: str, **kw: Any) -> None:
-        self.pidfile = str(tmp_path / "wsfleet.pid")
-        self.proc: Proc = spawn("start", "--port", "0", "--pidfile", self.pidfile, *args, **kw)
-        self.port = self.proc.wait_ready()
-        self.url = f"ws://127.0.0.1:{self.port}/"
-
-    def status(self) -> dict[str, Any]:
-        """What `wsfleet status --json` prints, asked from this process (no interpreter per
-        poll); test_control.py checks the command itself."""
-        return control.query_status(control.master_pid(self.pidfile))
-
-    def worker_pids(self) -> set[int]:
-        return {w["pid"] for w in self.status()["workers"]}
-
-    def wait_workers(self, count: int, state: str = "ready", timeout: float = 15) -> None:
-        def settled() -> bool:
-            workers = self.status()["workers"]
-            return len(workers) == count and all(w["state"] == state for w in workers)
-
-        wait_for(settled, timeout, f"{count} workers {state}")
+        super().__init__(tmp_path, *args, spawn=spawn, **kw)
 
 
 def echo_once(url: str, message: str = "hi", timeout: float = 5) -> str:

@@ -743,7 +743,7 @@ class Arbiter:
         return channel.send(worker.channel, message, fds)
 
     def all_ready(self) -> None:
-        print(f"listening on ws://{self.address}", file=sys.stderr, flush=True)
+        print(control.ready_line(self.address), file=sys.stderr, flush=True)
         control.notify_ready(self.address)
 
     # Inside a new worker

@@ -32,6 +32,8 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Response
 from websockets.uri import parse_uri
 
+from . import control
+
 SAMPLE = 50_000  # round-trip times each process sends back for the percentiles
 
 
@@ -410,7 +412,6 @@ async def _open_and_exchange(
 
 
 def _worker(setting: str, trace: bool) -> tuple[Any, int]:
-    import re
     import subprocess
 
     options = (
@@ -451,8 +452,8 @@ def _worker(setting: str, trace: bool) -> tuple[Any, int]:
     )
     assert proc.stderr is not None
     for line in proc.stderr:
-        if m := re.search(r"listening on ws://\S+:(\d+)", line):
-            return proc, int(m.group(1))
+        if m := control.READY.search(line):
+            return proc, int(m.group(2))
     raise RuntimeError(f"the worker for {setting} did not start")
 
 

@@ -13,6 +13,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import select
 import signal
 import socket
@@ -112,6 +113,13 @@ class Pidfile:
         os.close(self.fd)
 
 
+def ready_line(address: str) -> str:
+    """The line printed once every worker accepts (READY parses it): scripts wait for it."""
+    return f"listening on ws://{address}"
+
+
+READY = re.compile(r"listening on ws://(\S+):(\d+)")
+
 _ready_fd: int | None = None
 
 
@@ -130,7 +138,7 @@ def notify_ready(address: str) -> None:
     global _ready_fd
     if _ready_fd is not None:
         with contextlib.suppress(OSError):
-            os.write(_ready_fd, f"listening on ws://{address}\n".encode())
+            os.write(_ready_fd, f"{ready_line(address)}\n".encode())
             os.close(_ready_fd)
         _ready_fd = None
     target = os.environ.get("NOTIFY_SOCKET")

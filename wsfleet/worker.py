@@ -30,7 +30,7 @@ from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
-from . import channel, logs
+from . import channel, control, logs
 from .config import CLOSE_TIMEOUT, Config
 from .connection import Connection
 from .sockets import sock_address
@@ -262,7 +262,7 @@ class Worker:
             )
         if self.channel is None:
             # The readiness line that scripts and tests wait for; always on stderr.
-            print(f"listening on ws://{self.address}", file=sys.stderr, flush=True)
+            print(control.ready_line(self.address), file=sys.stderr, flush=True)
         else:
             loop.add_reader(self.channel, self._on_message)
             self._send({"t": "ready"})

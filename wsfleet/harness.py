@@ -1,0 +1,329 @@
+"""Running wsfleet for tests and benchmarks: what tests/ and scripts/ both need, written once.
+
+- :data:`READY`: the line a master (or a lone worker) prints once it accepts connections.
+- :class:`Process`: a wsfleet command whose output a thread reads line by line, so that a
+  caller waits for an event (a line) instead of sleeping, and the pipe never fills.
+- :class:`Master`: ``wsfleet start`` with a pidfile; its status asked from this process.
+- :class:`Supervisor`: supervisord from a copy of one of ``conf/``, as ``supervisord -c FILE``
+  starts it, driven with supervisorctl.
+- :func:`gone`, :func:`wait_for`, :func:`free_port`; :func:`worktree` (wsfleet at another git
+  revision, for a benchmark's A/B).
+
+Nothing here is used by wsfleet itself; it needs psutil, a dependency already.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from . import control
+from .control import READY
+
+__all__ = ["READY", "Master", "Process", "Supervisor", "free_port", "gone", "wait_for"]
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository, for conf/ and scripts/
+BIN = Path(sys.executable).parent  # where this environment's wsfleet and supervisord are
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 10, what: str = "condition") -> None:
+    """Poll a condition (a file's content, a process's state) until it holds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def gone(pid: int) -> bool:
+    """Whether a process has exited. An orphan's zombie counts as gone (its sockets are
+    closed): not every init reaps (this sandbox's does not)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This environment without WSFLEET_* settings (a test sets what it means to)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WSFLEET_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
+    return env
+
+
+class Process:
+    """A wsfleet process whose stderr (and stdout) a thread reads into a line list."""
+
+    def __init__(
+        self,
+        args: Sequence[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+        pass_fds: Sequence[int] = (),
+        program: Sequence[str] = (sys.executable, "-m", "wsfleet"),
+    ) -> None:
+        self.args = [*program, *args]
+        self.popen = subprocess.Popen(
+            self.args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=clean_env(env),
+            cwd=cwd,
+            pass_fds=pass_fds,
+            text=True,
+        )
+        self.pid = self.popen.pid
+        self.lines: list[str] = []
+        self._new = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            with self._new:
+                self.lines.append(line.rstrip("\n"))
+                self._new.notify_all()
+        with self._new:
+            self.lines.append("")  # EOF marker: wakes waiters
+            self._new.notify_all()
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_line(self, pattern: str | re.Pattern[str], timeout: float = 15) -> re.Match[str]:
+        """Wait until a line matches; fail with the output so far if it never does."""
+        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._new:
+            while True:
+                for line in self.lines[seen:]:
+                    if match := regex.search(line):
+                        return match
+                seen = len(self.lines)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (
+                    self.popen.poll() is not None and not self._reader.is_alive()
+                ):
+                    raise AssertionError(
+                        f"no line matching {regex.pattern!r} within {timeout}s "
+                        f"(exit status {self.popen.poll()}); output:\n{self.output}"
+                    )
+                self._new.wait(min(remaining, 0.5))
+
+    def wait_ready(self, timeout: float = 15) -> int:
+        """Wait for the readiness line; return the port."""
+        return int(self.wait_line(READY, timeout).group(2))
+
+    def signal(self, sig: signal.Signals) -> None:
+        os.kill(self.pid, sig)
+
+    def wait(self, timeout: float = 15) -> int:
+        status = self.popen.wait(timeout)
+        self._reader.join(timeout)
+        return status
+
+    def children(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def kill(self) -> None:
+        """Make sure the process and every process it started are gone: children first,
+        found by pid while the parent still exists."""
+        children = self.children() if self.popen.poll() is None else []
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+        if self.popen.poll() is None:
+            self.popen.kill()
+        self.popen.wait(10)
+        psutil.wait_procs(children, timeout=10)
+        self._reader.join(5)
+
+
+class Master:
+    """A running ``wsfleet start --port 0`` with its pidfile in ``directory``.
+
+    ``spawn`` starts the process (a test passes its fixture, which ends it by pid).
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *args: str,
+        spawn: Callable[..., Process] | None = None,
+        timeout: float = 15,
+        **kw: Any,
+    ) -> None:
+        self.pidfile = str(Path(directory) / "wsfleet.pid")
+        args = ("start", "--port", "0", "--pidfile", self.pidfile, *args)
+        self.proc = spawn(*args, **kw) if spawn else Process(args, **kw)
+        self.port = self.proc.wait_ready(timeout)
+        self.url = f"ws://127.0.0.1:{self.port}/"
+
+    def status(self) -> dict[str, Any]:
+        """What `wsfleet status --json` prints, asked from this process."""
+        return control.query_status(control.master_pid(self.pidfile))
+
+    def worker_pids(self) -> set[int]:
+        return {w["pid"] for w in self.status()["workers"]}
+
+    def wait_workers(self, count: int, state: str = "ready", timeout: float = 15) -> None:
+        def settled() -> bool:
+            workers = self.status()["workers"]
+            return len(workers) == count and all(w["state"] == state for w in workers)
+
+        wait_for(settled, timeout, f"{count} workers {state}")
+
+    def rolling_restart(self, timeout: float = 60) -> None:
+        """SIGHUP, then wait until it is done and the old workers are gone."""
+        old = self.worker_pids()
+        self.proc.signal(signal.SIGHUP)
+
+        def done() -> bool:
+            status = self.status()
+            pids = {w["pid"] for w in status["workers"]}
+            return status["master"]["last_restart"] != "in progress" and not pids & old
+
+        wait_for(done, timeout, "the rolling restart")
+        if not self.status()["master"]["last_restart"] == "done":
+            raise AssertionError(f"rolling restart: {self.status()['master']['last_restart']}")
+
+    def stop(self, timeout: float = 60) -> int:
+        self.proc.signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.proc.kill()
+
+
+class Supervisor:
+    """supervisord started from a copy of one of the project's configurations, as a user
+    would: `supervisord -c FILE` (it daemonizes), driven with supervisorctl."""
+
+    def __init__(self, directory: str | os.PathLike[str], conf: str, options: str = "") -> None:
+        self.port = free_port()
+        self.conf = str(Path(directory) / "supervisord.conf")
+        text = (ROOT / "conf" / conf).read_text()
+        if options:  # only where another app is needed
+            text = text.replace("command = wsfleet worker", f"command = wsfleet worker {options}")
+        # The fcgi variant names its port in the file (supervisord opens the socket).
+        Path(self.conf).write_text(text.replace("127.0.0.1:8765", f"127.0.0.1:{self.port}"))
+        self.url = f"ws://127.0.0.1:{self.port}/"
+        self.env = clean_env(
+            {
+                "WSFLEET_PORT": str(self.port),
+                "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # where wsfleet is
+            }
+        )
+        started = subprocess.run(
+            [str(BIN / "supervisord"), "-c", self.conf],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        if started.returncode:
+            raise RuntimeError(f"supervisord did not start: {started.stdout}{started.stderr}")
+        pidfile = Path(directory) / "supervisord.pid"
+        wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), 30, "its pidfile")
+        self.pid = int(pidfile.read_text())
+
+    def ctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(BIN / "supervisorctl"), "-c", self.conf, *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def status(self) -> dict[str, tuple[str, int | None]]:
+        """name -> (state, pid) for every process supervisord runs."""
+        found = {}
+        for line in self.ctl("status").stdout.splitlines():
+            if m := re.match(r"^(\S+)\s+(\S+)\s+(?:pid (\d+),)?", line):
+                found[m.group(1)] = (m.group(2), int(m.group(3)) if m.group(3) else None)
+        return found
+
+    def pids(self) -> set[int]:
+        return {pid for _, pid in self.status().values() if pid}
+
+    def wait_running(self, count: int = 4) -> None:
+        def all_running() -> bool:
+            states = self.status()
+            return len(states) == count and all(s == "RUNNING" for s, _ in states.values())
+
+        wait_for(all_running, 30, f"{count} processes RUNNING")
+
+    def rolling_restart(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        """scripts/rolling-restart on this configuration."""
+        return subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "rolling-restart"), self.conf, *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def stop(self) -> None:
+        """supervisorctl shutdown, then wait for supervisord to exit."""
+        self.ctl("shutdown")
+        with contextlib.suppress(psutil.NoSuchProcess):
+            psutil.Process(self.pid).wait(60)
+
+    def cleanup(self) -> None:
+        """End supervisord and every process it started, by pid."""
+        with contextlib.suppress(psutil.NoSuchProcess):
+            children = psutil.Process(self.pid).children(recursive=True)
+            for proc in [*children, psutil.Process(self.pid)]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    proc.kill()
+            psutil.wait_procs([*children], timeout=10)
+
+
+@contextlib.contextmanager
+def worktree(rev: str | None) -> Iterator[dict[str, str]]:
+    """{rev: directory} with wsfleet's tree at that revision, removed at the end."""
+    if not rev:
+        yield {}
+        return
+    with tempfile.TemporaryDirectory(prefix="wsfleet-rev-") as parent:
+        path = os.path.join(parent, "tree")
+        added = subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", path, rev],
+            capture_output=True,
+            text=True,
+        )
+        if added.returncode:
+            raise SystemExit(f"--rev {rev}: git worktree add failed: {added.stderr.strip()}")
+        try:
+            yield {rev: path}
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", path])
