@@ -561,6 +561,7 @@ class Arbiter:
                 self.address,
                 self.config.app,
             )
+            preload(self.config)
             self.fleet.start([first, *rest])
             self.fleet.reconcile()
             while self.fleet.workers or self.fleet.state is not MasterState.STOPPING:
@@ -817,6 +818,18 @@ class Arbiter:
         status["master"]["age"] = round(time.time() - self.started, 1)
         status["master"]["address"] = f"ws://{self.address}"
         return status
+
+
+def preload(config: cfg.Config) -> None:
+    """Import in the master what every worker imports anyway: websockets and the event loop,
+    never the app. Forked workers then share those pages with the master instead of each
+    loading its own copy (docs/restart.md measures it). A rolling restart re-imports the app
+    only: a new version of websockets or uvloop needs a restart of the master."""
+    from . import worker  # noqa: F401  (websockets' server, the connection class)
+
+    if config.loop != "asyncio":
+        with contextlib.suppress(ImportError):
+            import uvloop  # noqa: F401
 
 
 def _no_op(signum: int, frame: object) -> None:
