@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import logging
 import os
 import random
@@ -699,7 +700,8 @@ class Arbiter:
                 with contextlib.suppress(KeyError, ValueError):
                     self.selector.unregister(worker.channel)
                 worker.channel.close()
-            self.fleet.on_exit(pid, os.waitstatus_to_exitcode(status))
+            code = os.waitstatus_to_exitcode(status)
+            self.guarded(f"worker {pid}'s exit", functools.partial(self.fleet.on_exit, pid, code))
 
     # The Processes the fleet uses
 
