@@ -261,3 +261,48 @@ def test_status_trusts_only_the_pid_that_the_pidfile_names(tmp_path: Path) -> No
         fake.kill()
         fake.wait(10)
     assert not psutil.pid_exists(fake.pid) or gone(fake.pid)
+
+
+def test_scaling_down_during_a_rolling_restart_finishes_it(spawn, tmp_path: Path) -> None:
+    """TTOU while a rolling restart is under way: the cursor skips the removed slot, and the
+    restart ends with the configured number of workers, all new."""
+    master = app_master(spawn, tmp_path, SLOW_START_APP, "-w", "3")
+    old = master.worker_pids()
+    master.proc.signal(signal.SIGHUP)
+    wait_for(
+        lambda: master.status()["master"]["last_restart"] == "in progress",
+        what="the rolling restart to begin",
+    )
+    master.proc.signal(signal.SIGTTOU)
+
+    def done() -> bool:
+        status = master.status()
+        ready = {w["pid"] for w in status["workers"] if w["state"] == "ready"}
+        return status["master"]["last_restart"] == "done" and len(ready) == 3 and not ready & old
+
+    wait_for(done, timeout=30, what="the restart to end with 3 new workers")
+    wait_for(lambda: len(master.worker_pids()) == 3, what="the old workers to leave")
+    assert echo_once(master.url) == "hi"
+
+
+def test_a_failed_fork_is_retried_and_the_master_goes_on(spawn, tmp_path: Path) -> None:
+    """fork() fails with EAGAIN at a pids limit (a cgroup this test makes): the master logs it,
+    keeps serving, and the slot gets its worker once the limit allows."""
+    master = Master(spawn, tmp_path, "-w", "1")
+    (worker,) = master.worker_pids()
+    group = Path(f"/sys/fs/cgroup/pids/wsfleet-test-{os.getpid()}-{master.proc.pid}")
+    group.mkdir()
+    try:
+        for pid in (master.proc.pid, worker):
+            (group / "cgroup.procs").write_text(f"{pid}\n")
+        (group / "pids.max").write_text("2\n")  # the master and its worker: no room to fork
+        master.proc.signal(signal.SIGTTIN)
+        master.proc.wait_line(r"cannot start a worker for slot 1: .*Resource temporarily")
+        assert master.status()["master"]["workers"] == 2  # the slot is there, waiting
+        assert echo_once(master.url) == "hi"  # slot 0 serves (and accepts for slot 1)
+        (group / "pids.max").write_text("max\n")
+        master.wait_workers(2, timeout=10)
+    finally:
+        master.proc.kill()
+        wait_for(lambda: not (group / "cgroup.procs").read_text().strip(), what="an empty group")
+        group.rmdir()
