@@ -19,20 +19,8 @@ def bind(host: str, port: int, backlog: int) -> socket.socket:
     port; the kernel then spreads new connections over them. A program that binds the port
     without SO_REUSEPORT still excludes us, and that is reported as AddressInUse.
     """
-    family, type_, proto, address = _resolve(host, port)
-    sock = socket.socket(family, type_, proto)
+    sock = _bind(host, port, share=True)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        try:
-            sock.bind(address)
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise AddressInUse(
-                    f"address {format_address(address)} is already in use by a program "
-                    "that does not share it (SO_REUSEPORT); stop it or choose another --port"
-                ) from None
-            raise
         sock.listen(backlog)
     except BaseException:
         sock.close()
@@ -50,20 +38,35 @@ def bind_exclusive(host: str, port: int, backlog: int) -> socket.socket:
     port, sharing or not (SO_REUSEADDR still lets it past connections in TIME_WAIT).
     """
     if port != 0:  # port 0: the kernel picks a free port
-        family, type_, proto, address = _resolve(host, port)
-        with socket.socket(family, type_, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind(address)
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    raise AddressInUse(
-                        f"address {format_address(address)} is already in use (another wsfleet "
-                        "master, a `wsfleet worker`, or another program); stop it or choose "
-                        "another --port"
-                    ) from None
-                raise
+        _bind(host, port, share=False).close()
     return bind(host, port, backlog)
+
+
+def _bind(host: str, port: int, share: bool) -> socket.socket:
+    family, type_, proto, address = _resolve(host, port)
+    sock = socket.socket(family, type_, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if share:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                by = (
+                    "by a program that does not share it (SO_REUSEPORT)"
+                    if share
+                    else "(another wsfleet master, a `wsfleet worker`, or another program)"
+                )
+                raise AddressInUse(
+                    f"address {format_address(address)} is already in use {by}; stop it or "
+                    "choose another --port"
+                ) from None
+            raise
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _resolve(host: str, port: int) -> tuple[socket.AddressFamily, int, int, Any]:
