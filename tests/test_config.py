@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+import wsfleet
 from wsfleet import config as cfg
 
 from .helpers import run_wsfleet
@@ -60,7 +61,12 @@ def test_file_options_of_the_other_command_are_ignored(tmp_path: Path) -> None:
     [
         ("port = 'abc'\n", "w.toml:1: port: expected an integer, got 'abc'"),
         ("host = 'x'\n\nport = 70000\n", "w.toml:3: port: expected an integer between 0 and 65535"),
-        ("prot = 1\n", "w.toml:1: unknown option 'prot'"),
+        ("prot = 1\n", "w.toml:1: unknown option 'prot' (did you mean 'port'?)"),
+        ("zzz = 1\n", "w.toml:1: unknown option 'zzz' (known: app, backlog,"),
+        ("port = '8765'\n", "w.toml:1: port: expected an integer, got '8765'"),
+        ("max_size = true\n", "w.toml:1: max_size: expected an integer, got True"),
+        ("graceful_timeout = '5'\n", "graceful_timeout: expected a number, got '5'"),
+        ("loop = 1\n", "w.toml:1: loop: expected a string, got 1"),
         ("port = \n", "w.toml: invalid TOML: Invalid value (at line 1, column 8)"),
         ("compression = 'gzip'\n", "compression: expected one of deflate, none, got 'gzip'"),
         ("app = 'noseparator'\n", "app: expected MODULE:ATTR"),
@@ -78,7 +84,43 @@ def test_cli_bad_option_is_exit_2_on_one_line() -> None:
     result = run_wsfleet(["worker", "--prot", "1"])
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0
-    assert "unrecognized arguments: --prot 1" in result.stderr
+    assert "wsfleet worker: error: unrecognized arguments: --prot" in result.stderr
+    assert "(did you mean '--port'?) (see 'wsfleet worker --help')" in result.stderr
+
+
+def test_toml_types_are_not_coerced(tmp_path: Path) -> None:
+    """workers = "4" is refused as daemon = 1 is: TOML has types."""
+    for text, message in (
+        ("workers = '4'\n", "workers: expected an integer, got '4'"),
+        ("daemon = 1\n", "daemon: expected a boolean, got 1"),
+    ):
+        toml = write(tmp_path / "s.toml", text)
+        result = run_wsfleet(["start", "--config", toml])
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_version() -> None:
+    result = run_wsfleet(["--version"])
+    assert result.returncode == 0 and result.stdout.strip() == f"wsfleet {wsfleet.__version__}"
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan"])
+def test_timeout_must_be_positive(value: str) -> None:
+    result = run_wsfleet(["start", "--timeout", value])
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip().count("\n") == 0 and "argument --timeout: expected a" in result.stderr
+    )
+
+
+def test_the_app_may_be_given_as_an_argument(spawn, tmp_path: Path) -> None:
+    """As gunicorn and uvicorn take it: `wsfleet worker myapp:handler`."""
+    (tmp_path / "myapp.py").write_text("async def handler(ws):\n    await ws.send('mine')\n")
+    proc = spawn("worker", "myapp:handler", "--port", "0", cwd=tmp_path)
+    proc.wait_ready()
+    proc.wait_line("serving app myapp:handler")
+    twice = run_wsfleet(["worker", "myapp:handler", "--app", "other:handler"])
+    assert twice.returncode == 2 and "the app is given twice" in twice.stderr
 
 
 def test_cli_bad_value_is_exit_2() -> None:

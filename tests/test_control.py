@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import textwrap
 from pathlib import Path
@@ -172,9 +173,23 @@ def test_daemon_reports_a_failed_start(tmp_path: Path) -> None:
         ],
         cwd=tmp_path,
     )
-    assert result.returncode == 1
-    assert "the master exited before it was ready" in result.stderr
+    # What the foreground start would say and do: the reason, and exit status 4.
+    assert result.returncode == 4, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("wsfleet: error: cannot start:") and "No module named 'nosuch'" in line
     assert "No module named 'nosuch'" in (tmp_path / "d.log").read_text()
+
+
+def test_daemon_reports_why_without_a_log_file(tmp_path: Path) -> None:
+    """The reason reaches the command even when the master's own stderr is /dev/null."""
+    taken = socket.socket()
+    with taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_wsfleet(["start", "--daemon", "-w", "1", "--port", str(port)])
+    assert result.returncode == 1, result.stderr
+    assert f"address 127.0.0.1:{port} is already in use" in result.stderr
 
 
 RUN_SCRIPT = """

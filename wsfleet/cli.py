@@ -18,8 +18,8 @@ from typing import Any, NoReturn
 
 from setproctitle import setproctitle
 
+from . import __version__, control, logs, sockets
 from . import config as cfg
-from . import control, logs, sockets
 
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
@@ -29,8 +29,24 @@ EXIT_APP = 4
 class _Parser(argparse.ArgumentParser):
     """argparse, with its errors on one line that names the culprit and where to look."""
 
+    commands: dict[str, _Parser]
+
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+    def parse_command_line(self, argv: Sequence[str]) -> argparse.Namespace:
+        """parse_args, except that an unknown option is reported by the sub-command that got
+        it (so its --help is the one named), with the closest valid option suggested."""
+        args, extras = self.parse_known_args(argv)
+        if extras:
+            command = self.commands.get(getattr(args, "command", ""), self)
+            unknown = next((e.split("=")[0] for e in extras if e.startswith("-")), None)
+            hint = ""
+            if unknown is not None:
+                options = [o for a in command._actions for o in a.option_strings]
+                hint = cfg.suggest(unknown, options).replace("(known: ", "(options: ")
+            command.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+        return args
 
 
 def _option_type(name: str) -> Any:
@@ -45,6 +61,13 @@ def _option_type(name: str) -> Any:
 
 
 def _add_serving_options(parser: argparse.ArgumentParser, command: str) -> None:
+    parser.add_argument(
+        "app_argument",
+        nargs="?",
+        metavar="APP",
+        help="the connection handler as MODULE:ATTR: the same as --app",
+        default=argparse.SUPPRESS,  # checked in given_options, after unknown options
+    )
     parser.add_argument(
         "--config",
         metavar="FILE",
@@ -95,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="wsfleet",
         description="Run a fleet of WebSocket server processes on one port.",
     )
+    parser.add_argument("--version", action="version", version=f"wsfleet {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     start = commands.add_parser(
         "start",
@@ -145,16 +169,32 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="show the master and its workers")
     _add_control_options(status)
     status.add_argument("--json", action="store_true", help="print the status as JSON")
+    parser.commands = dict(commands.choices)  # type: ignore[arg-type]
     return parser
 
 
 def fail(message: str, status: int) -> NoReturn:
     print(f"wsfleet: error: {message}", file=sys.stderr, flush=True)
+    control.notify_failure(message, status)  # a detached master tells the waiting command
     raise SystemExit(status)
 
 
-def load_config(command: str, args: argparse.Namespace) -> cfg.Config:
+def given_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options given on the command line; APP (positional) is --app."""
     given = {k: v for k, v in vars(args).items() if k in cfg.FIELDS}
+    if "app_argument" in args:
+        try:
+            app = cfg.parse_value("app", args.app_argument)
+        except ValueError as exc:
+            fail(f"APP: {exc}", EXIT_USAGE)
+        if "app" in given and given["app"] != app:
+            fail(f"the app is given twice: {app} and --app {given['app']}", EXIT_USAGE)
+        given["app"] = app
+    return given
+
+
+def load_config(command: str, args: argparse.Namespace) -> cfg.Config:
+    given = given_options(args)
     try:
         return cfg.load(command, given, args.config)
     except cfg.ConfigError as exc:
@@ -197,8 +237,7 @@ def run_master(config: cfg.Config, args: argparse.Namespace) -> int:
     from .arbiter import Arbiter, BootError
 
     def reload_config() -> cfg.Config:
-        given = {k: v for k, v in vars(args).items() if k in cfg.FIELDS}
-        return cfg.load("start", given, args.config)
+        return cfg.load("start", given_options(args), args.config)
 
     sockets.raise_fd_limit()  # before forking: the workers inherit it
     if config.daemon:
@@ -223,9 +262,11 @@ def daemonize() -> None:
         os.close(write_end)
         with os.fdopen(read_end) as ready:
             line = ready.readline()  # or end of file, if the master exits first
-        if line:
+        if control.READY.match(line):
             print(line, end="", file=sys.stderr)
             raise SystemExit(0)
+        if failed := control.FAILED.match(line):  # the master's own reason and status
+            fail(failed.group(2), int(failed.group(1)))
         fail("the master exited before it was ready; see its log (--log-file)", EXIT_RUNTIME)
     os.close(read_end)
     os.setsid()
@@ -321,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:2] == ["bench", "memory"]:
         return run_bench_memory(argv[2:])
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_command_line(argv)
     if args.command == "bench":
         return run_bench(args)
     if args.command in ("stop", "reload", "status"):

@@ -13,6 +13,7 @@ value gets the same message naming where it came from (``--port``, ``WSFLEET_POR
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 import tomllib
@@ -62,6 +63,13 @@ def _seconds(value: object) -> float:
         number = float("nan")
     if not number >= 0 or number == float("inf"):  # also rejects NaN
         raise ValueError(f"expected a non-negative number of seconds, got {value!r}")
+    return number
+
+
+def _positive_seconds(value: object) -> float:
+    number = _seconds(value)
+    if number == 0:
+        raise ValueError(f"expected a positive number of seconds, got {value!r}")
     return number
 
 
@@ -178,7 +186,7 @@ class Config:
     timeout: float = option(
         30.0,
         "seconds a worker's event loop may go without answering the master before it is killed",
-        parse=_seconds,
+        parse=_positive_seconds,
         commands=frozenset({"start"}),
         metavar="S",
     )
@@ -335,15 +343,35 @@ def read_file(path: str, command: str) -> dict[str, Any]:
         line = _key_line(text, key)
         where = f"{path}:{line}" if line else path
         if key not in FIELDS:
-            known = ", ".join(sorted(FIELDS))
-            raise ConfigError(f"{where}: unknown option {key!r} (known: {known})")
+            raise ConfigError(f"{where}: unknown option {key!r}{suggest(key, FIELDS)}")
         if command not in FIELDS[key].metadata["commands"]:
             continue  # a file shared by start and worker may hold the other's options
+        kinds, expected = _TOML_TYPES[FIELDS[key].type.split(" |")[0]]
+        if not isinstance(value, kinds) or (isinstance(value, bool) and kinds is not bool):
+            raise ConfigError(f"{where}: {key}: expected {expected}, got {value!r}")
         try:
             values[key] = parse_value(key, value)
         except ValueError as exc:
             raise ConfigError(f"{where}: {key}: {exc}") from None
     return values
+
+
+# What a TOML value must be for a field of each type: TOML has types, and a file that says
+# workers = "4" is as wrong as one that says daemon = 1.
+_TOML_TYPES: dict[str, tuple[type | tuple[type, ...], str]] = {
+    "int": (int, "an integer"),
+    "float": ((int, float), "a number"),
+    "str": (str, "a string"),
+    "bool": (bool, "a boolean"),
+}
+
+
+def suggest(name: str, known: Mapping[str, object] | list[str]) -> str:
+    """' (did you mean X?)' for the closest known name, or the list of them."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {close[0]!r}?)"
+    return f" (known: {', '.join(sorted(known))})"
 
 
 def read_env(environ: Mapping[str, str], command: str) -> dict[str, Any]:

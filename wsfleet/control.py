@@ -119,6 +119,7 @@ def ready_line(address: str) -> str:
 
 
 READY = re.compile(r"listening on ws://(\S+):(\d+)")
+FAILED = re.compile(r"failed (\d+) (.*)")  # what a detached master that cannot start says
 
 _ready_fd: int | None = None
 
@@ -131,6 +132,17 @@ def set_ready_fd(fd: int | None) -> None:
         with contextlib.suppress(OSError):
             os.close(_ready_fd)
     _ready_fd = fd
+
+
+def notify_failure(message: str, status: int) -> None:
+    """A detached master that cannot start tells the waiting command why, and its status."""
+    global _ready_fd
+    if _ready_fd is not None:
+        with contextlib.suppress(OSError):
+            line = " ".join(message.splitlines())
+            os.write(_ready_fd, f"failed {status} {line}\n".encode())
+            os.close(_ready_fd)
+        _ready_fd = None
 
 
 def notify_ready(address: str) -> None:
