@@ -8,6 +8,9 @@ import configparser
 import contextlib
 import re
 import socket
+import subprocess
+import sys
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -204,3 +207,27 @@ def test_kubernetes_manifest_agrees_with_wsfleet() -> None:
     service = kinds["Service"]["spec"]
     assert service["ports"][0]["targetPort"] == container["ports"][0]["name"]
     assert service["selector"] == kinds["Deployment"]["spec"]["selector"]["matchLabels"]
+
+
+def test_the_rolling_restart_script_needs_wsfleet_and_says_so() -> None:
+    """From a checkout, with a Python that does not have wsfleet: one line, no traceback."""
+    result = subprocess.run(
+        [sys.executable, "-I", "-S", str(ROOT / "scripts" / "rolling-restart"), "x.conf"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd="/",
+    )
+    assert result.returncode == 1
+    assert (
+        result.stderr.count("\n") == 1
+        and "wsfleet is not installed for this Python" in result.stderr
+    )
+
+
+def test_serving_needs_only_websockets_setproctitle_and_uvloop() -> None:
+    """`pip install .` installs what serving needs; supervisord's set-up has its extra."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = {re.split(r"[<>=; \[]", d)[0] for d in project["dependencies"]}
+    assert names == {"websockets", "setproctitle", "uvloop"}
+    assert "supervisor>=4.2" in project["optional-dependencies"]["supervisor"]

@@ -169,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="show the master and its workers")
     _add_control_options(status)
     status.add_argument("--json", action="store_true", help="print the status as JSON")
+    commands.add_parser(  # dispatched before parsing: wsfleet/rolling.py parses its arguments
+        "rolling-restart",
+        help="restart supervisord's workers one at a time, health-checked (needs the "
+        "'supervisor' extra)",
+        add_help=False,
+    )
     parser.commands = dict(commands.choices)  # type: ignore[arg-type]
     return parser
 
@@ -362,6 +368,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:2] == ["bench", "memory"]:
         return run_bench_memory(argv[2:])
+    if argv[:1] == ["rolling-restart"]:
+        from . import rolling
+
+        return rolling.main(argv[1:], prog="wsfleet rolling-restart")
     args = build_parser().parse_command_line(argv)
     if args.command == "bench":
         return run_bench(args)
@@ -372,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             fail(str(exc), EXIT_USAGE)
     config = load_config(args.command, args)
     if config.loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
-        fail("--loop uvloop: uvloop is not installed (pip install 'wsfleet[fast]')", EXIT_USAGE)
+        fail("--loop uvloop: uvloop is not installed (pip install uvloop)", EXIT_USAGE)
     setup_logging(config)
     if args.command == "worker":
         return run_worker(config)

@@ -283,9 +283,9 @@ class Supervisor:
         wait_for(all_running, 30, f"{count} processes RUNNING")
 
     def rolling_restart(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        """scripts/rolling-restart on this configuration."""
+        """`wsfleet rolling-restart` on this configuration, as an installed user runs it."""
         return subprocess.run(
-            [sys.executable, str(ROOT / "scripts" / "rolling-restart"), self.conf, *args],
+            [str(BIN / "wsfleet"), "rolling-restart", self.conf, *args],
             env=self.env,
             capture_output=True,
             text=True,
