@@ -102,21 +102,25 @@ def test_reload_with_a_broken_config_file_keeps_the_running_configuration(
     assert echo_once(master.url) == "hi"
 
 
-def test_reload_keeps_the_old_worker_when_the_new_code_is_broken(spawn, tmp_path: Path) -> None:
+def test_reload_wait_reports_broken_code_and_the_old_workers_keep_serving(spawn, tmp_path):
+    """`wsfleet reload --wait` tells a deploy script how the rolling restart went."""
     master = app_master(spawn, tmp_path, VERSIONED_APP.format(version="v1"), "-w", "2")
     before = master.worker_pids()
     (tmp_path / "app.py").write_text("def broken(:\n")
-    master.proc.signal(signal.SIGHUP)
-    master.proc.wait_line(
-        r"rolling restart stopped: the new worker \d+ for slot 0 exited before it was ready "
-        r"\(exit status 4\): cannot import --app app:handler: SyntaxError"
-    )
+    result = run_wsfleet(["reload", "--wait", "--pidfile", master.pidfile], timeout=60)
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert "rolling restart failed: worker" in line and "exited (exit status 4)" in line
+    assert "cannot import --app app:handler: SyntaxError" in line
     assert master.worker_pids() == before
     assert echo_once(master.url, "version?") == "v1"
-    # Fixed code: the next reload goes through.
+    status = run_wsfleet(["status", "--pidfile", master.pidfile]).stdout
+    assert "last rolling restart: failed: worker" in status
+    # Fixed code: the next reload goes through, and --wait says so once it is over.
     write_app(tmp_path, "v2")
-    master.proc.signal(signal.SIGHUP)
-    master.proc.wait_line("rolling restart done")
+    result = run_wsfleet(["reload", "--wait", "--pidfile", master.pidfile], timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "rolling restart done" in result.stdout
     # The old workers drain only now: one could still take (and close with 1012) a connection.
     master.wait_workers(2)
     assert echo_once(master.url, "version?") == "v2"

@@ -378,6 +378,11 @@ def test_crash_loop_backs_off_and_others_keep_serving(spawn, tmp_path: Path) -> 
     for _ in range(40):
         assert echo_once(master.url, "still served", timeout=1.0) == "still served"
     assert healthy in master.worker_pids()
+    # `wsfleet status` shows the slot in backoff (between two tries: none is running).
+    wait_for(
+        lambda: "none: restart in" in run_wsfleet(["status", "--pidfile", master.pidfile]).stdout,
+        what="status to show the slot waiting for its restart",
+    )
     os.unlink(tmp_path / "crash")
     master.wait_workers(2, timeout=30)  # the backoff ends and the slot recovers
     assert "Traceback" not in master.proc.output

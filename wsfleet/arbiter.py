@@ -170,6 +170,7 @@ class Fleet:
         self.workers: dict[int, Worker] = {}
         self.state = MasterState.BOOTING
         self.restart: RollingRestart | None = None
+        self.restarts = 0  # rolling restarts asked for (SIGHUP), so a waiter knows its own
         self.last_restart = "none yet"
 
     # Workers' lives
@@ -409,7 +410,9 @@ class Fleet:
     # Rolling restart, scaling, shutdown
 
     def start_restart(self, config: cfg.Config) -> None:
+        self.restarts += 1
         if self.state is MasterState.STOPPING:
+            self.last_restart = "refused: the master is stopping"
             return
         self.config = config
         log.info("rolling restart of %d workers", len(self.slots))
@@ -493,8 +496,19 @@ class Fleet:
                 "state": self.state.value,
                 "address": "",
                 "workers": len(self.slots),
+                "restarts": self.restarts,
                 "last_restart": self.last_restart,
+                "heartbeat_interval": cfg.heartbeat_interval(self.config),
             },
+            "empty_slots": [
+                {
+                    "slot": s.index,
+                    "restart_in": round(max(0.0, s.restart_at - self.clock()), 1),
+                    "crashes": s.crashes,
+                }
+                for s in self.slots
+                if s.state is SlotState.EMPTY
+            ],
             "workers": [
                 {
                     "slot": w.slot.index,

@@ -166,6 +166,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print the report as JSON")
     reload = commands.add_parser("reload", help="rolling restart of the workers (SIGHUP)")
     _add_control_options(reload)
+    reload.add_argument(
+        "--wait",
+        action="store_true",
+        help="return once the rolling restart is over: exit 0 when every worker runs the new "
+        "code, 1 with the reason when it stopped",
+    )
+    reload.add_argument(
+        "--timeout",
+        type=_option_type("timeout"),
+        default=300.0,
+        metavar="S",
+        help="with --wait, how long to wait (default: 300)",
+    )
     status = commands.add_parser("status", help="show the master and its workers")
     _add_control_options(status)
     status.add_argument("--json", action="store_true", help="print the status as JSON")
@@ -296,7 +309,7 @@ def run_control(args: argparse.Namespace) -> int:
         if args.command == "stop":
             print(control.stop(pidfile, args.timeout))
         elif args.command == "reload":
-            print(control.reload(pidfile))
+            print(control.reload(pidfile, args.wait, args.timeout))
         else:
             status = control.query_status(control.master_pid(pidfile))
             if args.json:

@@ -284,6 +284,11 @@ CLOSE_TIMEOUT = 10.0
 KILL_MARGIN = 1.0  # what the master adds to a worker's own deadlines before it kills
 
 
+def heartbeat_interval(config: Config) -> float:
+    """How often a worker's event loop reports to the master (and its connection count)."""
+    return min(1.0, config.timeout / 4)
+
+
 def drain_limit(config: Config) -> float:
     """How long a draining worker may live: its graceful timeout aborts what is left, then
     its connections' close timeout, then a margin; the master kills it after that."""

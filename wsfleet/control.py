@@ -224,12 +224,20 @@ def format_status(status: dict[str, Any]) -> str:
         rows.append(
             ("worker", str(w["slot"]), str(w["pid"]), state, _age(w["age"]), str(w["connections"]))
         )
+    for s in status.get("empty_slots", []):
+        state = f"none: restart in {s['restart_in']:g}s after {s['crashes']} crashes at start"
+        rows.append(("worker", str(s["slot"]), "-", state, "-", "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
         for row in rows
     ]
-    return f"{master['address']}\n" + "\n".join(line.rstrip() for line in lines)
+    notes = [
+        f"connections: as each worker last reported (every {master['heartbeat_interval']:g}s)",
+        f"last rolling restart: {master['last_restart']}",
+    ]
+    body = "\n".join(line.rstrip() for line in lines)
+    return f"{master['address']}\n{body}\n" + "\n".join(notes)
 
 
 def _age(seconds: float) -> str:
@@ -270,7 +278,22 @@ def stop(path: str, timeout: float) -> str:
     return f"master {pid} stopped"
 
 
-def reload(path: str) -> str:
+def reload(path: str, wait: bool = False, timeout: float = 300.0) -> str:
+    """SIGHUP; with wait, return once that rolling restart is over, or raise with its reason."""
     pid = master_pid(path)
+    if not wait:
+        os.kill(pid, signal.SIGHUP)
+        return f"master {pid}: rolling restart started"
+    asked = query_status(pid)["master"]["restarts"] + 1
     os.kill(pid, signal.SIGHUP)
-    return f"master {pid}: rolling restart started"
+    deadline = time.monotonic() + timeout
+    while True:
+        master = query_status(pid)["master"]
+        if master["restarts"] >= asked and master["last_restart"] != "in progress":
+            break
+        if time.monotonic() > deadline:
+            raise ControlError(f"master {pid}: the rolling restart is not over after {timeout:g}s")
+        time.sleep(0.1)  # the poll interval
+    if master["last_restart"] != "done":
+        raise ControlError(f"master {pid}: rolling restart {master['last_restart']}")
+    return f"master {pid}: rolling restart done: every worker runs the new code"

@@ -31,7 +31,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 
 from . import channel, control, logs
-from .config import CLOSE_TIMEOUT, Config
+from .config import CLOSE_TIMEOUT, Config, heartbeat_interval
 from .connection import Connection
 from .sockets import sock_address
 
@@ -266,7 +266,7 @@ class Worker:
         else:
             loop.add_reader(self.channel, self._on_message)
             self._send({"t": "ready"})
-            self._heartbeat(min(1.0, self.config.timeout / 4))
+            self._heartbeat(heartbeat_interval(self.config))
         return await self._stopped
 
     async def _serve(self, sock: socket.socket) -> Server:
