@@ -363,14 +363,16 @@ def load_messages(path: str | None) -> list[bytes | str]:
         return [line.rstrip("\n") for line in f if line.strip()]
 
 
-def compression_table(messages: list[bytes | str]) -> dict[str, dict[str, float]]:
+def compression_table(
+    messages: list[bytes | str], settings: list[str]
+) -> dict[str, dict[str, float]]:
     """Per setting: compressed size and compression time relative to websockets' default
     (12/5), compressing the messages in order with context takeover, as a connection does."""
     import zlib
 
     raw = [m.encode() if isinstance(m, str) else m for m in messages]
     results: dict[str, dict[str, float]] = {}
-    for setting in SETTINGS:
+    for setting in dict.fromkeys([*settings, "12/5"]):  # the default: what the rest compare to
         if setting == "none":
             results[setting] = {"bytes": float(sum(map(len, raw))), "seconds": 0.0}
             continue
@@ -500,12 +502,23 @@ def measure_memory(setting: str, messages: list[bytes | str], count: int) -> dic
     return results
 
 
-def run_memory(path: str | None, count: int, settings: list[str]) -> dict[str, Any]:
+def run_memory(
+    path: str | None, count: int, settings: list[str], progress: bool = False
+) -> dict[str, Any]:
     messages = load_messages(path)
-    table = compression_table(messages)
+    table = compression_table(messages, settings)
     rows = {}
-    for setting in settings:
+    for number, setting in enumerate(settings, 1):
+        if progress:  # each setting takes seconds: say where it is
+            print(
+                f"\r{setting}: {count} connections ({number} of {len(settings)})...",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
         rows[setting] = {**table[setting], **measure_memory(setting, messages, count)}
+    if progress:
+        print(file=sys.stderr)
     return {"messages": len(messages), "connections": count, "settings": rows}
 
 

@@ -150,10 +150,38 @@ def build_parser() -> argparse.ArgumentParser:
         "connections to an echo server for DURATION seconds, from several processes.",
     )
     bench.add_argument("url", help="ws://HOST:PORT/PATH of an echo server")
-    bench.add_argument("-c", "--connections", type=_positive(int), default=50, metavar="N")
-    bench.add_argument("-k", "--in-flight", type=_positive(int), default=4, metavar="K")
-    bench.add_argument("-s", "--size", type=_positive(int), default=64, metavar="BYTES")
-    bench.add_argument("-t", "--duration", type=_positive(float), default=10.0, metavar="S")
+    bench.add_argument(
+        "-c",
+        "--connections",
+        type=_positive(int),
+        default=50,
+        metavar="N",
+        help="connections in all (default: %(default)s)",
+    )
+    bench.add_argument(
+        "-k",
+        "--in-flight",
+        type=_positive(int),
+        default=4,
+        metavar="K",
+        help="messages in flight on each connection (default: %(default)s)",
+    )
+    bench.add_argument(
+        "-s",
+        "--size",
+        type=_positive(int),
+        default=64,
+        metavar="BYTES",
+        help="size of each message (default: %(default)s)",
+    )
+    bench.add_argument(
+        "-t",
+        "--duration",
+        type=_positive(float),
+        default=10.0,
+        metavar="S",
+        help="seconds of measurement (default: %(default)s)",
+    )
     bench.add_argument(
         "-p",
         "--processes",
@@ -372,7 +400,8 @@ def run_bench_memory(argv: Sequence[str]) -> int:
             parser.error(f"--settings: {setting!r} is not BITS/LEVEL (9-15/1-9) or none")
     if args.messages and not os.path.exists(args.messages):
         fail(f"bench memory: no such file or directory: {args.messages}", EXIT_USAGE)
-    report = bench.run_memory(args.messages, args.connections, settings)
+    progress = sys.stderr.isatty() and not args.json
+    report = bench.run_memory(args.messages, args.connections, settings, progress)
     print(bench.format_memory(report, args.json))
     return 0
 
