@@ -145,9 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench = commands.add_parser(
         "bench",
-        help="measure an echo server: messages/s and round-trip times",
+        help="measure an echo server: messages/s and round-trip times (wsfleet bench URL); "
+        "memory per connection by compression setting (wsfleet bench memory)",
         description="Keep IN_FLIGHT messages of SIZE bytes in flight on each of CONNECTIONS "
-        "connections to an echo server for DURATION seconds, from several processes.",
+        "connections to an echo server for DURATION seconds, from several processes. "
+        "(`wsfleet bench memory --help`: memory per connection by compression setting.)",
     )
     bench.add_argument("url", help="ws://HOST:PORT/PATH of an echo server")
     bench.add_argument(
