@@ -306,3 +306,22 @@ def test_a_failed_fork_is_retried_and_the_master_goes_on(spawn, tmp_path: Path) 
         master.proc.kill()
         wait_for(lambda: not (group / "cgroup.procs").read_text().strip(), what="an empty group")
         group.rmdir()
+
+
+def test_a_worker_terminated_from_outside_is_replaced_at_once(spawn, tmp_path: Path) -> None:
+    """kill -TERM of a worker (not through the master): it drains, tells the master, and its
+    slot gets a new worker at once instead of waiting for the drain to end."""
+    master = app_master(spawn, tmp_path, LINGERING_APP, "-w", "1", "--graceful-timeout", "10")
+    (worker,) = master.worker_pids()
+    with connect(master.url) as ws:
+        ws.send("x")
+        ws.recv(timeout=5)
+        os.kill(worker, signal.SIGTERM)  # its handler then lingers 4 s: it drains that long
+        wait_for(
+            lambda: any(pid != worker for pid in ready_workers(master)),
+            timeout=5,
+            what="a new worker for the slot",
+        )
+        states = {w["pid"]: w["state"] for w in master.status()["workers"]}
+        assert states[worker] == "draining"
+        assert echo_once(master.url) == "hi"

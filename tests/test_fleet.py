@@ -456,3 +456,70 @@ def test_an_error_in_one_step_is_logged_and_the_master_goes_on(caplog) -> None:
     assert caplog.records[-1].exc_info is not None  # with its traceback
     with pytest.raises(BootError):
         arbiter.guarded("boot", lambda: (_ for _ in ()).throw(BootError("no", 4)))
+
+
+def test_a_worker_killed_by_a_signal_python_cannot_name_is_replaced() -> None:
+    h = Harness(2)
+    h.boot()
+    h.advance(5)
+    h.exit(h.worker(1), -35)  # SIGRTMIN+1: no name in signal.Signals
+    assert h.fleet.slots[1].state is SlotState.STARTING
+
+
+def test_a_worker_that_drains_on_its_own_is_replaced_and_its_socket_lent() -> None:
+    """A SIGTERM from outside: the worker says it drains; the master must not count on it."""
+    h = Harness(2)
+    h.boot()
+    h.advance(5)
+    retiring = h.worker(1)
+    h.fleet.on_message(retiring, {"t": "draining"})
+    h.settle()
+    assert retiring.state is WorkerState.DRAINING
+    assert h.fleet.slots[1].state is SlotState.STARTING  # its replacement, at once
+    assert h.fleet.slots[1].lent_to is h.worker(0)  # and slot 0's worker accepts meanwhile
+    h.exit(retiring, 0)
+    h.ready(h.worker(1))
+    assert h.fleet.slots[1].lent_to is None and h.fleet.slots[1].crashes == 0
+
+
+def test_a_rolling_restart_does_not_end_the_loan_of_a_slot_still_starting() -> None:
+    h = Harness(2)
+    h.boot()
+    h.advance(5)
+    h.exit(h.worker(0))  # replaced at once; its socket is lent while the new one starts
+    assert h.fleet.slots[0].lent_to is h.worker(1)
+    h.fleet.start_restart(h.config)  # slot 0 gets a replacement beside its starting worker
+    h.settle()
+    assert h.fleet.slots[0].state is SlotState.REPLACING
+    assert h.fleet.slots[0].lent_to is h.worker(1)  # nobody else accepts for it yet
+
+
+def test_a_draining_worker_keeps_the_drain_limit_it_was_started_with() -> None:
+    """A reload that shortens --graceful-timeout does not cut the old workers' drains."""
+    h = Harness(1, graceful_timeout=60)
+    h.boot()
+    old = h.worker(0)
+    h.fleet.start_restart(cfg.Config(workers=1, graceful_timeout=5))
+    h.ready(h.fleet.slots[0].replacement)  # type: ignore[arg-type]
+    assert old.state is WorkerState.DRAINING
+    h.advance(5 + cfg.CLOSE_TIMEOUT + 2, silent=(old,))
+    assert (old.pid, signal.SIGKILL) not in h.procs.signals
+    h.advance(60, silent=(old,))
+    assert (old.pid, signal.SIGKILL) in h.procs.signals
+
+
+def test_a_worker_that_served_resets_the_crash_count_however_it_ends() -> None:
+    h = Harness(1)
+    h.boot()
+    for _ in range(4):  # a crash loop...
+        h.exit(h.worker(0), 1)
+        if h.fleet.slots[0].state is SlotState.EMPTY:
+            h.advance(h.delay_until_restart(0))
+    h.ready(h.worker(0))
+    h.advance(5)  # ...then a worker that serves, and is retired by a reload
+    h.fleet.start_restart(h.config)
+    h.ready(h.fleet.slots[0].replacement)  # type: ignore[arg-type]
+    old = next(w for w in h.fleet.workers.values() if w.state is WorkerState.DRAINING)
+    h.exit(old, 0)
+    h.exit(h.worker(0), 1)  # the next crash at start is a first one: replaced at once
+    assert h.fleet.slots[0].state is SlotState.STARTING

@@ -101,6 +101,7 @@ class Worker:
     last_seen: float = 0.0  # its last message (heartbeats come from its event loop)
     connections: int = 0
     error: str | None = None  # why it could not start, as it said
+    drain_limit: float = 0.0  # from the configuration it was forked with (config.drain_limit)
 
 
 @dataclass(eq=False)
@@ -171,6 +172,7 @@ class Fleet:
         self.state = MasterState.BOOTING
         self.restart: RollingRestart | None = None
         self.restarts = 0  # rolling restarts asked for (SIGHUP), so a waiter knows its own
+        self.restart_problem: str | None = None
         self.last_restart = "none yet"
 
     # Workers' lives
@@ -196,7 +198,14 @@ class Fleet:
                 slot.restart_at = now + delay
             return None
         worker = Worker(
-            pid, slot, handle, born=now, born_wall=time.time(), since=now, last_seen=now
+            pid,
+            slot,
+            handle,
+            born=now,
+            born_wall=time.time(),
+            since=now,
+            last_seen=now,
+            drain_limit=cfg.drain_limit(self.config),
         )
         self.workers[pid] = worker
         if replacement:
@@ -226,6 +235,24 @@ class Fleet:
             worker.error = message["message"]
         elif kind == "ready" and worker.state is WorkerState.STARTING:
             self.on_ready(worker)
+        elif kind == "draining" and worker.state in (WorkerState.STARTING, WorkerState.READY):
+            self.on_retiring(worker)
+
+    def on_retiring(self, worker: Worker) -> None:
+        """A worker drains that the master did not ask to (a SIGTERM from outside): it stops
+        accepting, so its slot gets a new worker at once and its sockets are lent meanwhile."""
+        log.warning(
+            "worker %d (slot %d) is draining on its own: replacing it",
+            worker.pid,
+            worker.slot.index,
+        )
+        self.set_state(worker, WorkerState.DRAINING)
+        slot = worker.slot
+        if slot.replacement is worker:
+            slot.replacement = None
+        if slot.worker is worker and slot in self.slots and self.state is not MasterState.STOPPING:
+            slot.worker = None
+            slot.restart_at = self.clock()
 
     def on_ready(self, worker: Worker) -> None:
         self.set_state(worker, WorkerState.READY)
@@ -248,8 +275,10 @@ class Fleet:
         if worker is None:
             return
         slot, now = worker.slot, self.clock()
-        how = f"exit status {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
+        how = describe_exit(code)
         reason = f": {worker.error}" if worker.error else ""
+        if worker.ready_at is not None and now - worker.ready_at >= self.config.start_seconds:
+            slot.crashes = 0  # it served: whatever ends it, the next crash is a first one
         for other in self.slots:
             if other.lent_to is worker:
                 other.lent_to = None
@@ -282,9 +311,7 @@ class Fleet:
         crashing = worker.ready_at is None or now - worker.ready_at < self.config.start_seconds
         if crashing:
             slot.crashes += 1
-            delay = backoff(slot.crashes)
-        else:
-            slot.crashes, delay = 0, 0.0
+        delay = backoff(slot.crashes) if crashing else 0.0
         if delay:
             log.error(
                 "worker %d (slot %d) died (%s) at start%s; %d times in a row: restarting in %.1fs",
@@ -321,7 +348,7 @@ class Fleet:
             if worker.state in (WorkerState.STARTING, WorkerState.READY):
                 yield worker.last_seen + self.config.timeout, self.on_silent, worker
             elif worker.state is WorkerState.DRAINING:
-                yield worker.since + cfg.drain_limit(self.config), self.on_drain_overdue, worker
+                yield worker.since + worker.drain_limit, self.on_drain_overdue, worker
             elif worker.state is WorkerState.STOPPING:
                 yield worker.since + KILL_GRACE, self.kill, worker
 
@@ -384,7 +411,7 @@ class Fleet:
             borrower = slot.lent_to
             if borrower is not None and borrower.state is not WorkerState.READY:
                 slot.lent_to = borrower = None  # a drain stops accepting on lent sockets too
-            own_ready = slot.state in (SlotState.SERVING, SlotState.REPLACING)
+            own_ready = slot.worker is not None and slot.worker.state is WorkerState.READY
             if borrower is not None and own_ready:
                 slot.lent_to = None
                 self.processes.send(borrower, {"t": "release", "slot": slot.index})
@@ -409,8 +436,11 @@ class Fleet:
 
     # Rolling restart, scaling, shutdown
 
-    def start_restart(self, config: cfg.Config) -> None:
+    def start_restart(self, config: cfg.Config, problem: str | None = None) -> None:
+        """A rolling restart with this configuration (problem: why the file could not be
+        re-read, in which case it is the old one; the outcome says so)."""
         self.restarts += 1
+        self.restart_problem = problem
         if self.state is MasterState.STOPPING:
             self.last_restart = "refused: the master is stopping"
             return
@@ -433,6 +463,8 @@ class Fleet:
         if not restart.todo:
             log.info("rolling restart done")
             self.restart, self.last_restart = None, "done"
+            if self.restart_problem:
+                self.last_restart = f"done with the old configuration: {self.restart_problem}"
             self.scale(self.config.workers)
             return
         slot = restart.todo[0]
@@ -521,6 +553,16 @@ class Fleet:
                 for w in sorted(self.workers.values(), key=lambda w: (w.slot.index, w.born))
             ],
         }
+
+
+def describe_exit(code: int) -> str:
+    """'exit status N' or 'signal NAME' (or 'signal N' for one Python has no name for)."""
+    if code >= 0:
+        return f"exit status {code}"
+    try:
+        return f"signal {signal.Signals(-code).name}"
+    except ValueError:
+        return f"signal {-code}"
 
 
 def backoff(crashes: int) -> float:
@@ -647,7 +689,7 @@ class Arbiter:
             fleet.stop(graceful=False)
         elif sig == signal.SIGHUP:
             log.info("received SIGHUP")
-            fleet.start_restart(self.reread_config())
+            fleet.start_restart(*self.reread_config())
         elif sig == signal.SIGTTIN:
             fleet.scale(len(fleet.slots) + 1)
         elif sig == signal.SIGTTOU:
@@ -656,19 +698,20 @@ class Arbiter:
             logs.reopen()
             fleet.signal_workers(signal.SIGUSR1)
 
-    def reread_config(self) -> cfg.Config:
+    def reread_config(self) -> tuple[cfg.Config, str | None]:
+        """The configuration for a rolling restart, and why it is the old one, if it is."""
         if self.reload_config is None:
-            return self.fleet.config
+            return self.fleet.config, None
         try:
             new = self.reload_config()
         except cfg.ConfigError as exc:
             log.error("reload: configuration not reloaded: %s", exc)
-            return self.fleet.config
+            return self.fleet.config, str(exc)
         for name in ("host", "port", "backlog"):
             if getattr(new, name) != getattr(self.fleet.config, name):
                 log.warning("reload: a change of %s needs a full restart; ignored", name)
                 new = cfg.dataclasses.replace(new, **{name: getattr(self.fleet.config, name)})
-        return new
+        return new, None
 
     def on_messages(self, worker: Worker) -> None:
         while True:

@@ -69,6 +69,7 @@ class BadMessage(ValueError):
 # What each kind a worker sends must carry: the field and its type.
 _WORKER_MESSAGES: dict[str, dict[str, type]] = {
     "ready": {},
+    "draining": {},  # it stopped accepting (a drain asked for, or a SIGTERM from outside)
     "hb": {"conns": int},
     "error": {"message": str},
 }

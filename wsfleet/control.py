@@ -209,7 +209,10 @@ def query_status(pid: int, timeout: float = 5.0) -> dict[str, Any]:
                 chunks.append(chunk)
         except OSError as exc:
             raise ControlError(f"master {pid} did not answer a status request: {exc}") from None
-    result: dict[str, Any] = json.loads(b"".join(chunks))
+    try:
+        result: dict[str, Any] = json.loads(b"".join(chunks))
+    except ValueError:
+        raise ControlError(f"master {pid} sent a status that is not JSON (cut short?)") from None
     return result
 
 
@@ -267,9 +270,20 @@ def wait_exit(pid: int, timeout: float) -> bool:
         os.close(fd)
 
 
+def signal_master(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        raise ControlError(f"master {pid} exited meanwhile") from None
+    except PermissionError:
+        raise ControlError(
+            f"not allowed to signal master {pid}: run this as its user, or as root"
+        ) from None
+
+
 def stop(path: str, timeout: float) -> str:
     pid = master_pid(path)
-    os.kill(pid, signal.SIGTERM)
+    signal_master(pid, signal.SIGTERM)
     if not wait_exit(pid, timeout):
         raise ControlError(
             f"master {pid} is still running {timeout:g}s after SIGTERM "
@@ -282,10 +296,10 @@ def reload(path: str, wait: bool = False, timeout: float = 300.0) -> str:
     """SIGHUP; with wait, return once that rolling restart is over, or raise with its reason."""
     pid = master_pid(path)
     if not wait:
-        os.kill(pid, signal.SIGHUP)
+        signal_master(pid, signal.SIGHUP)
         return f"master {pid}: rolling restart started"
     asked = query_status(pid)["master"]["restarts"] + 1
-    os.kill(pid, signal.SIGHUP)
+    signal_master(pid, signal.SIGHUP)
     deadline = time.monotonic() + timeout
     while True:
         master = query_status(pid)["master"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sys
 
 FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
@@ -46,7 +48,24 @@ def reopen() -> None:
             "cannot reopen log file %s (%s): still writing to the old one", _path, exc.strerror
         )
         return
-    old = _handler.setStream(stream)
-    if old is not None:
+    _handler.acquire()
+    try:
+        old, _handler.stream = _handler.stream, stream
+    finally:
+        _handler.release()
+    with contextlib.suppress(OSError):  # flushing what the old one held can fail (disk full)
         old.close()
     logging.getLogger("wsfleet").info("reopened log file %s", _path)
+
+
+def reopen_if_moved() -> None:
+    """Reopen if the path now names another file: a process that ignored USR1 while it
+    started (a new worker) may have missed a rotation."""
+    if _handler is None or _path is None:
+        return
+    try:
+        moved = os.stat(_path).st_ino != os.fstat(_handler.stream.fileno()).st_ino
+    except OSError:
+        moved = True
+    if moved:
+        reopen()

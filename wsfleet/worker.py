@@ -233,6 +233,7 @@ class Worker:
         loop.add_signal_handler(signal.SIGTERM, self._on_stop_signal, signal.SIGTERM)
         loop.add_signal_handler(signal.SIGQUIT, self._on_quit_signal)
         loop.add_signal_handler(signal.SIGUSR1, logs.reopen)
+        logs.reopen_if_moved()  # a USR1 that came while this worker started was ignored
         if self.channel is None:
             loop.add_signal_handler(signal.SIGINT, self._on_stop_signal, signal.SIGINT)
         else:
@@ -366,16 +367,20 @@ class Worker:
         while self._inbox:
             message, fds = self._inbox[0]
             kind = message.get("t")
-            if kind == "drain":
-                log.info("the master asks for a drain with code %d", message["code"])
-                self.start_drain(int(message["code"]), str(message.get("reason", "")))
-            elif kind == "adopt" and fds:
-                await self._adopt(int(message["slot"]), socket.socket(fileno=fds.pop(0)))
-            elif kind == "release":
-                await self._release(int(message["slot"]))
-            for fd in fds:
-                os.close(fd)
-            self._inbox.pop(0)
+            try:
+                if kind == "drain":
+                    log.info("the master asks for a drain with code %d", message["code"])
+                    self.start_drain(int(message["code"]), str(message.get("reason", "")))
+                elif kind == "adopt" and fds:
+                    await self._adopt(int(message["slot"]), socket.socket(fileno=fds.pop(0)))
+                elif kind == "release":
+                    await self._release(int(message["slot"]))
+            except Exception:  # one bad message must not stop the ones after it
+                log.exception("cannot act on the master's message %r", message)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+                self._inbox.pop(0)
 
     async def _adopt(self, slot: int, sock: socket.socket) -> None:
         """Accept on another slot's socket while that slot has no worker of its own."""
@@ -416,6 +421,8 @@ class Worker:
 
     async def drain(self, code: int, reason: str = "") -> None:
         self.draining = True
+        if self.channel is not None:
+            self._send({"t": "draining"})  # the master may not know: a TERM from outside
         self.drain_code, self.drain_reason = code, reason
         # Stop accepting now rather than when websockets' close task first runs. In-flight
         # handshakes go on and succeed (see _DrainingServer), then _handle closes them.
