@@ -87,6 +87,16 @@ def test_bench_help_names_every_default() -> None:
         assert text in " ".join(result.stdout.split()), result.stdout
 
 
+def test_bench_options_of_the_other_kind_are_refused() -> None:
+    """`bench URL` and `bench memory` are one argparse command with two sets of options."""
+    result = run_wsfleet(["bench", "memory", "-c", "5"])
+    assert (
+        result.returncode == 2 and "bench memory: --connections go with bench URL" in result.stderr
+    )
+    result = run_wsfleet(["bench", "ws://127.0.0.1:1/", "-n", "5"])
+    assert result.returncode == 2 and "bench: -n go with bench memory" in result.stderr
+
+
 def test_bench_memory_rejects_a_bad_setting() -> None:
     result = run_wsfleet(["bench", "memory", "--settings", "16/9"])
     assert result.returncode == 2

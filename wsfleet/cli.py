@@ -113,6 +113,21 @@ def _positive(kind: type) -> Any:
     return convert
 
 
+# wsfleet bench URL's options: flags, type, default, metavar, help.
+BENCH_URL_OPTIONS: list[tuple[tuple[str, ...], Any, Any, str, str]] = [
+    (("-c", "--connections"), _positive(int), 50, "N", "connections in all"),
+    (("-k", "--in-flight"), _positive(int), 4, "K", "messages in flight on each connection"),
+    (("-s", "--size"), _positive(int), 64, "BYTES", "size of each message"),
+    (("-t", "--duration"), _positive(float), 10.0, "S", "seconds of measurement"),
+    (("-p", "--processes"), _positive(int), None, "N", "client processes (none: the CPUs)"),
+]
+BENCH_MEMORY_OPTIONS = {
+    "messages": "MESSAGES",
+    "memory_connections": "-n",
+    "settings": "--settings",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="wsfleet",
@@ -147,53 +162,51 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="measure an echo server: messages/s and round-trip times (wsfleet bench URL); "
         "memory per connection by compression setting (wsfleet bench memory)",
-        description="Keep IN_FLIGHT messages of SIZE bytes in flight on each of CONNECTIONS "
-        "connections to an echo server for DURATION seconds, from several processes. "
-        "(`wsfleet bench memory --help`: memory per connection by compression setting.)",
+        description="wsfleet bench URL keeps IN_FLIGHT messages of SIZE bytes in flight on "
+        "each of CONNECTIONS connections to an echo server for DURATION seconds, from several "
+        "processes. wsfleet bench memory measures, for each permessage-deflate setting (window "
+        "bits / memory level) and without compression, the compressed size and compression "
+        "time of typical messages relative to websockets' default (12/5), and the memory per "
+        "connection of a worker holding N connections that exchanged them (tracemalloc "
+        "inside, RSS/USS outside).",
     )
-    bench.add_argument("url", help="ws://HOST:PORT/PATH of an echo server")
+    bench.add_argument("target", metavar="URL|memory", help="ws://HOST:PORT/PATH, or memory")
     bench.add_argument(
-        "-c",
-        "--connections",
-        type=_positive(int),
-        default=50,
-        metavar="N",
-        help="connections in all (default: %(default)s)",
+        "messages",
+        nargs="?",
+        help="memory: a JSON-lines file (one message a line) or a directory (one message a "
+        "file); default: a synthetic sample of chat-like JSON messages",
     )
-    bench.add_argument(
-        "-k",
-        "--in-flight",
-        type=_positive(int),
-        default=4,
-        metavar="K",
-        help="messages in flight on each connection (default: %(default)s)",
-    )
-    bench.add_argument(
-        "-s",
-        "--size",
-        type=_positive(int),
-        default=64,
-        metavar="BYTES",
-        help="size of each message (default: %(default)s)",
-    )
-    bench.add_argument(
-        "-t",
-        "--duration",
-        type=_positive(float),
-        default=10.0,
-        metavar="S",
-        help="seconds of measurement (default: %(default)s)",
-    )
-    bench.add_argument(
-        "-p",
-        "--processes",
-        type=_positive(int),
-        default=None,
-        metavar="N",
-        help="client processes (default: number of CPUs)",
-    )
-    bench.add_argument("--compression", choices=("none", "deflate"), default="none")
     bench.add_argument("--json", action="store_true", help="print the report as JSON")
+    url = bench.add_argument_group("wsfleet bench URL")
+    for flags, kind, default, metavar, text in BENCH_URL_OPTIONS:
+        url.add_argument(
+            *flags,
+            type=kind,
+            default=argparse.SUPPRESS,  # given or not: bench memory refuses them
+            metavar=metavar,
+            help=f"{text} (default: {default})",
+        )
+    url.add_argument(
+        "--compression",
+        choices=("none", "deflate"),
+        default=argparse.SUPPRESS,
+        help="(default: none)",
+    )
+    memory = bench.add_argument_group("wsfleet bench memory")
+    memory.add_argument(
+        "-n",
+        "--memory-connections",
+        type=_positive(int),
+        default=argparse.SUPPRESS,
+        metavar="N",
+        help="connections the worker holds (default: 2000)",
+    )
+    memory.add_argument(
+        "--settings",
+        default=argparse.SUPPRESS,
+        help="comma-separated BITS/LEVEL or none (default: 15/8 down to 9/2, and none)",
+    )
     reload = commands.add_parser("reload", help="rolling restart of the workers (SIGHUP)")
     _add_control_options(reload)
     reload.add_argument(
@@ -352,66 +365,55 @@ def run_control(args: argparse.Namespace) -> int:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    """``wsfleet bench URL``: the load client."""
+    """``wsfleet bench URL`` (the load client) or ``wsfleet bench memory [MESSAGES]``."""
+    given = vars(args)
+    url_options = [flags[-1] for flags, *_ in BENCH_URL_OPTIONS] + ["--compression"]
+    if args.target == "memory":
+        if wrong := [o for o in url_options if o[2:].replace("-", "_") in given]:
+            fail(f"bench memory: {', '.join(wrong)} go with bench URL", EXIT_USAGE)
+        return run_bench_memory(args)
+    if wrong := [flag for o, flag in BENCH_MEMORY_OPTIONS.items() if given.get(o) is not None]:
+        fail(f"bench: {', '.join(wrong)} go with bench memory", EXIT_USAGE)
+    if not args.target.startswith(("ws://", "wss://")):
+        fail(f"bench: expected a ws:// URL or memory, got {args.target!r}", EXIT_USAGE)
+    options = {
+        flags[-1][2:].replace("-", "_"): default for flags, _, default, *_ in BENCH_URL_OPTIONS
+    }
+    options.update({k: v for k, v in given.items() if k in options})
     from . import bench
 
-    if not args.url.startswith(("ws://", "wss://")):
-        fail(f"bench: expected a ws:// URL, got {args.url!r}", EXIT_USAGE)
     report = bench.run(
-        args.url,
-        connections=args.connections,
-        in_flight=args.in_flight,
-        size=args.size,
-        duration=args.duration,
-        processes=args.processes,
-        compression=args.compression,
-        progress=args.duration > 3 and sys.stderr.isatty() and not args.json,
+        args.target,
+        compression=given.get("compression", "none"),
+        progress=options["duration"] > 3 and sys.stderr.isatty() and not args.json,
+        **options,
     )
     print(bench.format_report(report, args.json))
     return 0 if report.messages else EXIT_RUNTIME
 
 
-def run_bench_memory(argv: Sequence[str]) -> int:
-    """``wsfleet bench memory [MESSAGES]``: memory and compression by deflate setting."""
+def run_bench_memory(args: argparse.Namespace) -> int:
+    """Memory and compression by deflate setting."""
     from . import bench
 
-    parser = _Parser(
-        prog="wsfleet bench memory",
-        description="For each permessage-deflate setting (window bits / memory level) and "
-        "without compression: the compressed size and compression time of typical messages "
-        "relative to websockets' default (12/5), and the memory per connection of a worker "
-        "holding N connections that exchanged them (tracemalloc inside, RSS/USS outside).",
-    )
-    parser.add_argument(
-        "messages",
-        nargs="?",
-        help="a JSON-lines file (one message a line) or a directory (one message a file); "
-        "default: a synthetic sample of chat-like JSON messages",
-    )
-    parser.add_argument("-n", "--connections", type=_positive(int), default=2000, metavar="N")
-    parser.add_argument(
-        "--settings",
-        default=",".join(bench.SETTINGS),
-        help="comma-separated BITS/LEVEL or none (default: %(default)s)",
-    )
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    args = parser.parse_args(argv)
-    settings = args.settings.split(",")
+    settings = args.settings.split(",") if "settings" in args else list(bench.SETTINGS)
     for setting in settings:
         if setting != "none" and not re.fullmatch(r"(9|1[0-5])/[1-9]", setting):
-            parser.error(f"--settings: {setting!r} is not BITS/LEVEL (9-15/1-9) or none")
+            fail(
+                f"bench memory: --settings: {setting!r} is not BITS/LEVEL (9-15/1-9) or none",
+                EXIT_USAGE,
+            )
     if args.messages and not os.path.exists(args.messages):
         fail(f"bench memory: no such file or directory: {args.messages}", EXIT_USAGE)
+    connections = getattr(args, "memory_connections", 2000)
     progress = sys.stderr.isatty() and not args.json
-    report = bench.run_memory(args.messages, args.connections, settings, progress)
+    report = bench.run_memory(args.messages, connections, settings, progress)
     print(bench.format_memory(report, args.json))
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:2] == ["bench", "memory"]:
-        return run_bench_memory(argv[2:])
     if argv[:1] == ["rolling-restart"]:
         from . import rolling
 
