@@ -88,6 +88,9 @@ def test_start_serves_with_titles_and_status(spawn, tmp_path: Path) -> None:
     text = run_wsfleet(["status", "--pidfile", master.pidfile])
     assert text.returncode == 0
     assert text.stdout.count("\nworker ") == 3 and "\nmaster " in text.stdout
+    # Connection counts come with heartbeats: the status says how old they may be.
+    assert "connections: as each worker last reported (every 1s)" in text.stdout
+    assert "last rolling restart: none yet" in text.stdout
 
 
 def test_status_counts_open_connections(spawn, tmp_path: Path) -> None:
