@@ -363,7 +363,7 @@ def test_a_draining_worker_is_killed_at_its_drain_limit(why: str) -> None:
     h.settle()
     assert old.state is WorkerState.DRAINING
     limit = cfg.drain_limit(h.config)
-    assert limit == 3 + cfg.CLOSE_TIMEOUT + 1
+    assert limit == 3 + h.config.close_timeout + 1
     h.advance(limit - 0.2, silent=(old,))
     assert (old.pid, signal.SIGKILL) not in h.procs.signals
     h.advance(0.3, silent=(old,))
@@ -502,7 +502,7 @@ def test_a_draining_worker_keeps_the_drain_limit_it_was_started_with() -> None:
     h.fleet.start_restart(cfg.Config(workers=1, graceful_timeout=5))
     h.ready(h.fleet.slots[0].replacement)  # type: ignore[arg-type]
     assert old.state is WorkerState.DRAINING
-    h.advance(5 + cfg.CLOSE_TIMEOUT + 2, silent=(old,))
+    h.advance(5 + h.config.close_timeout + 2, silent=(old,))
     assert (old.pid, signal.SIGKILL) not in h.procs.signals
     h.advance(60, silent=(old,))
     assert (old.pid, signal.SIGKILL) in h.procs.signals

@@ -73,6 +73,20 @@ def _positive_seconds(value: object) -> float:
     return number
 
 
+def _origins(value: object) -> tuple[str, ...]:
+    """Origin values, comma-separated (or a TOML list): scheme://host[:port] each."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+        raise ValueError(f"expected a comma-separated list of origins, got {value!r}")
+    origins = tuple(item.strip() for item in items)
+    for origin in origins:
+        if not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/\s,]+", origin):
+            raise ValueError(
+                f"expected origins such as 'https://example.com', got {origin!r} in {value!r}"
+            )
+    return origins
+
+
 def _text(value: object) -> str:
     if not isinstance(value, str):
         raise ValueError(f"expected a string, got {value!r}")
@@ -198,6 +212,44 @@ class Config:
         commands=frozenset({"start"}),
         metavar="S",
     )
+    max_connections: int = option(
+        10_000,
+        "connections per worker; at the limit a new handshake gets 503 with Retry-After at "
+        "once, open connections untouched; 0: no limit (docs/memory.md says why 10,000)",
+        parse=_integer(0),
+        metavar="N",
+    )
+    origins: tuple[str, ...] | None = option(
+        None,
+        "comma-separated Origin values allowed; a handshake with another Origin gets 403; one "
+        "without Origin (not a browser) is accepted",
+        parse=_origins,
+        metavar="LIST",
+    )
+    open_timeout: float = option(
+        10.0, "seconds a client may take to complete its handshake", parse=_seconds, metavar="S"
+    )
+    ping_interval: float = option(
+        20.0, "seconds between keepalive pings; 0 turns pings off", parse=_seconds, metavar="S"
+    )
+    ping_timeout: float = option(
+        20.0,
+        "seconds to wait for a pong before closing with 1011; 0: wait forever",
+        parse=_seconds,
+        metavar="S",
+    )
+    close_timeout: float = option(
+        10.0,
+        "seconds to wait for the client's answer to a close frame before dropping it",
+        parse=_seconds,
+        metavar="S",
+    )
+    server_header: str | None = option(
+        None,
+        "the Server header of every response; '' omits it (default: websockets')",
+        parse=_text,
+        metavar="TEXT",
+    )
     health_path: str = option(
         "/health/",
         "plain HTTP GET path answering 200 while serving and 503 while draining; '' disables",
@@ -279,8 +331,6 @@ class Config:
     )
 
 
-# websockets' close_timeout, which a draining worker applies to every connection (worker.py).
-CLOSE_TIMEOUT = 10.0
 KILL_MARGIN = 1.0  # what the master adds to a worker's own deadlines before it kills
 
 
@@ -292,7 +342,7 @@ def heartbeat_interval(config: Config) -> float:
 def drain_limit(config: Config) -> float:
     """How long a draining worker may live: its graceful timeout aborts what is left, then
     its connections' close timeout, then a margin; the master kills it after that."""
-    return config.graceful_timeout + CLOSE_TIMEOUT + KILL_MARGIN
+    return config.graceful_timeout + config.close_timeout + KILL_MARGIN
 
 
 FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(Config)}
@@ -368,6 +418,7 @@ _TOML_TYPES: dict[str, tuple[type | tuple[type, ...], str]] = {
     "float": ((int, float), "a number"),
     "str": (str, "a string"),
     "bool": (bool, "a boolean"),
+    "tuple[str, ...]": ((str, list), "a string or a list of strings"),
 }
 
 

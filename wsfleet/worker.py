@@ -31,7 +31,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 
 from . import channel, control, logs
-from .config import CLOSE_TIMEOUT, Config, heartbeat_interval
+from .config import Config, heartbeat_interval
 from .connection import Connection
 from .sockets import sock_address
 
@@ -101,13 +101,22 @@ def websockets_options(config: Config) -> dict[str, Any]:
                 compress_settings={"memLevel": config.memory_level},
             )
         ]
-    return {
+    options: dict[str, Any] = {
         "compression": None,  # the extension list above says it all
         "extensions": extensions,
         "max_size": config.max_size,
         "max_queue": config.max_queue,
         "write_limit": config.write_limit,
+        "open_timeout": config.open_timeout,
+        "ping_interval": config.ping_interval or None,  # 0: off, which websockets says None
+        "ping_timeout": config.ping_timeout or None,
+        "close_timeout": config.close_timeout,
     }
+    if config.server_header is not None:  # else websockets' own
+        options["server_header"] = config.server_header or None  # None: no header
+    if config.origins is not None:
+        options["origins"] = [*config.origins, None]  # None: no Origin (not a browser) is fine
+    return options
 
 
 def describe_compression(config: Config) -> str:
@@ -302,6 +311,13 @@ class Worker:
             if self.draining:
                 return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
             return connection.respond(http.HTTPStatus.OK, "OK\n")
+        limit = self.config.max_connections
+        if limit and len(self.connections) >= limit:
+            response = connection.respond(
+                http.HTTPStatus.SERVICE_UNAVAILABLE, "too many connections: retry later\n"
+            )
+            response.headers["Retry-After"] = "1"  # another worker, or this one, then
+            return response
         return None
 
     def _spawn(self, coro: Any) -> None:
@@ -438,8 +454,10 @@ class Worker:
             if not send_close_now(websocket, code, reason):
                 self._spawn(websocket.close(code, reason))
         # What close() would do per connection, once for all: a peer that has not ended its
-        # connection CLOSE_TIMEOUT after the close frame is dropped.
-        lingering = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self._abort_connections)
+        # connection close_timeout after the close frame is dropped.
+        lingering = asyncio.get_running_loop().call_later(
+            self.config.close_timeout, self._abort_connections
+        )
         try:
             async with asyncio.timeout(self.config.graceful_timeout):
                 for server in self.servers:

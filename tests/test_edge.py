@@ -1,0 +1,132 @@
+"""SPEC, "At the edge": the options an operator sets where nginx or gunicorn stood, with real
+worker processes and real clients on 127.0.0.1."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
+
+from .helpers import raw_connect, read_http_response, run_wsfleet, upgrade_request, wait_for
+from .test_master import Master, echo_once
+from .test_worker import start_worker
+
+
+def test_max_connections_answers_503_with_retry_after(spawn) -> None:
+    _, port = start_worker(spawn, "--max-connections", "2")
+    url = f"ws://127.0.0.1:{port}/"
+    with connect(url) as first, connect(url) as second:
+        for ws in (first, second):
+            ws.send("in")
+            assert ws.recv(timeout=5) == "in"  # both handlers run: the limit is reached
+        with pytest.raises(InvalidStatus) as refused:
+            connect(url, open_timeout=5)
+        assert refused.value.response.status_code == 503
+        assert refused.value.response.headers["Retry-After"] == "1"
+        first.send("untouched")
+        assert first.recv(timeout=5) == "untouched"
+    # Below the limit again: accepted.
+    wait_for(lambda: _accepts(url), what="a connection to be accepted again")
+
+
+def _accepts(url: str) -> bool:
+    with contextlib.suppress(InvalidStatus), connect(url, open_timeout=5) as ws:
+        ws.send("x")
+        return ws.recv(timeout=5) == "x"
+    return False
+
+
+def test_max_connections_through_the_master(spawn, tmp_path: Path) -> None:
+    master = Master(spawn, tmp_path, "-w", "1", "--max-connections", "1")
+    with connect(master.url) as ws:
+        ws.send("x")
+        ws.recv(timeout=5)
+        with pytest.raises(InvalidStatus) as refused:
+            connect(master.url, open_timeout=5)
+        assert refused.value.response.status_code == 503
+
+
+def test_origins_are_checked_and_a_missing_origin_is_accepted(spawn) -> None:
+    _, port = start_worker(spawn, "--origins", "https://a.example, https://b.example:8443")
+    url = f"ws://127.0.0.1:{port}/"
+    for origin in ("https://a.example", "https://b.example:8443", None):
+        with connect(url, origin=origin) as ws:  # type: ignore[arg-type]
+            ws.send("ok")
+            assert ws.recv(timeout=5) == "ok"
+    with pytest.raises(InvalidStatus) as refused:
+        connect(url, origin="https://evil.example")  # type: ignore[arg-type]
+    assert refused.value.response.status_code == 403
+
+
+TIMEOUTS_APP = """
+async def handler(websocket):
+    async for message in websocket:
+        await websocket.send(
+            repr((websocket.ping_interval, websocket.ping_timeout, websocket.close_timeout))
+        )
+"""
+
+
+def test_timeouts_reach_websockets(spawn, tmp_path: Path) -> None:
+    (tmp_path / "app.py").write_text(TIMEOUTS_APP)
+    _, port = start_worker(
+        spawn,
+        "--app",
+        "app:handler",
+        "--ping-interval",
+        "0",
+        "--ping-timeout",
+        "7",
+        "--close-timeout",
+        "3",
+        "--open-timeout",
+        "1",
+        cwd=tmp_path,
+    )
+    with connect(f"ws://127.0.0.1:{port}/") as ws:
+        ws.send("?")
+        assert ws.recv(timeout=5) == "(None, 7.0, 3.0)"  # 0 turns pings off
+    with raw_connect(port, timeout=10) as sock:  # never sends its handshake
+        started = time.monotonic()
+        with contextlib.suppress(ConnectionResetError):
+            assert sock.recv(1) == b""
+        assert time.monotonic() - started < 5  # --open-timeout 1, not websockets' 10
+
+
+@pytest.mark.parametrize(("value", "expected"), [("", None), ("edge/1", b"edge/1")])
+def test_server_header(spawn, value: str, expected: bytes | None) -> None:
+    _, port = start_worker(spawn, "--server-header", value)
+    with raw_connect(port) as sock:
+        sock.sendall(upgrade_request())
+        status, head, _ = read_http_response(sock)
+    assert status == 101
+    servers = [line for line in head.split(b"\r\n") if line.lower().startswith(b"server:")]
+    assert servers == ([] if expected is None else [b"Server: " + expected])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--origins", "a.example"], "argument --origins: expected origins such as"),
+        (["--origins", "https://a.example,"], "expected origins such as"),
+        (["--max-connections", "-1"], "argument --max-connections: expected an integer"),
+        (["--close-timeout", "soon"], "argument --close-timeout: expected a non-negative"),
+    ],
+)
+def test_bad_edge_values_are_exit_2_on_one_line(args: list[str], message: str) -> None:
+    result = run_wsfleet(["worker", *args])
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and message in result.stderr
+
+
+def test_origins_from_a_toml_list(spawn, tmp_path: Path) -> None:
+    toml = tmp_path / "edge.toml"
+    toml.write_text('origins = ["https://a.example"]\nmax_connections = 5\n')
+    master = Master(spawn, tmp_path, "-w", "1", "--config", str(toml))
+    assert echo_once(master.url) == "hi"
+    with pytest.raises(InvalidStatus):
+        connect(master.url, origin="https://b.example")  # type: ignore[arg-type]
