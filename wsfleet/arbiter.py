@@ -589,6 +589,10 @@ class Arbiter:
         self.fleet = Fleet(config, self)
         self.selector = selectors.DefaultSelector()
         self.address = ""
+        self.url = ""
+        # Loaded here, inherited by every worker forked after: a reload whose certificate
+        # files do not load keeps serving the ones that did.
+        self.tls = sockets.server_context(config)
         self.started = time.time()
         self.status_server: socket.socket | None = None
         self.pidfile: control.Pidfile | None = None
@@ -604,6 +608,7 @@ class Arbiter:
                 self.pidfile = control.Pidfile(self.config.pidfile)
             first = sockets.bind_exclusive(self.config.host, self.config.port, self.config.backlog)
             self.address = sockets.sock_address(first)
+            self.url = f"{cfg.scheme(self.config)}://{self.address}"
             rest = [self.open_slot(index) for index in range(1, self.config.workers)]
             setproctitle(f"wsfleet: master [{self.address}]")
             # Handlers before the first fork: a signal between fork and set-up would orphan.
@@ -612,10 +617,10 @@ class Arbiter:
             if self.status_server is not None:
                 self.selector.register(self.status_server, selectors.EVENT_READ, "status")
             log.info(
-                "master %d starting %d workers on ws://%s (app %s)",
+                "master %d starting %d workers on %s (app %s)",
                 os.getpid(),
                 self.config.workers,
-                self.address,
+                self.url,
                 self.config.app,
             )
             preload(self.config)
@@ -707,6 +712,12 @@ class Arbiter:
         except cfg.ConfigError as exc:
             log.error("reload: configuration not reloaded: %s", exc)
             return self.fleet.config, str(exc)
+        try:
+            tls = sockets.server_context(new)  # rotated certificate files must load
+        except ValueError as exc:
+            log.error("reload: configuration not reloaded: %s", exc)
+            return self.fleet.config, str(exc)
+        self.tls = tls
         for name in ("host", "port", "backlog"):
             if getattr(new, name) != getattr(self.fleet.config, name):
                 log.warning("reload: a change of %s needs a full restart; ignored", name)
@@ -803,8 +814,8 @@ class Arbiter:
         return channel.send(worker.channel, message, fds)
 
     def all_ready(self) -> None:
-        print(control.ready_line(self.address), file=sys.stderr, flush=True)
-        control.notify_ready(self.address)
+        print(control.ready_line(self.url), file=sys.stderr, flush=True)
+        control.notify_ready(self.url)
 
     # Inside a new worker
 
@@ -843,7 +854,8 @@ class Arbiter:
             channel.send(worker_end, {"t": "error", "message": str(exc)})
             return EXIT_APP
         config = self.fleet.config
-        return worker.run(config, worker.Worker(config, slot.sock, handler, worker_end).run())
+        serving = worker.Worker(config, slot.sock, handler, worker_end, self.tls)
+        return worker.run(config, serving.run())
 
     # Shutting down
 
@@ -875,7 +887,7 @@ class Arbiter:
     def status(self) -> dict[str, Any]:
         status = self.fleet.status()
         status["master"]["age"] = round(time.time() - self.started, 1)
-        status["master"]["address"] = f"ws://{self.address}"
+        status["master"]["address"] = self.url
         return status
 
 

@@ -291,7 +291,7 @@ def run_worker(config: cfg.Config) -> int:
         fail(f"cannot listen on {config.host}:{config.port}: {exc}", EXIT_RUNTIME)
     setproctitle(f"wsfleet: worker [{sockets.sock_address(sock)}]")
     sockets.raise_fd_limit()
-    return run(config, Worker(config, sock, handler).run())
+    return run(config, Worker(config, sock, handler, tls=sockets.server_context(config)).run())
 
 
 def run_master(config: cfg.Config, args: argparse.Namespace) -> int:
@@ -427,6 +427,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except cfg.ConfigError as exc:
             fail(str(exc), EXIT_USAGE)
     config = load_config(args.command, args)
+    try:
+        sockets.server_context(config)  # the certificate and key load, or exit 2 naming them
+    except ValueError as exc:
+        fail(str(exc), EXIT_USAGE)
     if config.loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
         fail("--loop uvloop: uvloop is not installed (pip install uvloop)", EXIT_USAGE)
     setup_logging(config)

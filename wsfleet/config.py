@@ -212,6 +212,18 @@ class Config:
         commands=frozenset({"start"}),
         metavar="S",
     )
+    certfile: str | None = option(
+        None,
+        "serve TLS (wss://) with this certificate chain (PEM); a HUP re-reads it",
+        parse=_optional_path,
+        metavar="FILE",
+    )
+    keyfile: str | None = option(
+        None,
+        "the private key of --certfile (PEM), unless that file holds it",
+        parse=_optional_path,
+        metavar="FILE",
+    )
     max_connections: int = option(
         10_000,
         "connections per worker; at the limit a new handshake gets 503 with Retry-After at "
@@ -332,6 +344,10 @@ class Config:
 
 
 KILL_MARGIN = 1.0  # what the master adds to a worker's own deadlines before it kills
+
+
+def scheme(config: Config) -> str:
+    return "wss" if config.certfile else "ws"
 
 
 def heartbeat_interval(config: Config) -> float:

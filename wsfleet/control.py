@@ -113,12 +113,12 @@ class Pidfile:
         os.close(self.fd)
 
 
-def ready_line(address: str) -> str:
+def ready_line(url: str) -> str:
     """The line printed once every worker accepts (READY parses it): scripts wait for it."""
-    return f"listening on ws://{address}"
+    return f"listening on {url}"
 
 
-READY = re.compile(r"listening on ws://(\S+):(\d+)")
+READY = re.compile(r"listening on wss?://(\S+):(\d+)")
 FAILED = re.compile(r"failed (\d+) (.*)")  # what a detached master that cannot start says
 
 _ready_fd: int | None = None
@@ -145,12 +145,12 @@ def notify_failure(message: str, status: int) -> None:
         _ready_fd = None
 
 
-def notify_ready(address: str) -> None:
+def notify_ready(url: str) -> None:
     """Tell whoever waits that the master accepts: a --daemon parent, or systemd."""
     global _ready_fd
     if _ready_fd is not None:
         with contextlib.suppress(OSError):
-            os.write(_ready_fd, f"{ready_line(address)}\n".encode())
+            os.write(_ready_fd, f"{ready_line(url)}\n".encode())
             os.close(_ready_fd)
         _ready_fd = None
     target = os.environ.get("NOTIFY_SOCKET")

@@ -5,7 +5,10 @@ from __future__ import annotations
 import errno
 import resource
 import socket
+import ssl
 from typing import Any
+
+from .config import Config
 
 
 class AddressInUse(Exception):
@@ -76,6 +79,31 @@ def _resolve(host: str, port: int) -> tuple[socket.AddressFamily, int, int, Any]
         raise OSError(f"cannot resolve host {host!r}: {exc.strerror}") from None
     family, type_, proto, _, address = infos[0]
     return family, type_, proto, address
+
+
+def server_context(config: Config) -> ssl.SSLContext | None:
+    """The TLS context of --certfile/--keyfile (None without them); ValueError names the file
+    that is missing, unreadable, or not the certificate's key."""
+    if config.keyfile and not config.certfile:
+        raise ValueError(f"--keyfile {config.keyfile} needs --certfile")
+    if not config.certfile:
+        return None
+    for flag, path in (("--certfile", config.certfile), ("--keyfile", config.keyfile)):
+        if path is not None:
+            try:
+                open(path, "rb").close()
+            except OSError as exc:
+                raise ValueError(f"{flag} {path}: {exc.strerror}") from None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(config.certfile, config.keyfile)
+    except ssl.SSLError as exc:
+        key = f"--keyfile {config.keyfile}" if config.keyfile else "the key in it"
+        raise ValueError(
+            f"--certfile {config.certfile} with {key}: not a certificate and its private key "
+            f"({exc.reason or exc})"
+        ) from None
+    return context
 
 
 def from_fd(fd: int) -> socket.socket:

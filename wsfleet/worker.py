@@ -19,6 +19,7 @@ import os
 import resource
 import signal
 import socket
+import ssl
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -31,7 +32,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 
 from . import channel, control, logs
-from .config import Config, heartbeat_interval
+from .config import Config, heartbeat_interval, scheme
 from .connection import Connection
 from .sockets import sock_address
 
@@ -213,12 +214,15 @@ class Worker:
         sock: socket.socket,
         handler: Handler,
         channel: socket.socket | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.config = config
         self.sock = sock
         self.handler = handler
         self.channel = channel
         self.address = sock_address(sock)
+        self.url = f"{scheme(config)}://{self.address}"
+        self.ssl = tls
         self.connections: set[ServerConnection] = set()
         self.draining = False
         self.drain_code: int = CloseCode.GOING_AWAY
@@ -272,7 +276,7 @@ class Worker:
             )
         if self.channel is None:
             # The readiness line that scripts and tests wait for; always on stderr.
-            print(control.ready_line(self.address), file=sys.stderr, flush=True)
+            print(control.ready_line(self.url), file=sys.stderr, flush=True)
         else:
             loop.add_reader(self.channel, self._on_message)
             self._send({"t": "ready"})
@@ -286,6 +290,7 @@ class Worker:
             # asyncio calls listen() again on the socket, with 100 unless told otherwise.
             backlog=self.config.backlog,
             process_request=self._process_request,
+            ssl=self.ssl,
             create_connection=Connection,
             **websockets_options(self.config),
         )

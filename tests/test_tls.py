@@ -1,0 +1,138 @@
+"""TLS (--certfile/--keyfile) with certificates that trustme makes for each test: none is
+committed. Real processes, real TLS clients on 127.0.0.1."""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trustme
+from websockets.sync.client import connect
+
+from .helpers import run_wsfleet
+from .test_master import Master
+
+
+@dataclass
+class Certs:
+    ca: trustme.CA
+    certfile: Path
+    keyfile: Path
+    client: ssl.SSLContext
+
+    def issue(self) -> None:
+        """A new certificate from the same CA in the same files, as a rotation does."""
+        cert = self.ca.issue_cert("127.0.0.1", "localhost")
+        cert.private_key_pem.write_to_path(str(self.keyfile))
+        self.certfile.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+
+
+@pytest.fixture
+def certs(tmp_path: Path) -> Certs:
+    ca = trustme.CA()
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    made = Certs(ca, tmp_path / "cert.pem", tmp_path / "key.pem", client)
+    made.issue()
+    return made
+
+
+def served_certificate(port: int, client: ssl.SSLContext) -> bytes:
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        client.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return der
+
+
+def test_a_worker_serves_wss_and_its_health_path_over_tls(spawn, certs: Certs) -> None:
+    proc = spawn(
+        "worker", "--port", "0", "--certfile", str(certs.certfile), "--keyfile", str(certs.keyfile)
+    )
+    port = proc.wait_ready()
+    proc.wait_line(rf"listening on wss://127.0.0.1:{port}")
+    with connect(f"wss://127.0.0.1:{port}/", ssl=certs.client) as ws:
+        ws.send("secret")
+        assert ws.recv(timeout=5) == "secret"
+    health = http.client.HTTPSConnection("127.0.0.1", port, context=certs.client, timeout=10)
+    try:
+        health.request("GET", "/health/")
+        assert health.getresponse().status == 200
+    finally:
+        health.close()
+
+
+def test_a_reload_serves_rotated_certificates(spawn, tmp_path: Path, certs: Certs) -> None:
+    master = Master(
+        spawn,
+        tmp_path,
+        "-w",
+        "2",
+        "--certfile",
+        str(certs.certfile),
+        "--keyfile",
+        str(certs.keyfile),
+    )
+    assert master.status()["master"]["address"].startswith("wss://")
+    before = served_certificate(master.port, certs.client)
+    certs.issue()
+    result = run_wsfleet(["reload", "--wait", "--pidfile", master.pidfile], timeout=60)
+    assert result.returncode == 0, result.stderr
+    master.wait_workers(2)
+    assert served_certificate(master.port, certs.client) != before
+    with connect(f"wss://127.0.0.1:{master.port}/", ssl=certs.client) as ws:
+        ws.send("rotated")
+        assert ws.recv(timeout=5) == "rotated"
+
+
+def test_a_reload_with_broken_certificate_files_keeps_serving_the_old_ones(
+    spawn, tmp_path: Path, certs: Certs
+) -> None:
+    master = Master(
+        spawn,
+        tmp_path,
+        "-w",
+        "1",
+        "--certfile",
+        str(certs.certfile),
+        "--keyfile",
+        str(certs.keyfile),
+    )
+    before = served_certificate(master.port, certs.client)
+    certs.keyfile.write_text("not a key\n")
+    result = run_wsfleet(["reload", "--wait", "--pidfile", master.pidfile], timeout=60)
+    assert result.returncode == 1
+    assert "done with the old configuration: --certfile" in result.stderr
+    assert served_certificate(master.port, certs.client) == before
+
+
+@pytest.mark.parametrize(
+    ("which", "message"),
+    [
+        ("missing", "--certfile {dir}/nope.pem: No such file or directory"),
+        ("mismatched", "not a certificate and its private key"),
+        ("key only", "--keyfile {dir}/key.pem needs --certfile"),
+    ],
+)
+def test_bad_certificate_files_are_exit_2_naming_them(
+    tmp_path: Path, certs: Certs, which: str, message: str
+) -> None:
+    if which == "missing":
+        args = ["--certfile", str(tmp_path / "nope.pem"), "--keyfile", str(certs.keyfile)]
+    elif which == "mismatched":
+        other = certs.ca.issue_cert("127.0.0.1")
+        other.private_key_pem.write_to_path(str(tmp_path / "other.pem"))
+        args = ["--certfile", str(certs.certfile), "--keyfile", str(tmp_path / "other.pem")]
+    else:
+        args = ["--keyfile", str(certs.keyfile)]
+    for command in ("worker", "start"):
+        result = run_wsfleet([command, "--port", "0", *args])
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().count("\n") == 0
+        assert message.format(dir=tmp_path) in result.stderr
