@@ -130,3 +130,36 @@ def test_origins_from_a_toml_list(spawn, tmp_path: Path) -> None:
     assert echo_once(master.url) == "hi"
     with pytest.raises(InvalidStatus):
         connect(master.url, origin="https://b.example")  # type: ignore[arg-type]
+
+
+def test_access_log_has_one_line_per_handshake_and_per_close(spawn, tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+    _, port = start_worker(spawn, "--access-log", "--log-file", str(log))
+    with connect(f"ws://127.0.0.1:{port}/chat?room=1") as ws:
+        client_port = ws.local_address[1]
+        for message in ("a", "b", "c"):
+            ws.send(message)
+            ws.recv(timeout=5)
+    health = raw_connect(port)
+    with health:
+        health.sendall(b"GET /health/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_http_response(health)[0] == 200
+
+    def lines() -> list[str]:
+        return [line for line in log.read_text().splitlines() if "wsfleet.access" in line]
+
+    wait_for(lambda: len(lines()) == 3, what="three access log lines")
+    handshake, closed, probe = lines()
+    assert f'127.0.0.1:{client_port} "GET /chat?room=1" 101' in handshake
+    assert f"127.0.0.1:{client_port} /chat?room=1 closed 1000 after " in closed
+    assert closed.endswith(", 3 in, 3 out")
+    assert '"GET /health/" 200' in probe
+
+
+def test_no_access_log_by_default(spawn, tmp_path: Path) -> None:
+    log = tmp_path / "w.log"
+    _, port = start_worker(spawn, "--log-file", str(log))
+    with connect(f"ws://127.0.0.1:{port}/") as ws:
+        ws.send("x")
+        ws.recv(timeout=5)
+    assert "wsfleet.access" not in log.read_text()

@@ -329,6 +329,12 @@ class Config:
         parse=_boolean,
         commands=frozenset({"start"}),
     )
+    access_log: bool = option(
+        False,
+        "log each handshake (client, path, HTTP status) and each closed connection (close "
+        "code, duration, messages in and out) to the logger wsfleet.access",
+        parse=_boolean,
+    )
     log_level: str = option(
         "info",
         "debug, info, warning, error or critical",

@@ -29,6 +29,7 @@ a send, while more of its client's messages are buffered, loses that send unless
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from websockets.asyncio.server import ServerConnection
@@ -108,3 +109,24 @@ class Connection(ServerConnection):
             self.transport.write(writes[0])
         else:
             self.transport.writelines(writes)
+
+
+class CountedConnection(Connection):
+    """A Connection that counts the messages the app receives and sends, for --access-log
+    (a coroutine more per message, which is why it is not the default class)."""
+
+    __slots__ = ("messages_in", "messages_out", "opened")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.messages_in = self.messages_out = 0
+        self.opened = time.monotonic()
+
+    async def recv(self, decode: bool | None = None) -> Any:
+        message = await super().recv(decode)
+        self.messages_in += 1
+        return message
+
+    async def send(self, message: Any, *, text: bool | None = None) -> None:
+        await super().send(message, text=text)
+        self.messages_out += 1

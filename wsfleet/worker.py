@@ -21,6 +21,7 @@ import signal
 import socket
 import ssl
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -33,12 +34,19 @@ from websockets.protocol import State
 
 from . import channel, control, logs
 from .config import Config, heartbeat_interval, scheme
-from .connection import Connection
-from .sockets import sock_address
+from .connection import Connection, CountedConnection
+from .sockets import format_address, sock_address
 
 Handler = Callable[[ServerConnection], Awaitable[None]]
 
 log = logging.getLogger("wsfleet.worker")
+access = logging.getLogger("wsfleet.access")
+
+
+def client_of(connection: ServerConnection) -> str:
+    """The peer's address, host:port (IPv6 in brackets)."""
+    peer = connection.remote_address
+    return format_address(peer) if peer else "-"
 
 
 class AppError(Exception):
@@ -290,8 +298,9 @@ class Worker:
             # asyncio calls listen() again on the socket, with 100 unless told otherwise.
             backlog=self.config.backlog,
             process_request=self._process_request,
+            process_response=self._log_handshake if self.config.access_log else None,
             ssl=self.ssl,
-            create_connection=Connection,
+            create_connection=CountedConnection if self.config.access_log else Connection,
             **websockets_options(self.config),
         )
         self.servers.append(server)
@@ -309,6 +318,26 @@ class Worker:
             pass  # the client left, or a drain closed it: not the app's error
         finally:
             self.connections.discard(websocket)
+            if isinstance(websocket, CountedConnection):
+                self._log_close(websocket)
+
+    def _log_handshake(
+        self, connection: ServerConnection, request: Request, response: Response
+    ) -> None:
+        access.info('%s "GET %s" %d', client_of(connection), request.path, response.status_code)
+
+    def _log_close(self, websocket: CountedConnection) -> None:
+        # The handler may return before the closing handshake ends: say what is known then.
+        code = websocket.close_code if websocket.close_code is not None else "open"
+        access.info(
+            "%s %s closed %s after %.3fs, %d in, %d out",
+            client_of(websocket),
+            websocket.request.path if websocket.request else "-",
+            code,
+            time.monotonic() - websocket.opened,
+            websocket.messages_in,
+            websocket.messages_out,
+        )
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path = self.config.health_path
