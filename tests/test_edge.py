@@ -136,7 +136,6 @@ def test_access_log_has_one_line_per_handshake_and_per_close(spawn, tmp_path: Pa
     log = tmp_path / "access.log"
     _, port = start_worker(spawn, "--access-log", "--log-file", str(log))
     with connect(f"ws://127.0.0.1:{port}/chat?room=1") as ws:
-        client_port = ws.local_address[1]
         for message in ("a", "b", "c"):
             ws.send(message)
             ws.recv(timeout=5)
@@ -150,8 +149,8 @@ def test_access_log_has_one_line_per_handshake_and_per_close(spawn, tmp_path: Pa
 
     wait_for(lambda: len(lines()) == 3, what="three access log lines")
     handshake, closed, probe = lines()
-    assert f'127.0.0.1:{client_port} "GET /chat?room=1" 101' in handshake
-    assert f"127.0.0.1:{client_port} /chat?room=1 closed 1000 after " in closed
+    assert '127.0.0.1 "GET /chat?room=1" 101' in handshake
+    assert "127.0.0.1 /chat?room=1 closed 1000 after " in closed
     assert closed.endswith(", 3 in, 3 out")
     assert '"GET /health/" 200' in probe
 
@@ -163,3 +162,42 @@ def test_no_access_log_by_default(spawn, tmp_path: Path) -> None:
         ws.send("x")
         ws.recv(timeout=5)
     assert "wsfleet.access" not in log.read_text()
+
+
+CLIENT_APP = """
+import wsfleet
+
+
+async def handler(websocket):
+    async for message in websocket:
+        await websocket.send(wsfleet.client_address(websocket))
+"""
+
+
+@pytest.mark.parametrize(
+    ("allowed", "expected"),
+    [
+        (None, "203.0.113.9"),  # the default trusts 127.0.0.1: the last entry counts
+        ("10.0.0.0/8", "127.0.0.1"),  # the peer is not trusted: the header is ignored
+        ("*", "203.0.113.9"),
+    ],
+)
+def test_client_address_behind_a_trusted_proxy(
+    spawn, tmp_path: Path, allowed: str | None, expected: str
+) -> None:
+    (tmp_path / "app.py").write_text(CLIENT_APP)
+    options = [] if allowed is None else ["--forwarded-allow-ips", allowed]
+    _, port = start_worker(spawn, "--app", "app:handler", *options, cwd=tmp_path)
+    headers = {"X-Forwarded-For": "198.51.100.7, 203.0.113.9"}  # spoofed first, then the proxy's
+    with connect(f"ws://127.0.0.1:{port}/", additional_headers=headers) as ws:
+        ws.send("who?")
+        assert ws.recv(timeout=5) == expected
+    with connect(f"ws://127.0.0.1:{port}/") as ws:  # no header: the peer
+        ws.send("who?")
+        assert ws.recv(timeout=5) == "127.0.0.1"
+
+
+def test_bad_forwarded_allow_ips_is_exit_2() -> None:
+    result = run_wsfleet(["worker", "--forwarded-allow-ips", "127.0.0.1,proxy.local"])
+    assert result.returncode == 2
+    assert "expected IP addresses or networks (or *), got 'proxy.local'" in result.stderr

@@ -5,7 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "run"]
+__all__ = ["__version__", "client_address", "run"]
+
+
+def client_address(websocket: Any) -> str:
+    """The client's IP address as a string: the peer's own, or, when the peer is a proxy that
+    --forwarded-allow-ips trusts, the last entry of the X-Forwarded-For header it set."""
+    from .worker import client_address as find
+
+    return find(websocket)
 
 
 def run(app: Any = "wsfleet.echo:echo", **options: Any) -> int:

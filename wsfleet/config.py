@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import os
 import re
 import tomllib
@@ -85,6 +86,23 @@ def _origins(value: object) -> tuple[str, ...]:
                 f"expected origins such as 'https://example.com', got {origin!r} in {value!r}"
             )
     return origins
+
+
+def _networks(value: object) -> tuple[str, ...]:
+    """IP addresses or networks (CIDR), comma-separated (or a TOML list), or * for any."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+        raise ValueError(f"expected a comma-separated list of IP addresses, got {value!r}")
+    networks = tuple(item.strip() for item in items)
+    for network in networks:
+        if network != "*":
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"expected IP addresses or networks (or *), got {network!r} in {value!r}"
+                ) from None
+    return networks
 
 
 def _text(value: object) -> str:
@@ -236,6 +254,14 @@ class Config:
         "comma-separated Origin values allowed; a handshake with another Origin gets 403; one "
         "without Origin (not a browser) is accepted",
         parse=_origins,
+        metavar="LIST",
+    )
+    forwarded_allow_ips: tuple[str, ...] = option(
+        ("127.0.0.1",),
+        "peers trusted to set X-Forwarded-For (IPs or networks, comma-separated; * for any); "
+        "from them the client address is the header's last entry (access log, "
+        "wsfleet.client_address)",
+        parse=_networks,
         metavar="LIST",
     )
     open_timeout: float = option(

@@ -14,6 +14,7 @@ import contextlib
 import http
 import importlib
 import inspect
+import ipaddress
 import logging
 import os
 import resource
@@ -35,7 +36,7 @@ from websockets.protocol import State
 from . import channel, control, logs
 from .config import Config, heartbeat_interval, scheme
 from .connection import Connection, CountedConnection
-from .sockets import format_address, sock_address
+from .sockets import sock_address
 
 Handler = Callable[[ServerConnection], Awaitable[None]]
 
@@ -43,10 +44,34 @@ log = logging.getLogger("wsfleet.worker")
 access = logging.getLogger("wsfleet.access")
 
 
-def client_of(connection: ServerConnection) -> str:
-    """The peer's address, host:port (IPv6 in brackets)."""
+class Proxies:
+    """Which peers may say who the client is (X-Forwarded-For): --forwarded-allow-ips."""
+
+    def __init__(self, allowed: tuple[str, ...]) -> None:
+        self.any = "*" in allowed
+        self.networks = [ipaddress.ip_network(a, strict=False) for a in allowed if a != "*"]
+
+    def trusts(self, peer: object) -> bool:
+        if not isinstance(peer, tuple) or not peer:  # a Unix socket: the local proxy
+            return True
+        if self.any:
+            return True
+        address = ipaddress.ip_address(peer[0])
+        return any(address in network for network in self.networks)
+
+
+_proxies = Proxies(("127.0.0.1",))  # the worker sets it from its configuration
+
+
+def client_address(connection: ServerConnection) -> str:
+    """The client's address: the last X-Forwarded-For entry when the peer is a trusted proxy,
+    else the peer's own."""
     peer = connection.remote_address
-    return format_address(peer) if peer else "-"
+    if _proxies.trusts(peer) and connection.request is not None:
+        forwarded = ",".join(connection.request.headers.get_all("X-Forwarded-For"))
+        if last := forwarded.rpartition(",")[2].strip():
+            return last
+    return str(peer[0]) if isinstance(peer, tuple) and peer else "unix"
 
 
 class AppError(Exception):
@@ -231,6 +256,8 @@ class Worker:
         self.address = sock_address(sock)
         self.url = f"{scheme(config)}://{self.address}"
         self.ssl = tls
+        global _proxies
+        _proxies = Proxies(config.forwarded_allow_ips)
         self.connections: set[ServerConnection] = set()
         self.draining = False
         self.drain_code: int = CloseCode.GOING_AWAY
@@ -324,14 +351,16 @@ class Worker:
     def _log_handshake(
         self, connection: ServerConnection, request: Request, response: Response
     ) -> None:
-        access.info('%s "GET %s" %d', client_of(connection), request.path, response.status_code)
+        access.info(
+            '%s "GET %s" %d', client_address(connection), request.path, response.status_code
+        )
 
     def _log_close(self, websocket: CountedConnection) -> None:
         # The handler may return before the closing handshake ends: say what is known then.
         code = websocket.close_code if websocket.close_code is not None else "open"
         access.info(
             "%s %s closed %s after %.3fs, %d in, %d out",
-            client_of(websocket),
+            client_address(websocket),
             websocket.request.path if websocket.request else "-",
             code,
             time.monotonic() - websocket.opened,
