@@ -4,6 +4,8 @@ worker processes and real clients on 127.0.0.1."""
 from __future__ import annotations
 
 import contextlib
+import socket
+import struct
 import time
 from pathlib import Path
 
@@ -11,7 +13,17 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from .helpers import raw_connect, read_http_response, run_wsfleet, upgrade_request, wait_for
+from wsfleet.proxy import V2_SIGNATURE
+
+from .helpers import (
+    client_frame,
+    raw_connect,
+    read_http_response,
+    recv_frame,
+    run_wsfleet,
+    upgrade_request,
+    wait_for,
+)
 from .test_master import Master, echo_once
 from .test_worker import start_worker
 
@@ -201,3 +213,49 @@ def test_bad_forwarded_allow_ips_is_exit_2() -> None:
     result = run_wsfleet(["worker", "--forwarded-allow-ips", "127.0.0.1,proxy.local"])
     assert result.returncode == 2
     assert "expected IP addresses or networks (or *), got 'proxy.local'" in result.stderr
+
+
+def proxy_v2(source: str, port: int = 40000) -> bytes:
+    """A PROXY v2 header for a TCP over IPv4 connection from source."""
+    addresses = socket.inet_aton(source) + socket.inet_aton("127.0.0.1")
+    body = addresses + struct.pack("!HH", port, 80)
+    return V2_SIGNATURE + bytes([0x21, 0x11]) + struct.pack("!H", len(body)) + body
+
+
+def ask_client_address(port: int, *chunks: bytes) -> str:
+    """Send the chunks (a PROXY header, in pieces or not), then a handshake; the app's answer."""
+    with raw_connect(port) as sock:
+        for chunk in chunks:
+            sock.sendall(chunk)
+        sock.sendall(upgrade_request())
+        status, _, buffer = read_http_response(sock)
+        assert status == 101
+        sock.sendall(client_frame(1, b"who?"))
+        return recv_frame(sock, buffer)[1].decode()
+
+
+def test_proxy_protocol_v1_and_v2_name_the_client(spawn, tmp_path: Path) -> None:
+    (tmp_path / "app.py").write_text(CLIENT_APP)
+    _, port = start_worker(spawn, "--app", "app:handler", "--proxy-protocol", cwd=tmp_path)
+    v1 = b"PROXY TCP4 192.0.2.10 127.0.0.1 40000 80\r\n"
+    assert ask_client_address(port, v1) == "192.0.2.10"
+    assert ask_client_address(port, v1[:9], v1[9:]) == "192.0.2.10"  # in two reads
+    assert ask_client_address(port, proxy_v2("198.51.100.20")) == "198.51.100.20"
+    assert ask_client_address(port, b"PROXY UNKNOWN\r\n") == "127.0.0.1"  # the peer itself
+
+
+@pytest.mark.parametrize(
+    "header", [b"GET / HTTP/1.1\r\n", b"PROXY TCP4 nobody 127.0.0.1 1 2\r\n", b"PROXY " * 30]
+)
+def test_a_connection_without_a_valid_proxy_header_is_closed(spawn, header: bytes) -> None:
+    proc, port = start_worker(spawn, "--proxy-protocol")
+    with raw_connect(port) as sock:
+        sock.sendall(header)
+        with contextlib.suppress(ConnectionResetError):
+            assert sock.recv(100) == b""  # closed, without an answer
+    # The worker is untouched.
+    v1 = b"PROXY TCP4 192.0.2.10 127.0.0.1 40000 80\r\n"
+    with raw_connect(port) as sock:
+        sock.sendall(v1 + upgrade_request())
+        assert read_http_response(sock)[0] == 101
+    assert proc.popen.poll() is None and "Traceback" not in proc.output

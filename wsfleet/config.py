@@ -264,6 +264,13 @@ class Config:
         parse=_networks,
         metavar="LIST",
     )
+    proxy_protocol: bool = option(
+        False,
+        "every connection starts with a PROXY protocol v1 or v2 header (HAProxy send-proxy, "
+        "L4 load balancers): its source is the client address; a connection without a valid "
+        "header is closed",
+        parse=_boolean,
+    )
     open_timeout: float = option(
         10.0, "seconds a client may take to complete its handshake", parse=_seconds, metavar="S"
     )

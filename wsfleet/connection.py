@@ -29,11 +29,15 @@ a send, while more of its client's messages are buffered, loses that send unless
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 import time
 from typing import Any
 
 from websockets.asyncio.server import ServerConnection
 from websockets.protocol import State
+
+from . import proxy
 
 
 class Connection(ServerConnection):
@@ -130,3 +134,40 @@ class CountedConnection(Connection):
     async def send(self, message: Any, *, text: bool | None = None) -> None:
         await super().send(message, text=text)
         self.messages_out += 1
+
+
+@functools.cache
+def with_proxy_header(base: type[Connection]) -> type[Connection]:
+    """`base`, reading a PROXY protocol header (wsfleet/proxy.py) before anything else: for
+    --proxy-protocol only, so that other connections pay nothing per read."""
+
+    class ProxiedConnection(base):  # type: ignore[valid-type,misc]
+        __slots__ = ("_proxy_buffer", "proxied_client")
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._proxy_buffer: bytearray | None = bytearray()
+            self.proxied_client: str | None = None
+
+        def data_received(self, data: bytes) -> None:
+            if self._proxy_buffer is None:  # the header is behind us
+                super().data_received(data)
+                return
+            self._proxy_buffer += data
+            try:
+                parsed = proxy.parse(self._proxy_buffer)
+            except proxy.ProxyError as exc:
+                logging.getLogger("wsfleet.worker").info(
+                    "closing a connection from %s: %s", self.remote_address, exc
+                )
+                self._proxy_buffer = None
+                self.transport.abort()
+                return
+            if parsed is None:
+                return  # more to come
+            self.proxied_client, length = parsed
+            rest, self._proxy_buffer = bytes(self._proxy_buffer[length:]), None
+            if rest:
+                super().data_received(rest)
+
+    return ProxiedConnection

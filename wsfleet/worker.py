@@ -35,7 +35,7 @@ from websockets.protocol import State
 
 from . import channel, control, logs
 from .config import Config, heartbeat_interval, scheme
-from .connection import Connection, CountedConnection
+from .connection import Connection, CountedConnection, with_proxy_header
 from .sockets import sock_address
 
 Handler = Callable[[ServerConnection], Awaitable[None]]
@@ -67,6 +67,8 @@ def client_address(connection: ServerConnection) -> str:
     """The client's address: the last X-Forwarded-For entry when the peer is a trusted proxy,
     else the peer's own."""
     peer = connection.remote_address
+    if proxied := getattr(connection, "proxied_client", None):  # --proxy-protocol said who
+        peer = (proxied, 0)
     if _proxies.trusts(peer) and connection.request is not None:
         forwarded = ",".join(connection.request.headers.get_all("X-Forwarded-For"))
         if last := forwarded.rpartition(",")[2].strip():
@@ -256,6 +258,9 @@ class Worker:
         self.address = sock_address(sock)
         self.url = f"{scheme(config)}://{self.address}"
         self.ssl = tls
+        self.connection_class = CountedConnection if config.access_log else Connection
+        if config.proxy_protocol:
+            self.connection_class = with_proxy_header(self.connection_class)
         global _proxies
         _proxies = Proxies(config.forwarded_allow_ips)
         self.connections: set[ServerConnection] = set()
@@ -327,7 +332,7 @@ class Worker:
             process_request=self._process_request,
             process_response=self._log_handshake if self.config.access_log else None,
             ssl=self.ssl,
-            create_connection=CountedConnection if self.config.access_log else Connection,
+            create_connection=self.connection_class,
             **websockets_options(self.config),
         )
         self.servers.append(server)
