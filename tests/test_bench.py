@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import psutil
+import trustme
 
 from .helpers import run_wsfleet
 
@@ -46,6 +47,26 @@ def test_bench_reports_throughput_and_round_trips(spawn) -> None:
     assert 0 < report["p50_ms"] <= report["p99_ms"]
     assert report["connect_errors"] == {}
     assert report["close_codes"] == {"1000": 6}  # the client closes every connection itself
+
+
+def test_bench_over_tls_and_with_proxy_headers(spawn, tmp_path: Path) -> None:
+    """The load client speaks wss:// (--cafile) and the PROXY protocol, for the servers that
+    expect them (what scripts/bench-throughput --tls and wsfleet-proxy-protocol measure)."""
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1")
+    issued.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    issued.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    tls = ["--certfile", str(tmp_path / "cert.pem"), "--keyfile", str(tmp_path / "key.pem")]
+    proc = spawn("worker", "--port", "0", "--proxy-protocol", *tls)
+    port = proc.wait_ready()
+    client = ["-c", "2", "-t", "0.5", "-p", "1", "--json", "--cafile", str(tmp_path / "ca.pem")]
+    result = run_wsfleet(
+        ["bench", f"wss://127.0.0.1:{port}/", *client, "--proxy-protocol"], timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["connected"] == 2 and report["messages"] > 10 and report["connect_errors"] == {}
 
 
 def test_bench_counts_what_fails(spawn) -> None:

@@ -20,6 +20,7 @@ import json
 import multiprocessing
 import os
 import random
+import ssl
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -58,16 +59,20 @@ class Report:
 class _Client(asyncio.Protocol):
     """One connection: handshake, then K echoes in flight until told to stop."""
 
-    def __init__(self, shared: _Shared, url: str, compression: str) -> None:
+    def __init__(self, shared: _Shared, url: str, compression: str, proxy_header: bool) -> None:
         extensions = [ClientPerMessageDeflateFactory()] if compression == "deflate" else None
         self.protocol = ClientProtocol(parse_uri(url), extensions=extensions, max_size=None)
         self.shared = shared
+        self.proxy_header = proxy_header
         self.sent: collections.deque[float] = collections.deque()
         self.open = False
         self.done = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        if self.proxy_header:  # as a load balancer would, for a server with --proxy-protocol
+            host, port = transport.get_extra_info("sockname")[:2]
+            transport.write(f"PROXY TCP4 {host} {host} {port} {port}\r\n".encode())
         self.protocol.send_request(self.protocol.connect())
         self._flush()
 
@@ -171,11 +176,18 @@ async def _process_main(args: dict[str, Any], count: int, pipe: Connection) -> N
     loop = asyncio.get_running_loop()
     shared = _Shared(args["size"], args["in_flight"])
     uri = parse_uri(args["url"])
+    tls = ssl.create_default_context(cafile=args["cafile"]) if uri.secure else None
     clients = []
     for _ in range(count):
-        client = _Client(shared, args["url"], args["compression"])
+        client = _Client(shared, args["url"], args["compression"], args["proxy_header"])
         try:
-            await loop.create_connection(lambda c=client: c, uri.host, uri.port)  # type: ignore[misc]
+            await loop.create_connection(
+                lambda c=client: c,  # type: ignore[misc]
+                uri.host,
+                uri.port,
+                ssl=tls,
+                server_hostname=uri.host if tls else None,
+            )
             clients.append(client)
         except OSError as exc:
             shared.errors[type(exc).__name__] += 1
@@ -220,8 +232,10 @@ def run(
     processes: int | None = None,
     compression: str = "none",
     progress: bool = False,
+    cafile: str | None = None,
+    proxy_header: bool = False,
 ) -> Report:
-    """Run the load and return its report."""
+    """Run the load and return its report (wss:// with cafile's CA, or the system's)."""
     processes = processes or max(1, min(connections, (os.cpu_count() or 1)))
     report = Report(url, connections, in_flight, size, duration, processes, compression)
     args = {
@@ -230,6 +244,8 @@ def run(
         "in_flight": in_flight,
         "duration": duration,
         "compression": compression,
+        "cafile": cafile,
+        "proxy_header": proxy_header,
     }
     context = multiprocessing.get_context("fork")
     pipes, workers = [], []

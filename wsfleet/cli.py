@@ -193,6 +193,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="(default: none)",
     )
+    url.add_argument(
+        "--cafile",
+        default=argparse.SUPPRESS,
+        metavar="FILE",
+        help="wss://: the CA that signed the server's certificate (default: the system's)",
+    )
+    url.add_argument(
+        "--proxy-protocol",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="start each connection with a PROXY v1 header, for a server with --proxy-protocol",
+    )
     memory = bench.add_argument_group("wsfleet bench memory")
     memory.add_argument(
         "-n",
@@ -367,7 +379,8 @@ def run_control(args: argparse.Namespace) -> int:
 def run_bench(args: argparse.Namespace) -> int:
     """``wsfleet bench URL`` (the load client) or ``wsfleet bench memory [MESSAGES]``."""
     given = vars(args)
-    url_options = [flags[-1] for flags, *_ in BENCH_URL_OPTIONS] + ["--compression"]
+    url_options = [flags[-1] for flags, *_ in BENCH_URL_OPTIONS]
+    url_options += ["--compression", "--cafile", "--proxy-protocol"]
     if args.target == "memory":
         if wrong := [o for o in url_options if o[2:].replace("-", "_") in given]:
             fail(f"bench memory: {', '.join(wrong)} go with bench URL", EXIT_USAGE)
@@ -385,6 +398,8 @@ def run_bench(args: argparse.Namespace) -> int:
     report = bench.run(
         args.target,
         compression=given.get("compression", "none"),
+        cafile=given.get("cafile"),
+        proxy_header=given.get("proxy_protocol", False),
         progress=options["duration"] > 3 and sys.stderr.isatty() and not args.json,
         **options,
     )
