@@ -57,6 +57,7 @@ def test_a_worker_serves_wss_and_its_health_path_over_tls(spawn, certs: Certs) -
     )
     port = proc.wait_ready()
     proc.wait_line(rf"listening on wss://127.0.0.1:{port}")
+    proc.wait_line("loop=asyncio")  # --loop auto: asyncio's TLS measured faster than uvloop's
     with connect(f"wss://127.0.0.1:{port}/", ssl=certs.client) as ws:
         ws.send("secret")
         assert ws.recv(timeout=5) == "secret"
@@ -136,3 +137,13 @@ def test_bad_certificate_files_are_exit_2_naming_them(
         assert result.returncode == 2, result.stderr
         assert result.stderr.strip().count("\n") == 0
         assert message.format(dir=tmp_path) in result.stderr
+
+
+def test_tls_on_uvloop_when_asked_for(spawn, certs: Certs) -> None:
+    tls = ["--certfile", str(certs.certfile), "--keyfile", str(certs.keyfile)]
+    proc = spawn("worker", "--port", "0", "--loop", "uvloop", *tls)
+    port = proc.wait_ready()
+    proc.wait_line("loop=uvloop")
+    with connect(f"wss://127.0.0.1:{port}/", ssl=certs.client) as ws:
+        ws.send("fast?")
+        assert ws.recv(timeout=5) == "fast?"

@@ -898,7 +898,7 @@ def preload(config: cfg.Config) -> None:
     only: a new version of websockets or uvloop needs a restart of the master."""
     from . import worker  # noqa: F401  (websockets' server, the connection class)
 
-    if config.loop != "asyncio":
+    if cfg.uses_uvloop(config):
         with contextlib.suppress(ImportError):
             import uvloop  # noqa: F401
 

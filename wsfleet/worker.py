@@ -34,7 +34,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 
 from . import channel, control, logs
-from .config import Config, heartbeat_interval, scheme
+from .config import Config, heartbeat_interval, scheme, uses_uvloop
 from .connection import Connection, CountedConnection, with_proxy_header
 from .sockets import sock_address
 
@@ -201,7 +201,7 @@ async def stop_accepting(servers: list[Server]) -> None:
 def run(config: Config, main: Awaitable[int]) -> int:
     """Run the worker's coroutine on the event loop that --loop names."""
     factory = None
-    if config.loop != "asyncio":
+    if uses_uvloop(config):
         try:
             import uvloop
         except ImportError:
