@@ -4,8 +4,12 @@ worker processes and real clients on 127.0.0.1."""
 from __future__ import annotations
 
 import contextlib
+import grp
+import os
+import pwd
 import socket
 import struct
+import sys
 import time
 from pathlib import Path
 
@@ -259,3 +263,74 @@ def test_a_connection_without_a_valid_proxy_header_is_closed(spawn, header: byte
         sock.sendall(v1 + upgrade_request())
         assert read_http_response(sock)[0] == 101
     assert proc.popen.poll() is None and "Traceback" not in proc.output
+
+
+# The interpreter lives in root's home (mode 0700) on these machines: a worker that became
+# nobody could not import what it has not loaded yet. The master runs in a private mount
+# namespace where a 0711 directory showing only the pyenv tree covers that home (field notes);
+# on a host where Python is readable by everyone, the plain command works the same.
+UNSHARED = """
+set -e
+home=$(dirname "$(dirname "$(dirname "$BASE")")")
+cover=$(mktemp -d)
+chmod 711 "$cover"
+mkdir -p "$cover/.pyenv"
+mount --bind "$home/.pyenv" "$cover/.pyenv"
+mount --rbind "$cover" "$home"
+exec "$@"
+"""
+
+
+def ids(pid: int) -> tuple[int, int]:
+    """(effective uid, effective gid) of a process, from /proc."""
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    uid = next(line for line in status if line.startswith("Uid:")).split()[2]
+    gid = next(line for line in status if line.startswith("Gid:")).split()[2]
+    return int(uid), int(gid)
+
+
+def test_workers_switch_to_user_and_group_the_master_keeps_root(spawn, tmp_path: Path) -> None:
+    nobody = pwd.getpwnam("nobody")
+    group = grp.getgrgid(nobody.pw_gid).gr_name
+    if sys.base_prefix.startswith("/root/"):
+        program = ["unshare", "-m", "sh", "-c", UNSHARED, "sh", sys.executable, "-m", "wsfleet"]
+    else:
+        program = [sys.executable, "-m", "wsfleet"]
+    pidfile = str(tmp_path / "m.pid")
+    os.chmod(tmp_path, 0o755)  # the workers may look at their working directory
+    proc = spawn(
+        "start",
+        "-w",
+        "2",
+        "--port",
+        "0",
+        "--pidfile",
+        pidfile,
+        "--user",
+        "nobody",
+        "--group",
+        group,
+        program=program,
+        env={"BASE": sys.base_prefix},
+        cwd="/",
+    )
+    port = proc.wait_ready(timeout=30)
+    assert echo_once(f"ws://127.0.0.1:{port}/") == "hi"
+    workers = [child.pid for child in proc.children()]
+    assert len(workers) == 2
+    for pid in workers:
+        assert ids(pid) == (nobody.pw_uid, nobody.pw_gid)
+    assert ids(proc.pid) == (0, 0)  # the master: still root
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--user", "no-such-user-here"], "--user no-such-user-here: no such user"),
+        (["--group", "no-such-group-here"], "--group no-such-group-here: no such group"),
+    ],
+)
+def test_unknown_user_or_group_is_exit_2(args: list[str], message: str) -> None:
+    for command in ("start", "worker"):
+        result = run_wsfleet([command, "--port", "0", *args])
+        assert result.returncode == 2 and message in result.stderr, result.stderr

@@ -847,6 +847,7 @@ class Arbiter:
         from . import worker
 
         setproctitle(f"wsfleet: worker {slot.index} [{self.address}]")
+        worker.drop_privileges(self.fleet.config)  # its socket is bound; the app comes next
         try:
             handler = self.handler or worker.load_app(self.fleet.config.app)
         except worker.AppError as exc:

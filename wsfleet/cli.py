@@ -284,12 +284,8 @@ def setup_logging(config: cfg.Config) -> None:
 
 def run_worker(config: cfg.Config) -> int:
     """``wsfleet worker``: one worker on host:port or on --fd."""
-    from .worker import AppError, Worker, load_app, run  # websockets loads only when serving
+    from .worker import AppError, Worker, drop_privileges, load_app, run
 
-    try:
-        handler = load_app(config.app)
-    except AppError as exc:
-        fail(str(exc), EXIT_APP)
     try:
         if config.fd is not None:
             sock = sockets.from_fd(config.fd)
@@ -303,7 +299,13 @@ def run_worker(config: cfg.Config) -> int:
         fail(f"cannot listen on {config.host}:{config.port}: {exc}", EXIT_RUNTIME)
     setproctitle(f"wsfleet: worker [{sockets.sock_address(sock)}]")
     sockets.raise_fd_limit()
-    return run(config, Worker(config, sock, handler, tls=sockets.server_context(config)).run())
+    tls = sockets.server_context(config)  # read while still allowed to
+    drop_privileges(config)  # the socket is bound: the app is imported as --user
+    try:
+        handler = load_app(config.app)
+    except AppError as exc:
+        fail(str(exc), EXIT_APP)
+    return run(config, Worker(config, sock, handler, tls=tls).run())
 
 
 def run_master(config: cfg.Config, args: argparse.Namespace) -> int:
@@ -444,6 +446,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = load_config(args.command, args)
     try:
         sockets.server_context(config)  # the certificate and key load, or exit 2 naming them
+        if args.command in ("start", "worker") and (config.user or config.group):
+            from .worker import identity
+
+            identity(config)  # a known user and group, and permission to switch
     except ValueError as exc:
         fail(str(exc), EXIT_USAGE)
     if config.loop == "uvloop" and importlib.util.find_spec("uvloop") is None:

@@ -242,6 +242,19 @@ class Config:
         parse=_optional_path,
         metavar="FILE",
     )
+    user: str | None = option(
+        None,
+        "workers switch to this user (name or uid) once the sockets are bound, before the app "
+        "is imported; the master keeps its identity, to bind new slots",
+        parse=_optional_path,
+        metavar="USER",
+    )
+    group: str | None = option(
+        None,
+        "and to this group (name or gid; default: the user's own group)",
+        parse=_optional_path,
+        metavar="GROUP",
+    )
     max_connections: int = option(
         10_000,
         "connections per worker; at the limit a new handshake gets 503 with Retry-After at "

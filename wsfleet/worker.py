@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import http
 import importlib
 import inspect
 import ipaddress
 import logging
 import os
+import pwd
 import resource
 import signal
 import socket
@@ -74,6 +76,47 @@ def client_address(connection: ServerConnection) -> str:
         if last := forwarded.rpartition(",")[2].strip():
             return last
     return str(peer[0]) if isinstance(peer, tuple) and peer else "unix"
+
+
+def identity(config: Config) -> tuple[int, int] | None:
+    """(uid, gid) that --user/--group name, or None; ValueError says which is unknown or that
+    switching is not permitted."""
+    if not config.user and not config.group:
+        return None
+    uid, gid = os.getuid(), os.getgid()
+    if config.user:
+        try:
+            entry = (
+                pwd.getpwuid(int(config.user))
+                if config.user.isdigit()
+                else pwd.getpwnam(config.user)
+            )
+        except KeyError:
+            raise ValueError(f"--user {config.user}: no such user") from None
+        uid, gid = entry.pw_uid, entry.pw_gid
+    if config.group:
+        try:
+            gid = (
+                grp.getgrgid(int(config.group)).gr_gid
+                if config.group.isdigit()
+                else grp.getgrnam(config.group).gr_gid
+            )
+        except KeyError:
+            raise ValueError(f"--group {config.group}: no such group") from None
+    if os.getuid() != 0 and (uid, gid) != (os.getuid(), os.getgid()):
+        raise ValueError("--user/--group: only root may switch the workers to another identity")
+    return uid, gid
+
+
+def drop_privileges(config: Config) -> None:
+    """Become --user/--group (a worker, its sockets bound, before it imports the app)."""
+    if (ids := identity(config)) is None:
+        return
+    uid, gid = ids
+    if os.getuid() == 0:
+        os.setgroups([gid])
+    os.setgid(gid)
+    os.setuid(uid)
 
 
 class AppError(Exception):
