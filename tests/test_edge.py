@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import grp
-import os
 import pwd
 import socket
 import struct
@@ -297,7 +296,6 @@ def test_workers_switch_to_user_and_group_the_master_keeps_root(spawn, tmp_path:
     else:
         program = [sys.executable, "-m", "wsfleet"]
     pidfile = str(tmp_path / "m.pid")
-    os.chmod(tmp_path, 0o755)  # the workers may look at their working directory
     proc = spawn(
         "start",
         "-w",

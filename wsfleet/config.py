@@ -74,12 +74,17 @@ def _positive_seconds(value: object) -> float:
     return number
 
 
-def _origins(value: object) -> tuple[str, ...]:
-    """Origin values, comma-separated (or a TOML list): scheme://host[:port] each."""
+def _list(value: object, what: str) -> tuple[str, ...]:
+    """Items given comma-separated (command line, environment) or as a TOML list."""
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
-        raise ValueError(f"expected a comma-separated list of origins, got {value!r}")
-    origins = tuple(item.strip() for item in items)
+        raise ValueError(f"expected a comma-separated list of {what}, got {value!r}")
+    return tuple(item.strip() for item in items)
+
+
+def _origins(value: object) -> tuple[str, ...]:
+    """Origin values: scheme://host[:port] each."""
+    origins = _list(value, "origins")
     for origin in origins:
         if not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/\s,]+", origin):
             raise ValueError(
@@ -89,11 +94,8 @@ def _origins(value: object) -> tuple[str, ...]:
 
 
 def _networks(value: object) -> tuple[str, ...]:
-    """IP addresses or networks (CIDR), comma-separated (or a TOML list), or * for any."""
-    items = value.split(",") if isinstance(value, str) else value
-    if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
-        raise ValueError(f"expected a comma-separated list of IP addresses, got {value!r}")
-    networks = tuple(item.strip() for item in items)
+    """IP addresses or networks (CIDR), or * for any."""
+    networks = _list(value, "IP addresses")
     for network in networks:
         if network != "*":
             try:
