@@ -13,7 +13,9 @@ import pytest
 import trustme
 from websockets.sync.client import connect
 
-from .helpers import run_wsfleet
+from wsfleet.loadtest import Load
+
+from .helpers import run_wsfleet, wait_for
 from .test_master import Master
 
 
@@ -147,3 +149,30 @@ def test_tls_on_uvloop_when_asked_for(spawn, certs: Certs) -> None:
     with connect(f"wss://127.0.0.1:{port}/", ssl=certs.client) as ws:
         ws.send("fast?")
         assert ws.recv(timeout=5) == "fast?"
+
+
+def test_rotating_certificates_under_load_fails_nothing(spawn, tmp_path: Path, certs: Certs):
+    """SPEC: rotating the files and reloading serves the new certificate without a failed
+    connection attempt (200 new connections/s and 100 long-lived, over wss://)."""
+    tls = ["--certfile", str(certs.certfile), "--keyfile", str(certs.keyfile)]
+    master = Master(spawn, tmp_path, "-w", "2", *tls)
+    url = f"wss://127.0.0.1:{master.port}/"
+    before = served_certificate(master.port, certs.client)
+    load = Load(url, rate=200, long_lived=100, duration=60, ssl=certs.client).start()
+    try:
+        certs.issue()
+        result = run_wsfleet(["reload", "--wait", "--pidfile", master.pidfile], timeout=60)
+        assert result.returncode == 0, result.stderr
+        master.wait_workers(2, timeout=30)  # the old workers have drained
+        wait_for(
+            lambda: load.results.close_codes.get("closed 1012", 0) >= 100,
+            what="every long-lived connection to be closed with 1012 by the reload",
+        )
+    finally:
+        results = load.stop()
+    summary = results.summary()
+    assert results.failures() == [], summary
+    assert summary["attempts"] >= 100, summary  # the load really ran
+    assert set(results.close_codes) == {"closed 1012"}, summary  # the long-lived ones, once
+    assert results.close_codes["closed 1012"] >= 100, summary
+    assert served_certificate(master.port, certs.client) != before

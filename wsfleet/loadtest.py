@@ -77,8 +77,10 @@ class Load:
         interval: float = 0.05,
         duration: float = 60.0,
         timeout: float = 5.0,
+        ssl: Any = None,
     ) -> None:
         self.url = url
+        self.ssl = ssl  # the client's ssl.SSLContext for a wss:// URL (None: the system's)
         self.rate = rate
         self.long_lived = long_lived
         self.interval = interval  # between two echoes on a long-lived connection
@@ -139,7 +141,8 @@ class Load:
         attempt = Attempt(time.monotonic(), kind=kind)
         self.results.attempts.append(attempt)
         try:
-            ws = await connect(self.url, open_timeout=self.timeout, compression=None)
+            tls = {"ssl": self.ssl} if self.ssl is not None else {}
+            ws = await connect(self.url, open_timeout=self.timeout, compression=None, **tls)
         except Exception as exc:
             attempt.outcome, attempt.end = _describe(exc), time.monotonic()
             return attempt, None

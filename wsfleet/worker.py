@@ -573,6 +573,13 @@ class Worker:
             async with asyncio.timeout(self.config.graceful_timeout):
                 for server in self.servers:
                     await server.wait_closed()
+                # A connection still in its TLS handshake is not websockets' yet, and Python
+                # 3.11's asyncio.Server.wait_closed() returns at once after close(): wait for
+                # the transports asyncio still counts, so that such a handshake completes (101,
+                # then the drain's code) instead of dying with this process. No event tells
+                # when that count reaches zero in 3.11; it is polled, within the timeout.
+                while any(getattr(s.server, "_active_count", 0) for s in self.servers):
+                    await asyncio.sleep(0.01)
         except TimeoutError:
             log.warning(
                 "graceful timeout (%gs) reached: aborting %d connections",
