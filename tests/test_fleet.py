@@ -29,11 +29,12 @@ from wsfleet.arbiter import (
 
 
 class FakeSocket:
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, address: int = 0) -> None:
         self.index = index
+        self.address = address  # which --bind address
 
     def fileno(self) -> int:
-        return 100 + self.index
+        return 100 + self.index + 10 * self.address
 
 
 class FakeProcesses:
@@ -48,11 +49,14 @@ class FakeProcesses:
         self.ready_calls = 0
         self.fail_forks = 0
 
-    def open_slot(self, index: int) -> FakeSocket:
-        return FakeSocket(index)
+    def open_slot(self, index: int) -> list[FakeSocket]:
+        return [FakeSocket(index)]
 
     def close_slot(self, slot: Any) -> None:
         self.closed.append(slot.index)
+
+    def close_shared(self) -> None:
+        self.closed.append(-1)
 
     def fork(self, slot: Any) -> tuple[int, object]:
         if self.fail_forks:
@@ -79,12 +83,12 @@ class FakeProcesses:
 class Harness:
     """A fleet, its fake processes and clock, and the events the Arbiter would feed it."""
 
-    def __init__(self, workers: int = 2, **options: Any) -> None:
+    def __init__(self, workers: int = 2, tcp_addresses: int = 1, **options: Any) -> None:
         self.now = 1000.0
         self.procs = FakeProcesses()
         self.config = cfg.Config(workers=workers, **options)
         self.fleet = Fleet(self.config, self.procs, clock=lambda: self.now)
-        self.fleet.start([FakeSocket(i) for i in range(workers)])
+        self.fleet.start([[FakeSocket(i, a) for a in range(tcp_addresses)] for i in range(workers)])
         self.fleet.reconcile()
 
     def worker(self, slot: int) -> Worker:
@@ -224,7 +228,7 @@ def test_a_failed_fork_at_boot_is_retried_too() -> None:
     h.procs.fail_forks = 1
     h.config = cfg.Config(workers=2)
     h.fleet = Fleet(h.config, h.procs, clock=lambda: h.now)
-    h.fleet.start([FakeSocket(0), FakeSocket(1)])
+    h.fleet.start([[FakeSocket(0)], [FakeSocket(1)]])
     h.settle()
     assert h.fleet.slots[0].state is SlotState.EMPTY
     h.ready(h.worker(1))
@@ -392,7 +396,7 @@ def test_graceful_stop_drains_everyone_closes_the_sockets_and_restarts_nothing()
     h.exit(h.worker(2), 1)  # slot 2 waits in backoff
     h.fleet.stop(graceful=True)
     h.settle()
-    assert sorted(h.procs.closed) == [0, 1, 2]
+    assert sorted(h.procs.closed) == [-1, 0, 1, 2]  # every slot's sockets and the shared ones
     terms = {pid for pid, sig in h.procs.signals if sig == signal.SIGTERM}
     assert terms == set(h.fleet.workers)
     h.advance(BACKOFF_MAX)
@@ -523,3 +527,18 @@ def test_a_worker_that_served_resets_the_crash_count_however_it_ends() -> None:
     h.exit(old, 0)
     h.exit(h.worker(0), 1)  # the next crash at start is a first one: replaced at once
     assert h.fleet.slots[0].state is SlotState.STARTING
+
+
+def test_every_address_of_an_empty_slot_is_lent_and_with_only_unix_sockets_nothing() -> None:
+    """Two TCP addresses: an empty slot lends both of its sockets in one message. Unix
+    sockets only (shared by every worker, so no slot has sockets of its own): nothing."""
+    h = Harness(2, tcp_addresses=2)
+    h.boot()
+    h.exit(h.worker(1), 1)
+    [fds] = [fds for _, m, fds in h.procs.sent if m["t"] == "adopt"]
+    assert fds == [101, 111]
+    h = Harness(2, tcp_addresses=0)
+    h.boot()
+    h.exit(h.worker(1), 1)
+    assert not [m for _, m, _ in h.procs.sent if m["t"] == "adopt"]
+    assert h.fleet.slots[1].lent_to is None and h.fleet.slots[1].worker is not None

@@ -82,7 +82,7 @@ def test_a_reload_serves_rotated_certificates(spawn, tmp_path: Path, certs: Cert
         "--keyfile",
         str(certs.keyfile),
     )
-    assert master.status()["master"]["address"].startswith("wss://")
+    assert master.status()["master"]["addresses"][0].startswith("wss://")
     before = served_certificate(master.port, certs.client)
     certs.issue()
     result = run_wsfleet(["reload", "--wait", "--pidfile", master.pidfile], timeout=60)

@@ -19,12 +19,15 @@ goes to STOPPING (SIGTERM), then KILLED (SIGKILL). A slot's state follows from i
 EMPTY (restart due at ``restart_at``), STARTING, SERVING, or REPLACING during a rolling
 restart.
 
-Why the master owns the sockets: it opens one SO_REUSEPORT socket per worker slot and keeps
-it for its whole life. The kernel spreads connections evenly over the slots, and a connection
-queued on a slot's socket while its worker restarts or crashes waits for the next worker
-instead of being reset, as it would be if the socket closed with its worker. While a slot has
-no ready worker, its socket is lent to a ready worker over the channel (SCM_RIGHTS), so its
-connections do not wait either. The master never imports the app: workers do, after fork.
+Why the master owns the sockets: it opens one SO_REUSEPORT socket per worker slot (per TCP
+address, with several --bind) and keeps it for its whole life. The kernel spreads connections
+evenly over the slots, and a connection queued on a slot's socket while its worker restarts or
+crashes waits for the next worker instead of being reset, as it would be if the socket closed
+with its worker. While a slot has no ready worker, its sockets are lent to a ready worker over
+the channel (SCM_RIGHTS), so its connections do not wait either. A Unix socket is one for the
+fleet, accepted on by every worker: the kernel does not spread AF_UNIX connections over
+sockets, so there is nothing per slot to keep or lend. The master never imports the app:
+workers do, after fork.
 """
 
 from __future__ import annotations
@@ -106,15 +109,15 @@ class Worker:
 
 @dataclass(eq=False)
 class Slot:
-    """A listening socket and the workers that serve it."""
+    """A listening socket per TCP address, and the workers that serve them."""
 
     index: int
-    sock: Any  # socket.socket, or what a fake Processes gives
+    sockets: list[Any]  # socket.socket each, or what a fake Processes gives
     worker: Worker | None = None
     replacement: Worker | None = None  # a rolling restart's new worker
     crashes: int = 0  # consecutive exits at start
     restart_at: float = 0.0  # when EMPTY: when its next worker starts
-    lent_to: Worker | None = None  # the worker that accepts on this socket meanwhile
+    lent_to: Worker | None = None  # the worker that accepts on these sockets meanwhile
 
     @property
     def state(self) -> SlotState:
@@ -150,8 +153,9 @@ class BootError(Exception):
 class Processes(Protocol):
     """What the fleet asks of the outside world; the Arbiter does it, unit tests fake it."""
 
-    def open_slot(self, index: int) -> Any: ...  # a new listening socket; raises OSError
+    def open_slot(self, index: int) -> list[Any]: ...  # new listening sockets; raises OSError
     def close_slot(self, slot: Slot) -> None: ...
+    def close_shared(self) -> None: ...  # the fleet's Unix sockets (one for every worker)
     def fork(self, slot: Slot) -> tuple[int, Any]: ...  # (pid, channel); raises OSError
     def signal(self, pid: int, sig: signal.Signals) -> None: ...
     def send(self, worker: Worker, message: channel.Message, fds: Sequence[int] = ()) -> bool: ...
@@ -177,9 +181,9 @@ class Fleet:
 
     # Workers' lives
 
-    def start(self, sockets: Sequence[Any]) -> None:
-        """Boot: one slot per socket, each with a worker."""
-        self.slots = [Slot(index, sock) for index, sock in enumerate(sockets)]
+    def start(self, sockets: Sequence[list[Any]]) -> None:
+        """Boot: one slot per list of sockets, each with a worker."""
+        self.slots = [Slot(index, list(socks)) for index, socks in enumerate(sockets)]
         for slot in self.slots:
             self.spawn(slot)
 
@@ -424,10 +428,11 @@ class Fleet:
             for s in self.slots
             if s is not slot and s.worker is not None and s.worker.state is WorkerState.READY
         ]
-        if not borrowers:
+        if not borrowers or not slot.sockets:  # Unix sockets only: every worker has them
             return
         borrower = min(borrowers, key=lambda w: len(self.borrowed(w)))
-        if self.processes.send(borrower, {"t": "adopt", "slot": slot.index}, [slot.sock.fileno()]):
+        fds = [sock.fileno() for sock in slot.sockets]
+        if self.processes.send(borrower, {"t": "adopt", "slot": slot.index}, fds):
             slot.lent_to = borrower
             log.info("slot %d has no worker: worker %d accepts for it", slot.index, borrower.pid)
 
@@ -513,6 +518,7 @@ class Fleet:
             # copies close (they stop accepting at once), new connections are refused.
             for slot in self.slots:
                 self.processes.close_slot(slot)
+            self.processes.close_shared()
 
     def signal_workers(self, sig: signal.Signals) -> None:
         for worker in self.workers.values():
@@ -526,7 +532,7 @@ class Fleet:
             "master": {
                 "pid": os.getpid(),
                 "state": self.state.value,
-                "address": "",
+                "addresses": [],
                 "workers": len(self.slots),
                 "restarts": self.restarts,
                 "last_restart": self.last_restart,
@@ -588,8 +594,9 @@ class Arbiter:
         self.handler = handler  # an app object given to wsfleet.run(); else workers import
         self.fleet = Fleet(config, self)
         self.selector = selectors.DefaultSelector()
-        self.address = ""
-        self.url = ""
+        self.tcp: list[cfg.Address] = []  # as bound: a port 0 became the kernel's choice
+        self.unix: list[sockets.UnixListener] = []  # shared by every worker
+        self.urls: list[str] = []  # one per --bind address, in its order
         # Loaded here, inherited by every worker forked after: a reload whose certificate
         # files do not load keeps serving the ones that did.
         self.tls = sockets.server_context(config)
@@ -606,11 +613,9 @@ class Arbiter:
         try:
             if self.config.pidfile:
                 self.pidfile = control.Pidfile(self.config.pidfile)
-            first = sockets.bind_exclusive(self.config.host, self.config.port, self.config.backlog)
-            self.address = sockets.sock_address(first)
-            self.url = f"{cfg.scheme(self.config)}://{self.address}"
+            first = self.open_listeners()
             rest = [self.open_slot(index) for index in range(1, self.config.workers)]
-            setproctitle(f"wsfleet: master [{self.address}]")
+            setproctitle(f"wsfleet: master [{', '.join(self.urls)}]")
             # Handlers before the first fork: a signal between fork and set-up would orphan.
             self.install_signals()
             self.status_server = control.listen_status(os.getpid())
@@ -620,7 +625,7 @@ class Arbiter:
                 "master %d starting %d workers on %s (app %s)",
                 os.getpid(),
                 self.config.workers,
-                self.url,
+                ", ".join(self.urls),
                 self.config.app,
             )
             preload(self.config)
@@ -634,6 +639,35 @@ class Arbiter:
         finally:
             self.cleanup()
         return 0
+
+    def open_listeners(self) -> list[socket.socket]:
+        """Bind every address: the first slot's TCP sockets, refused if anything listens
+        there already, and the fleet's Unix sockets. Returns the first slot's sockets."""
+        first: list[socket.socket] = []
+        owner = None
+        if self.config.user or self.config.group:
+            from .worker import identity
+
+            owner = identity(self.config)  # the Unix sockets belong to the workers' identity
+        try:
+            for address in cfg.addresses(self.config):
+                if address.path is not None:
+                    self.unix.append(
+                        sockets.bind_unix(
+                            address.path, self.config.backlog, self.config.umask, owner
+                        )
+                    )
+                    self.urls.append(str(address))
+                    continue
+                sock = sockets.bind_exclusive(address, self.config.backlog)
+                first.append(sock)
+                self.tcp.append(sockets.bound_address(sock))
+                self.urls.append(f"{cfg.scheme(self.config)}://{self.tcp[-1]}")
+        except BaseException:
+            for sock in first:
+                sock.close()
+            raise
+        return first
 
     def install_signals(self) -> None:
         os.set_blocking(self._wake_r, False)
@@ -718,7 +752,7 @@ class Arbiter:
             log.error("reload: configuration not reloaded: %s", exc)
             return self.fleet.config, str(exc)
         self.tls = tls
-        for name in ("host", "port", "backlog"):
+        for name in ("host", "port", "bind", "umask", "backlog"):
             if getattr(new, name) != getattr(self.fleet.config, name):
                 log.warning("reload: a change of %s needs a full restart; ignored", name)
                 new = cfg.dataclasses.replace(new, **{name: getattr(self.fleet.config, name)})
@@ -773,12 +807,24 @@ class Arbiter:
 
     # The Processes the fleet uses
 
-    def open_slot(self, index: int) -> socket.socket:
-        port = int(self.address.rpartition(":")[2])
-        return sockets.bind(self.config.host, port, self.config.backlog)
+    def open_slot(self, index: int) -> list[socket.socket]:
+        opened: list[socket.socket] = []
+        try:
+            for address in self.tcp:
+                opened.append(sockets.bind(address, self.config.backlog))
+        except BaseException:
+            for sock in opened:
+                sock.close()
+            raise
+        return opened
 
     def close_slot(self, slot: Slot) -> None:
-        slot.sock.close()
+        for sock in slot.sockets:
+            sock.close()
+
+    def close_shared(self) -> None:
+        for listener in self.unix:
+            listener.sock.close()  # the file stays until the master exits
 
     def fork(self, slot: Slot) -> tuple[int, socket.socket]:
         master_end, worker_end = channel.pair()
@@ -814,15 +860,16 @@ class Arbiter:
         return channel.send(worker.channel, message, fds)
 
     def all_ready(self) -> None:
-        print(control.ready_line(self.url), file=sys.stderr, flush=True)
-        control.notify_ready(self.url)
+        for url in self.urls:
+            print(control.ready_line(url), file=sys.stderr, flush=True)
+        control.notify_ready(self.urls)
 
     # Inside a new worker
 
     def become_child(self, slot: Slot, master_end: socket.socket) -> None:
         """In a new worker: drop the master's signal set-up and every descriptor it does not
         need, so that only the master holds channels (whose closing tells a worker the
-        master died) and each worker holds only its own slot's socket."""
+        master died) and each worker holds only its own slot's sockets (and the shared)."""
         signal.set_wakeup_fd(-1)
         for sig in HANDLED_SIGNALS:
             signal.signal(sig, signal.SIG_IGN if sig in IGNORED_WHILE_STARTING else signal.SIG_DFL)
@@ -836,7 +883,7 @@ class Arbiter:
             worker.channel.close()
         for other in self.fleet.slots:
             if other is not slot:
-                other.sock.close()
+                self.close_slot(other)
         if self.status_server is not None:
             self.status_server.close()
         if self.pidfile is not None:
@@ -846,7 +893,7 @@ class Arbiter:
     def run_worker(self, slot: Slot, worker_end: socket.socket) -> int:
         from . import worker
 
-        setproctitle(f"wsfleet: worker {slot.index} [{self.address}]")
+        setproctitle(f"wsfleet: worker {slot.index} [{', '.join(self.urls)}]")
         worker.drop_privileges(self.fleet.config)  # its socket is bound; the app comes next
         try:
             handler = self.handler or worker.load_app(self.fleet.config.app)
@@ -855,7 +902,8 @@ class Arbiter:
             channel.send(worker_end, {"t": "error", "message": str(exc)})
             return EXIT_APP
         config = self.fleet.config
-        serving = worker.Worker(config, slot.sock, handler, worker_end, self.tls)
+        listening = [*slot.sockets, *(listener.sock for listener in self.unix)]
+        serving = worker.Worker(config, listening, handler, worker_end, self.tls)
         return worker.run(config, serving.run())
 
     # Shutting down
@@ -875,7 +923,9 @@ class Arbiter:
         """Leave: on an error path, workers still running see their channels close and drain
         with 1001 by themselves, as when the master is killed; nothing kills them here."""
         for slot in self.fleet.slots:
-            slot.sock.close()
+            self.close_slot(slot)
+        for listener in self.unix:
+            listener.close(remove=True)
         if self.status_server is not None:
             self.status_server.close()
         if self.pidfile is not None:
@@ -888,7 +938,7 @@ class Arbiter:
     def status(self) -> dict[str, Any]:
         status = self.fleet.status()
         status["master"]["age"] = round(time.time() - self.started, 1)
-        status["master"]["address"] = self.url
+        status["master"]["addresses"] = self.urls
         return status
 
 

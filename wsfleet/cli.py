@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import re
+import socket
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -60,6 +61,14 @@ def _option_type(name: str) -> Any:
     return convert
 
 
+def _address(text: str) -> str:
+    try:
+        cfg.parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _add_serving_options(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument(
         "app_argument",
@@ -79,9 +88,12 @@ def _add_serving_options(parser: argparse.ArgumentParser, command: str) -> None:
         default = "none" if field.default is None else field.default
         if field.default is cfg.dataclasses.MISSING:  # computed, as the number of CPUs
             default = "see above"
+        default = meta["shown"] or default
         kind: dict[str, Any] = {"type": _option_type(field.name), "metavar": meta["metavar"]}
         if field.type == "bool":
             kind = {"action": "store_const", "const": True}
+        elif field.name == "bind":  # repeated, one address each time (a path may hold a comma)
+            kind = {"type": _address, "metavar": meta["metavar"], "action": "append"}
         parser.add_argument(
             *flags,
             dest=field.name,
@@ -256,6 +268,11 @@ def fail(message: str, status: int) -> NoReturn:
 def given_options(args: argparse.Namespace) -> dict[str, Any]:
     """The options given on the command line; APP (positional) is --app."""
     given = {k: v for k, v in vars(args).items() if k in cfg.FIELDS}
+    if "bind" in given:
+        try:
+            given["bind"] = cfg.parse_value("bind", given["bind"])  # the list: no duplicates
+        except ValueError as exc:
+            fail(f"argument --bind: {exc}", EXIT_USAGE)
     if "app_argument" in args:
         try:
             app = cfg.parse_value("app", args.app_argument)
@@ -283,29 +300,39 @@ def setup_logging(config: cfg.Config) -> None:
 
 
 def run_worker(config: cfg.Config) -> int:
-    """``wsfleet worker``: one worker on host:port or on --fd."""
-    from .worker import AppError, Worker, drop_privileges, load_app, run
+    """``wsfleet worker``: one worker on --fd, or on its addresses (--bind, or host:port)."""
+    from .worker import AppError, Worker, drop_privileges, identity, load_app, run
 
+    listening: list[socket.socket] = []
+    unix: list[sockets.UnixListener] = []
     try:
         if config.fd is not None:
-            sock = sockets.from_fd(config.fd)
-        else:
-            sock = sockets.bind(config.host, config.port, config.backlog)
-    except ValueError as exc:
-        fail(f"--fd {config.fd}: {exc}", EXIT_USAGE)
-    except sockets.AddressInUse as exc:
+            try:
+                listening.append(sockets.from_fd(config.fd))
+            except ValueError as exc:
+                fail(f"--fd {config.fd}: {exc}", EXIT_USAGE)
+        for address in cfg.addresses(config) if config.fd is None else []:
+            if address.path is None:
+                listening.append(sockets.bind(address, config.backlog))
+            else:
+                owner = identity(config)
+                unix.append(sockets.bind_unix(address.path, config.backlog, config.umask, owner))
+                listening.append(unix[-1].sock)
+    except sockets.ListenError as exc:
         fail(str(exc), EXIT_RUNTIME)
-    except OSError as exc:
-        fail(f"cannot listen on {config.host}:{config.port}: {exc}", EXIT_RUNTIME)
-    setproctitle(f"wsfleet: worker [{sockets.sock_address(sock)}]")
-    sockets.raise_fd_limit()
-    tls = sockets.server_context(config)  # read while still allowed to
-    drop_privileges(config)  # the socket is bound: the app is imported as --user
     try:
-        handler = load_app(config.app)
-    except AppError as exc:
-        fail(str(exc), EXIT_APP)
-    return run(config, Worker(config, sock, handler, tls=tls).run())
+        setproctitle(f"wsfleet: worker [{', '.join(map(sockets.sock_address, listening))}]")
+        sockets.raise_fd_limit()
+        tls = sockets.server_context(config)  # read while still allowed to
+        drop_privileges(config)  # the sockets are bound: the app is imported as --user
+        try:
+            handler = load_app(config.app)
+        except AppError as exc:
+            fail(str(exc), EXIT_APP)
+        return run(config, Worker(config, listening, handler, tls=tls).run())
+    finally:
+        for listener in unix:
+            listener.close(remove=True)
 
 
 def run_master(config: cfg.Config, args: argparse.Namespace) -> int:
@@ -322,12 +349,12 @@ def run_master(config: cfg.Config, args: argparse.Namespace) -> int:
         return Arbiter(config, reload_config).run()
     except BootError as exc:
         fail(f"cannot start: {exc}", exc.status)
-    except sockets.AddressInUse as exc:
+    except sockets.ListenError as exc:
         fail(str(exc), EXIT_RUNTIME)
     except control.ControlError as exc:
         fail(str(exc), EXIT_RUNTIME)
-    except OSError as exc:
-        fail(f"cannot listen on {config.host}:{config.port}: {exc}", EXIT_RUNTIME)
+    except OSError as exc:  # the status socket, say
+        fail(f"cannot start: {exc}", EXIT_RUNTIME)
 
 
 def daemonize() -> None:
@@ -337,9 +364,10 @@ def daemonize() -> None:
     if os.fork() > 0:
         os.close(write_end)
         with os.fdopen(read_end) as ready:
-            line = ready.readline()  # or end of file, if the master exits first
-        if control.READY.match(line):
-            print(line, end="", file=sys.stderr)
+            text = ready.read()  # until the master closes its end: ready, failed, or gone
+        line = text.partition("\n")[0]
+        if control.LISTENING.match(line):
+            print(text, end="", file=sys.stderr)  # one line per address
             raise SystemExit(0)
         if failed := control.FAILED.match(line):  # the master's own reason and status
             fail(failed.group(2), int(failed.group(1)))
@@ -444,6 +472,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except cfg.ConfigError as exc:
             fail(str(exc), EXIT_USAGE)
     config = load_config(args.command, args)
+    if args.command == "worker" and config.fd is not None and config.bind:
+        fail("--fd and --bind: give one (--fd serves an inherited socket)", EXIT_USAGE)
     try:
         sockets.server_context(config)  # the certificate and key load, or exit 2 naming them
         if args.command in ("start", "worker") and (config.user or config.group):

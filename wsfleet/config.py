@@ -107,6 +107,78 @@ def _networks(value: object) -> tuple[str, ...]:
     return networks
 
 
+@dataclasses.dataclass(frozen=True)
+class Address:
+    """One place to listen: a TCP host and port, or a Unix socket's path (``path`` set)."""
+
+    host: str = ""
+    port: int = 0
+    path: str | None = None
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return f"unix:{self.path}"
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+UNIX_PATH_MAX = 107  # sun_path holds 108 bytes, the last one a NUL
+
+
+def parse_address(text: str) -> Address:
+    """``HOST:PORT``, ``[V6ADDR]:PORT`` or ``unix:PATH``; ValueError says what is wrong."""
+    expected = f"expected HOST:PORT, [V6ADDR]:PORT or unix:PATH, got {text!r}"
+    if text.startswith("unix:"):
+        path = text[len("unix:") :]
+        if not path or "\0" in path:
+            raise ValueError(f"{expected}: the path is empty")
+        if len(os.fsencode(path)) > UNIX_PATH_MAX:
+            raise ValueError(f"unix socket path longer than {UNIX_PATH_MAX} bytes: {path!r}")
+        return Address(path=path)
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(expected)
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{expected}: {host!r} is not an IPv6 address") from None
+    elif ":" in host:
+        raise ValueError(f"{expected}: put an IPv6 address in brackets, as [::1]:8765")
+    elif not re.fullmatch(r"[A-Za-z0-9.-]+", host):
+        raise ValueError(f"{expected}: {host!r} is not a host name or address")
+    if not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(f"{expected}: the port must be a number from 0 to 65535")
+    return Address(host=host, port=int(port_text))
+
+
+def _binds(value: object) -> tuple[str, ...]:
+    """Addresses, each checked; repeated on the command line, comma-separated in the
+    environment, a list in TOML."""
+    binds = _list(value, "addresses")
+    seen: set[Address] = set()
+    for text in binds:
+        address = parse_address(text)
+        if address in seen:
+            raise ValueError(f"{text} is given twice")
+        seen.add(address)
+    return binds
+
+
+def _umask(value: object) -> int:
+    """An octal mode mask: 0o117, 0117 or 117 (a TOML integer such as 0o117 too)."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"expected an octal mask such as 0o117, got {value!r}")
+    if isinstance(value, str):
+        text = value.strip().lower().removeprefix("0o")
+        if not re.fullmatch(r"[0-7]{1,4}", text):
+            raise ValueError(f"expected an octal mask such as 0o117, got {value!r}")
+        value = int(text, 8)
+    if not 0 <= value <= 0o777:
+        raise ValueError(f"expected an octal mask from 0o000 to 0o777, got {value!r}")
+    return value
+
+
 def _text(value: object) -> str:
     if not isinstance(value, str):
         raise ValueError(f"expected a string, got {value!r}")
@@ -168,6 +240,7 @@ def option(
     commands: frozenset[str] = SERVE_COMMANDS,
     metavar: str | None = None,
     default_factory: Callable[[], Any] | None = None,
+    shown: str | None = None,
 ) -> Any:
     """Declare an option: a dataclass field whose metadata the CLI, TOML and env readers use."""
     metadata = {
@@ -176,6 +249,7 @@ def option(
         "short": short,
         "commands": commands,
         "metavar": metavar,
+        "shown": shown,  # the default as --help shows it, when repr would not do
     }
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
@@ -197,6 +271,22 @@ class Config:
     host: str = option("127.0.0.1", "address to listen on", parse=_text, metavar="HOST")
     port: int = option(
         8765, "port to listen on; 0 picks any free port", parse=_integer(0, 65535), metavar="PORT"
+    )
+    bind: tuple[str, ...] = option(
+        (),
+        "listen on HOST:PORT, [V6ADDR]:PORT or unix:PATH instead of --host/--port; repeat it "
+        "for more addresses (each TCP address gets a socket per worker, a Unix socket is "
+        "shared by the fleet and removed at exit)",
+        parse=_binds,
+        metavar="ADDR",
+    )
+    umask: int = option(
+        0o117,
+        "mask of the Unix sockets' file mode (0o117: read and write for the owner and the "
+        "group, so a proxy in that group can connect); with --user/--group they own it",
+        parse=_umask,
+        metavar="MODE",
+        shown="0o117",
     )
     fd: int | None = option(
         None,
@@ -409,6 +499,13 @@ def uses_uvloop(config: Config) -> bool:
 
 def scheme(config: Config) -> str:
     return "wss" if config.certfile else "ws"
+
+
+def addresses(config: Config) -> list[Address]:
+    """Where to listen: the --bind addresses, else --host and --port."""
+    if config.bind:
+        return [parse_address(text) for text in config.bind]
+    return [Address(config.host, config.port)]
 
 
 def heartbeat_interval(config: Config) -> float:

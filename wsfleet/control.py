@@ -118,7 +118,8 @@ def ready_line(url: str) -> str:
     return f"listening on {url}"
 
 
-READY = re.compile(r"listening on wss?://(\S+):(\d+)")
+READY = re.compile(r"listening on wss?://(\S+):(\d+)")  # a TCP address: host, port
+LISTENING = re.compile(r"listening on (\S+)")  # any address, unix:PATH too
 FAILED = re.compile(r"failed (\d+) (.*)")  # what a detached master that cannot start says
 
 _ready_fd: int | None = None
@@ -145,12 +146,12 @@ def notify_failure(message: str, status: int) -> None:
         _ready_fd = None
 
 
-def notify_ready(url: str) -> None:
+def notify_ready(urls: list[str]) -> None:
     """Tell whoever waits that the master accepts: a --daemon parent, or systemd."""
     global _ready_fd
     if _ready_fd is not None:
         with contextlib.suppress(OSError):
-            os.write(_ready_fd, f"{ready_line(url)}\n".encode())
+            os.write(_ready_fd, "".join(f"{ready_line(url)}\n" for url in urls).encode())
             os.close(_ready_fd)
         _ready_fd = None
     target = os.environ.get("NOTIFY_SOCKET")
@@ -240,7 +241,7 @@ def format_status(status: dict[str, Any]) -> str:
         f"last rolling restart: {master['last_restart']}",
     ]
     body = "\n".join(line.rstrip() for line in lines)
-    return f"{master['address']}\n{body}\n" + "\n".join(notes)
+    return f"{', '.join(master['addresses'])}\n{body}\n" + "\n".join(notes)
 
 
 def _age(seconds: float) -> str:

@@ -78,9 +78,11 @@ class Load:
         duration: float = 60.0,
         timeout: float = 5.0,
         ssl: Any = None,
+        unix: str | None = None,
     ) -> None:
         self.url = url
         self.ssl = ssl  # the client's ssl.SSLContext for a wss:// URL (None: the system's)
+        self.unix = unix  # connect to this Unix socket (url then gives the Host and path)
         self.rate = rate
         self.long_lived = long_lived
         self.interval = interval  # between two echoes on a long-lived connection
@@ -141,8 +143,10 @@ class Load:
         attempt = Attempt(time.monotonic(), kind=kind)
         self.results.attempts.append(attempt)
         try:
-            tls = {"ssl": self.ssl} if self.ssl is not None else {}
-            ws = await connect(self.url, open_timeout=self.timeout, compression=None, **tls)
+            options: dict[str, Any] = {"ssl": self.ssl} if self.ssl is not None else {}
+            if self.unix is not None:
+                options.update(unix=True, path=self.unix)  # as websockets' unix_connect()
+            ws = await connect(self.url, open_timeout=self.timeout, compression=None, **options)
         except Exception as exc:
             attempt.outcome, attempt.end = _describe(exc), time.monotonic()
             return attempt, None

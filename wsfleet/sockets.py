@@ -2,27 +2,116 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
 import resource
 import socket
 import ssl
+import stat
+from dataclasses import dataclass
 from typing import Any
 
-from .config import Config
+from .config import Address, Config
 
 
-class AddressInUse(Exception):
-    """The address is held by a program that does not share it (the CLI exits 1)."""
+class ListenError(OSError):
+    """An address cannot be listened on; the message names it (the CLI exits 1)."""
 
 
-def bind(host: str, port: int, backlog: int) -> socket.socket:
-    """Open a listening socket on host:port that other wsfleet processes can share.
+class AddressInUse(ListenError):
+    """The address is held by a program that does not share it."""
+
+
+def bind(address: Address, backlog: int) -> socket.socket:
+    """Open a listening socket on a TCP address that other wsfleet processes can share.
 
     SO_REUSEPORT lets several processes (or several sockets of one master) bind the same
     port; the kernel then spreads new connections over them. A program that binds the port
     without SO_REUSEPORT still excludes us, and that is reported as AddressInUse.
     """
-    sock = _bind(host, port, share=True)
+    sock = _bind(address, share=True)
+    return _listen(sock, backlog)
+
+
+def bind_exclusive(address: Address, backlog: int) -> socket.socket:
+    """The master's first socket on an address: as bind(), but refused when anything listens
+    on the port already, even a socket that shares it (another master, a forgotten `wsfleet
+    worker`), which SO_REUSEPORT would otherwise silently join and take part of the traffic
+    from.
+
+    The probe binds without SO_REUSEPORT: Linux refuses that next to any listener on the
+    port, sharing or not (SO_REUSEADDR still lets it past connections in TIME_WAIT).
+    """
+    if address.port != 0:  # port 0: the kernel picks a free port
+        _bind(address, share=False).close()
+    return bind(address, backlog)
+
+
+def bind_unix(path: str, backlog: int, umask: int, owner: tuple[int, int] | None) -> UnixListener:
+    """Listen on a Unix socket at path, its file mode 0o777 & ~umask, owned by owner (uid,
+    gid) when given: the fleet's workers all accept on this one socket.
+
+    A socket file left by a server that is gone (a killed master) is replaced, as gunicorn
+    and uvicorn do; one that a server still answers on is AddressInUse, and a path that is
+    not a socket is never removed.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise ListenError(f"cannot listen on unix:{path}: {exc.strerror}") from None
+    else:
+        if not stat.S_ISSOCK(mode):
+            raise AddressInUse(f"unix:{path} exists and is not a socket; choose another path")
+        with socket.socket(socket.AF_UNIX) as probe:
+            try:
+                probe.connect(path)
+            except ConnectionRefusedError:  # nobody listens: left over
+                os.unlink(path)
+            except OSError:
+                pass  # let bind() say what is wrong
+            else:
+                raise AddressInUse(
+                    f"unix:{path} is in use by a running server; stop it or choose another path"
+                )
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        previous = os.umask(umask)  # the file gets its mode at once: no window with another
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(previous)
+        inode = os.stat(path).st_ino
+        if owner is not None:
+            os.chown(path, *owner)
+        return UnixListener(_listen(sock, backlog), path, inode)
+    except OSError as exc:
+        sock.close()
+        raise ListenError(f"cannot listen on unix:{path}: {exc.strerror or exc}") from None
+    except BaseException:
+        sock.close()
+        raise
+
+
+@dataclass
+class UnixListener:
+    """A Unix socket and the file it made, so that only that file is removed at exit."""
+
+    sock: socket.socket
+    path: str
+    inode: int
+
+    def close(self, remove: bool = True) -> None:
+        self.sock.close()
+        if remove:
+            with contextlib.suppress(OSError):
+                if os.stat(self.path).st_ino == self.inode:
+                    os.unlink(self.path)
+
+
+def _listen(sock: socket.socket, backlog: int) -> socket.socket:
     try:
         sock.listen(backlog)
     except BaseException:
@@ -32,28 +121,17 @@ def bind(host: str, port: int, backlog: int) -> socket.socket:
     return sock
 
 
-def bind_exclusive(host: str, port: int, backlog: int) -> socket.socket:
-    """The master's first socket: as bind(), but refused when anything listens on the port
-    already, even a socket that shares it (another master, a forgotten `wsfleet worker`),
-    which SO_REUSEPORT would otherwise silently join and take part of the traffic from.
-
-    The probe binds without SO_REUSEPORT: Linux refuses that next to any listener on the
-    port, sharing or not (SO_REUSEADDR still lets it past connections in TIME_WAIT).
-    """
-    if port != 0:  # port 0: the kernel picks a free port
-        _bind(host, port, share=False).close()
-    return bind(host, port, backlog)
-
-
-def _bind(host: str, port: int, share: bool) -> socket.socket:
-    family, type_, proto, address = _resolve(host, port)
+def _bind(address: Address, share: bool) -> socket.socket:
+    family, type_, proto, resolved = _resolve(address)
     sock = socket.socket(family, type_, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if share:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:  # [::]:PORT means IPv6 only, as nginx's listen [::]
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         try:
-            sock.bind(address)
+            sock.bind(resolved)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 by = (
@@ -62,23 +140,27 @@ def _bind(host: str, port: int, share: bool) -> socket.socket:
                     else "(another wsfleet master, a `wsfleet worker`, or another program)"
                 )
                 raise AddressInUse(
-                    f"address {format_address(address)} is already in use {by}; stop it or "
-                    "choose another --port"
+                    f"address {format_address(resolved)} is already in use {by}; stop it or "
+                    "choose another address"
                 ) from None
-            raise
+            raise ListenError(f"cannot listen on {address}: {exc.strerror or exc}") from None
     except BaseException:
         sock.close()
         raise
     return sock
 
 
-def _resolve(host: str, port: int) -> tuple[socket.AddressFamily, int, int, Any]:
+def _resolve(address: Address) -> tuple[socket.AddressFamily, int, int, Any]:
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        infos = socket.getaddrinfo(
+            address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
     except socket.gaierror as exc:
-        raise OSError(f"cannot resolve host {host!r}: {exc.strerror}") from None
-    family, type_, proto, _, address = infos[0]
-    return family, type_, proto, address
+        raise ListenError(
+            f"cannot listen on {address}: cannot resolve host {address.host!r}: {exc.strerror}"
+        ) from None
+    family, type_, proto, _, resolved = infos[0]
+    return family, type_, proto, resolved
 
 
 def server_context(config: Config) -> ssl.SSLContext | None:
@@ -116,7 +198,7 @@ def from_fd(fd: int) -> socket.socket:
         socket.SOL_SOCKET, socket.SO_ACCEPTCONN
     ):
         sock.detach()  # leave the descriptor to whoever owns it
-        raise ValueError(f"file descriptor {fd} is not a listening TCP socket")
+        raise ValueError(f"file descriptor {fd} is not a listening stream socket")
     sock.setblocking(False)
     return sock
 
@@ -130,8 +212,16 @@ def format_address(address: tuple[object, ...] | str) -> str:
 
 
 def sock_address(sock: socket.socket) -> str:
-    """The host:port a listening socket is bound to (the real port when it bound port 0)."""
-    return format_address(sock.getsockname())
+    """host:port of a listening TCP socket (the real port when it bound port 0), or
+    unix:PATH."""
+    name = sock.getsockname()
+    return f"unix:{name}" if isinstance(name, str) else format_address(name)
+
+
+def bound_address(sock: socket.socket) -> Address:
+    """The Address a TCP socket is bound to, for the next slot's socket on the same port."""
+    host, port = sock.getsockname()[:2]
+    return Address(host, port)
 
 
 def raise_fd_limit() -> int:

@@ -1,7 +1,8 @@
-"""The worker: serves the app with websockets on one listening socket, and drains on demand.
+"""The worker: serves the app with websockets on its listening sockets, and drains on demand.
 
 A worker runs alone (``wsfleet worker``, as supervisord or systemd start it) or as a child of
-the master. Either way its life is: load the app, serve on the socket, and on SIGTERM/SIGINT
+the master. Either way its life is: load the app, serve on its sockets (one per --bind
+address; one websockets server each), and on SIGTERM/SIGINT
 drain: stop accepting at once, close every connection with a code (1001 going away; the master
 asks for 1012 service restart during a rolling restart), wait for the closing handshakes up to
 the graceful timeout, and return.
@@ -25,7 +26,7 @@ import socket
 import ssl
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -289,17 +290,19 @@ class Worker:
     def __init__(
         self,
         config: Config,
-        sock: socket.socket,
+        sockets: Sequence[socket.socket],
         handler: Handler,
         channel: socket.socket | None = None,
         tls: ssl.SSLContext | None = None,
     ) -> None:
         self.config = config
-        self.sock = sock
+        self.sockets = sockets  # its slot's, one per TCP address, and the fleet's Unix ones
         self.handler = handler
         self.channel = channel
-        self.address = sock_address(sock)
-        self.url = f"{scheme(config)}://{self.address}"
+        self.urls = [
+            address if address.startswith("unix:") else f"{scheme(config)}://{address}"
+            for address in map(sock_address, sockets)
+        ]
         self.ssl = tls
         self.connection_class = CountedConnection if config.access_log else Connection
         if config.proxy_protocol:
@@ -311,7 +314,7 @@ class Worker:
         self.drain_code: int = CloseCode.GOING_AWAY
         self.drain_reason = ""
         self.servers: list[Server] = []  # every server started, to wait for in a drain
-        self.borrowed: dict[int, Server] = {}  # lent slot number -> its server
+        self.borrowed: dict[int, list[Server]] = {}  # lent slot number -> its servers
         self._drain_task: asyncio.Task[None] | None = None
         self._stopped: asyncio.Future[int] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()  # the loop holds tasks only weakly
@@ -336,14 +339,15 @@ class Worker:
             # Ctrl-C reaches the whole process group; the master decides what happens.
             loop.add_signal_handler(signal.SIGINT, lambda: None)
 
-        await self._serve(self.sock)
+        for sock in self.sockets:
+            await self._serve(sock)
         fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         log.info(
-            "worker %d serving app %s on ws://%s (%s, max_size=%d, max_queue=%d, write_limit=%d, "
+            "worker %d serving app %s on %s (%s, max_size=%d, max_queue=%d, write_limit=%d, "
             "loop=%s, open file limit %d)",
             os.getpid(),
             self.config.app,
-            self.address,
+            ", ".join(self.urls),
             describe_compression(self.config),
             self.config.max_size,
             self.config.max_queue,
@@ -358,8 +362,9 @@ class Worker:
                 fd_limit,
             )
         if self.channel is None:
-            # The readiness line that scripts and tests wait for; always on stderr.
-            print(control.ready_line(self.url), file=sys.stderr, flush=True)
+            # The readiness lines that scripts and tests wait for; always on stderr.
+            for url in self.urls:
+                print(control.ready_line(url), file=sys.stderr, flush=True)
         else:
             loop.add_reader(self.channel, self._on_message)
             self._send({"t": "ready"})
@@ -499,7 +504,9 @@ class Worker:
                     log.info("the master asks for a drain with code %d", message["code"])
                     self.start_drain(int(message["code"]), str(message.get("reason", "")))
                 elif kind == "adopt" and fds:
-                    await self._adopt(int(message["slot"]), socket.socket(fileno=fds.pop(0)))
+                    adopted = [socket.socket(fileno=fd) for fd in fds]
+                    fds.clear()
+                    await self._adopt(int(message["slot"]), adopted)
                 elif kind == "release":
                     await self._release(int(message["slot"]))
             except Exception:  # one bad message must not stop the ones after it
@@ -509,19 +516,22 @@ class Worker:
                     os.close(fd)
                 self._inbox.pop(0)
 
-    async def _adopt(self, slot: int, sock: socket.socket) -> None:
-        """Accept on another slot's socket while that slot has no worker of its own."""
+    async def _adopt(self, slot: int, sockets: list[socket.socket]) -> None:
+        """Accept on another slot's sockets while that slot has no worker of its own."""
         if self.draining or slot in self.borrowed:
-            sock.close()
+            for sock in sockets:
+                sock.close()
             return
-        self.borrowed[slot] = await self._serve(sock)
+        self.borrowed[slot] = servers = []  # recorded first: a release finds what started
+        for sock in sockets:
+            servers.append(await self._serve(sock))
         log.info("accepting for slot %d while it has no worker", slot)
 
     async def _release(self, slot: int) -> None:
-        """Stop accepting on a lent socket; its connections stay and are served as usual."""
-        server = self.borrowed.pop(slot, None)
-        if server is not None:
-            await stop_accepting([server])  # closes this process's descriptor only
+        """Stop accepting on lent sockets; their connections stay and are served as usual."""
+        servers = self.borrowed.pop(slot, None)
+        if servers is not None:
+            await stop_accepting(servers)  # closes this process's descriptors only
             log.info("gave slot %d back", slot)
 
     # Draining
