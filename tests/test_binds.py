@@ -83,6 +83,9 @@ def test_reload_and_a_kill_under_load_on_every_address_fail_nothing(spawn, tmp_p
     loads = [Load(url, rate=50, long_lived=10, duration=60) for url in tcp]
     loads.append(Load("ws://localhost/", rate=50, long_lived=10, duration=60, unix=str(path)))
 
+    def reopened(load: Load) -> int:
+        return sum(a.kind == "long" and a.outcome == "ok" for a in load.results.attempts)
+
     def each_made(count: int, since: float = 0.0) -> bool:
         return all(sum(a.start >= since for a in load.results.attempts) >= count for load in loads)
 
@@ -91,6 +94,9 @@ def test_reload_and_a_kill_under_load_on_every_address_fail_nothing(spawn, tmp_p
             load.start()
         wait_for(lambda: each_made(25), what="25 attempts on each address")
         master.rolling_restart()
+        # Every long-lived connection closed by the reload has reconnected: the kill below
+        # then finds no reconnection half-way through its handshake.
+        wait_for(lambda: all(reopened(load) >= 20 for load in loads), what="reconnections")
         victim = min(master.worker_pids())
         os.kill(victim, signal.SIGKILL)
         wait_for(lambda: gone(victim), what="the victim to die")
@@ -132,28 +138,57 @@ def test_a_crash_looping_slot_lends_every_tcp_address(spawn, tmp_path: Path) -> 
     master.wait_workers(2, timeout=30)
 
 
-def test_unix_socket_mode_owner_and_what_is_at_its_path(spawn, tmp_path: Path) -> None:
-    path = tmp_path / "ws.sock"
-    group = grp.getgrnam("nogroup")
-    master = Master(
-        spawn, tmp_path, "--bind", f"unix:{path}", "--bind", "127.0.0.1:0", "--umask", "0o177",
-        "--group", "nogroup", "-w", "1",
-    )  # fmt: skip
+def connect_as(uid: int, gid: int, path: Path) -> str:
+    """Connect to a Unix socket from a forked process with these ids (and no other group):
+    'connected', or the error's name."""
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:
+        answer = "error"
+        try:
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            with socket.socket(socket.AF_UNIX) as client:
+                client.settimeout(5)
+                client.connect(str(path))
+                answer = "connected"
+        except BaseException as exc:
+            answer = type(exc).__name__
+        finally:
+            os.write(write_end, answer.encode())
+            os._exit(0)
+    os.close(write_end)
+    os.waitpid(child, 0)
+    with os.fdopen(read_end, "rb") as pipe:
+        return pipe.read().decode()
+
+
+def test_unix_socket_mode_owner_and_what_is_at_its_path(spawn, tmp_path, socket_dir) -> None:
+    path = socket_dir / "ws.sock"
+    nogroup = grp.getgrnam("nogroup").gr_gid
+    args = ("--bind", f"unix:{path}", "--bind", "127.0.0.1:0", "-w", "1")
+    master = Master(spawn, tmp_path, *args, "--group", "nogroup")
     info = path.stat()
-    assert stat.S_IMODE(info.st_mode) == 0o600 and info.st_gid == group.gr_gid
+    assert stat.S_IMODE(info.st_mode) == 0o660 and info.st_gid == nogroup  # umask 0o117
+    assert connect_as(65534, nogroup, path) == "connected"  # in the socket's group
+    assert connect_as(1, 1, path) == "PermissionError"  # anyone else
     # Another master on the same path: refused while this one answers, the file untouched.
     other = run_wsfleet(["start", "-w", "1", "--bind", f"unix:{path}"])
     assert other.returncode == 1, other.stderr
     assert f"unix:{path} is in use by a running server" in other.stderr
     assert path.stat().st_ino == info.st_ino and unix_echo(path) == "hi"
     # A kill -9 leaves the file behind: the next start replaces it.
+    workers = master.proc.children()
     master.proc.popen.kill()
     master.proc.wait()
-    for child in master.proc.children():
-        child.kill()
-    wait_for(lambda: not master.proc.children(), what="the workers to leave")
+    for worker in workers:
+        worker.kill()
+    psutil.wait_procs(workers, timeout=10)
     assert path.exists()
-    master = Master(spawn, tmp_path, "--bind", f"unix:{path}", "--bind", "127.0.0.1:0", "-w", "1")
+    master = Master(spawn, tmp_path, *args, "--umask", "177")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert connect_as(65534, nogroup, path) == "PermissionError"
     assert unix_echo(path) == "hi"
     assert master.stop() == 0 and not path.exists()
     # A path that is not a socket is never removed.

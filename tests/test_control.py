@@ -131,14 +131,17 @@ def test_reload_wait_reports_broken_code_and_the_old_workers_keep_serving(spawn,
 def test_daemon_detaches_and_stops(tmp_path: Path) -> None:
     pidfile = tmp_path / "d.pid"
     log = tmp_path / "d.log"
+    unix = tmp_path / "d.sock"
     result = run_wsfleet(
         [
             "start",
             "--daemon",
             "-w",
             "2",
-            "--port",
-            "0",
+            "--bind",
+            "127.0.0.1:0",
+            "--bind",
+            f"unix:{unix}",
             "--pidfile",
             str(pidfile),
             "--log-file",
@@ -150,11 +153,13 @@ def test_daemon_detaches_and_stops(tmp_path: Path) -> None:
         assert result.returncode == 0, result.stderr
         match = READY.search(result.stderr)
         assert match and match.group(1) == "127.0.0.1", result.stderr
+        # The command prints what the master printed: one line per address.
+        assert result.stderr.splitlines() == [match.group(0), f"listening on unix:{unix}"]
         assert pid is not None and psutil.Process(pid).ppid() != os.getpid()
         assert echo_once(f"ws://127.0.0.1:{match.group(2)}/") == "hi"
         stop = run_wsfleet(["stop", "--pidfile", str(pidfile)])
         assert stop.returncode == 0, stop.stderr
-        assert gone(pid)
+        assert gone(pid) and not unix.exists()
         assert f"master {pid} exiting" in log.read_text()
     finally:
         if pid is not None and psutil.pid_exists(pid):

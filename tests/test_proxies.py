@@ -8,6 +8,7 @@ reports is told apart from the proxy's own, 127.0.0.1."""
 from __future__ import annotations
 
 import contextlib
+import pwd
 import shutil
 import socket
 import subprocess
@@ -65,13 +66,22 @@ def ask_through(port: int) -> str:
     return answer
 
 
-def test_behind_nginx_the_client_address_comes_from_x_forwarded_for(spawn, tmp_path) -> None:
-    master = app_master(spawn, tmp_path, CLIENT_APP, "-w", "2")
+def test_behind_nginx_on_a_unix_socket_the_client_address_comes_from_x_forwarded_for(
+    spawn, tmp_path, socket_dir
+) -> None:
+    """nginx's workers (nobody, in group nogroup) reach the socket through its group: wsfleet
+    makes it 0660 (--umask) and gives it the workers' group (--group)."""
+    path = socket_dir / "ws.sock"
+    master = app_master(
+        spawn, tmp_path, CLIENT_APP, "-w", "2", "--bind", "127.0.0.1:0", "--bind",
+        f"unix:{path}", "--group", "nogroup",
+    )  # fmt: skip
     port = free_port()
     conf = (ROOT / "conf" / "nginx.conf").read_text()
     for old, new in (
-        ("127.0.0.1:8765", f"127.0.0.1:{master.port}"),
+        ("unix:/run/wsfleet/wsfleet.sock", f"unix:{path}"),
         ("127.0.0.1:8080", f"127.0.0.1:{port}"),
+        ("user www-data;", "user nobody nogroup;"),
         ("/run/", f"{tmp_path}/"),
         ("/var/log/nginx/", f"{tmp_path}/"),
         ("/var/lib/nginx/", f"{tmp_path}/"),
@@ -81,8 +91,11 @@ def test_behind_nginx_the_client_address_comes_from_x_forwarded_for(spawn, tmp_p
         conf = conf.replace(old, new)
     (tmp_path / "nginx.conf").write_text(conf)
     nginx = [binary("nginx"), "-c", str(tmp_path / "nginx.conf"), "-g", "daemon off;"]
-    with running(nginx, port):
-        assert ask_through(port) == CLIENT
+    with running(nginx, port) as proc:
+        workers = psutil.Process(proc.pid).children()
+        assert [w.uids().real for w in workers] == [pwd.getpwnam("nobody").pw_uid]
+        for _ in range(4):  # over both workers
+            assert ask_through(port) == CLIENT
         assert ask_through(master.port) == CLIENT  # directly: the peer itself
     assert "error" not in Path(tmp_path / "wsfleet-error.log").read_text().lower()
 
