@@ -594,9 +594,9 @@ class Arbiter:
         self.handler = handler  # an app object given to wsfleet.run(); else workers import
         self.fleet = Fleet(config, self)
         self.selector = selectors.DefaultSelector()
-        self.tcp: list[cfg.Address] = []  # as bound: a port 0 became the kernel's choice
         self.unix: list[sockets.UnixListener] = []  # shared by every worker
-        self.urls: list[str] = []  # one per --bind address, in its order
+        # Every --bind address in its order, as bound: a port 0 became the kernel's choice.
+        self.listening: list[cfg.Address] = []
         # Loaded here, inherited by every worker forked after: a reload whose certificate
         # files do not load keeps serving the ones that did.
         self.tls = sockets.server_context(config)
@@ -615,7 +615,7 @@ class Arbiter:
                 self.pidfile = control.Pidfile(self.config.pidfile)
             first = self.open_listeners()
             rest = [self.open_slot(index) for index in range(1, self.config.workers)]
-            setproctitle(f"wsfleet: master [{', '.join(self.urls)}]")
+            setproctitle(f"wsfleet: master [{', '.join(map(str, self.listening))}]")
             # Handlers before the first fork: a signal between fork and set-up would orphan.
             self.install_signals()
             self.status_server = control.listen_status(os.getpid())
@@ -625,7 +625,7 @@ class Arbiter:
                 "master %d starting %d workers on %s (app %s)",
                 os.getpid(),
                 self.config.workers,
-                ", ".join(self.urls),
+                ", ".join(self.urls()),
                 self.config.app,
             )
             preload(self.config)
@@ -657,17 +657,19 @@ class Arbiter:
                             address.path, self.config.backlog, self.config.umask, owner
                         )
                     )
-                    self.urls.append(str(address))
+                    self.listening.append(address)
                     continue
                 sock = sockets.bind_exclusive(address, self.config.backlog)
                 first.append(sock)
-                self.tcp.append(sockets.bound_address(sock))
-                self.urls.append(f"{cfg.scheme(self.config)}://{self.tcp[-1]}")
+                self.listening.append(sockets.bound_address(sock))
         except BaseException:
             for sock in first:
                 sock.close()
             raise
         return first
+
+    def urls(self) -> list[str]:
+        return [cfg.url(self.config, str(address)) for address in self.listening]
 
     def install_signals(self) -> None:
         os.set_blocking(self._wake_r, False)
@@ -810,7 +812,7 @@ class Arbiter:
     def open_slot(self, index: int) -> list[socket.socket]:
         opened: list[socket.socket] = []
         try:
-            for address in self.tcp:
+            for address in (a for a in self.listening if a.path is None):
                 opened.append(sockets.bind(address, self.config.backlog))
         except BaseException:
             for sock in opened:
@@ -860,9 +862,9 @@ class Arbiter:
         return channel.send(worker.channel, message, fds)
 
     def all_ready(self) -> None:
-        for url in self.urls:
+        for url in self.urls():
             print(control.ready_line(url), file=sys.stderr, flush=True)
-        control.notify_ready(self.urls)
+        control.notify_ready(self.urls())
 
     # Inside a new worker
 
@@ -893,7 +895,7 @@ class Arbiter:
     def run_worker(self, slot: Slot, worker_end: socket.socket) -> int:
         from . import worker
 
-        setproctitle(f"wsfleet: worker {slot.index} [{', '.join(self.urls)}]")
+        setproctitle(f"wsfleet: worker {slot.index} [{', '.join(map(str, self.listening))}]")
         worker.drop_privileges(self.fleet.config)  # its socket is bound; the app comes next
         try:
             handler = self.handler or worker.load_app(self.fleet.config.app)
@@ -938,7 +940,7 @@ class Arbiter:
     def status(self) -> dict[str, Any]:
         status = self.fleet.status()
         status["master"]["age"] = round(time.time() - self.started, 1)
-        status["master"]["addresses"] = self.urls
+        status["master"]["addresses"] = self.urls()
         return status
 
 

@@ -508,6 +508,12 @@ def addresses(config: Config) -> list[Address]:
     return [Address(config.host, config.port)]
 
 
+def url(config: Config, address: str) -> str:
+    """What the listening line says for an address: ws:// or wss:// before host:port;
+    unix:PATH as it is."""
+    return address if address.startswith("unix:") else f"{scheme(config)}://{address}"
+
+
 def heartbeat_interval(config: Config) -> float:
     """How often a worker's event loop reports to the master (and its connection count)."""
     return min(1.0, config.timeout / 4)

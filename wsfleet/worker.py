@@ -37,7 +37,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 
 from . import channel, control, logs
-from .config import Config, heartbeat_interval, scheme, uses_uvloop
+from .config import Config, heartbeat_interval, url, uses_uvloop
 from .connection import Connection, CountedConnection, with_proxy_header
 from .sockets import sock_address
 
@@ -299,10 +299,7 @@ class Worker:
         self.sockets = sockets  # its slot's, one per TCP address, and the fleet's Unix ones
         self.handler = handler
         self.channel = channel
-        self.urls = [
-            address if address.startswith("unix:") else f"{scheme(config)}://{address}"
-            for address in map(sock_address, sockets)
-        ]
+        self.urls = [url(config, sock_address(sock)) for sock in sockets]
         self.ssl = tls
         self.connection_class = CountedConnection if config.access_log else Connection
         if config.proxy_protocol:
