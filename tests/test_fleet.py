@@ -282,13 +282,57 @@ def test_rolling_restart_replaces_one_slot_at_a_time() -> None:
         assert sum(s.state is SlotState.REPLACING for s in h.fleet.slots) == 1
         h.ready(new)
         assert h.fleet.slots[i].worker is new
-        assert old[i].state is WorkerState.DRAINING
-        assert h.procs.sent_to(old[i])[-1] == {
-            "t": "drain",
-            "code": 1012,
-            "reason": "service restart",
-        }
+        # Replaced: it stops accepting and keeps its connections while the restart goes on.
+        if i < 2:
+            assert old[i].state is WorkerState.HELD
+            assert h.procs.sent_to(old[i]) == [{"t": "hold"}]
     assert h.fleet.restart is None and h.fleet.last_restart == "done"
+    # Every slot has its new worker: the old ones close their connections now, all together.
+    for worker in old:
+        assert worker.state is WorkerState.DRAINING
+        assert h.procs.sent_to(worker) == [
+            {"t": "hold"},
+            {"t": "drain", "code": 1012, "reason": "service restart"},
+        ]
+
+
+def test_a_rolling_restart_that_stops_drains_what_it_held_and_every_slot_serves() -> None:
+    """Slot 0 replaced, slot 1's new worker fails: the held worker of slot 0 drains (its slot
+    has its new worker), slot 1's old worker keeps serving, and nothing stays held."""
+    h = Harness(3)
+    h.boot()
+    old = [h.worker(i) for i in range(3)]
+    h.fleet.start_restart(h.config)
+    h.ready(h.fleet.slots[0].replacement)  # type: ignore[arg-type]
+    assert old[0].state is WorkerState.HELD
+    h.exit(h.fleet.slots[1].replacement, 4)  # type: ignore[arg-type]
+    assert h.fleet.last_restart.startswith("failed")
+    assert old[0].state is WorkerState.DRAINING
+    assert old[1].state is WorkerState.READY and old[2].state is WorkerState.READY
+    assert all(s.state is SlotState.SERVING for s in h.fleet.slots)
+    assert not [w for w in h.fleet.workers.values() if w.state is WorkerState.HELD]
+    h.exit(old[0], 0)
+    assert len(h.fleet.workers) == 3
+
+
+def test_a_held_worker_is_watched_and_stopped_like_a_serving_one() -> None:
+    """Held workers still send heartbeats: one that hangs is killed (its slot has its new
+    worker: nothing is replaced); a graceful stop drains them with 1001."""
+    h = Harness(3, timeout=4)
+    h.boot()
+    old = [h.worker(i) for i in range(3)]
+    h.fleet.start_restart(h.config)
+    h.ready(h.fleet.slots[0].replacement)  # type: ignore[arg-type]
+    h.ready(h.fleet.slots[1].replacement)  # type: ignore[arg-type]
+    assert old[0].state is WorkerState.HELD and old[1].state is WorkerState.HELD
+    h.advance(4.05, silent=(old[0], h.fleet.slots[2].replacement))  # type: ignore[arg-type]
+    assert (old[0].pid, signal.SIGTERM) in h.procs.signals
+    forks = len(h.procs.forked)
+    h.exit(old[0], -9)
+    assert len(h.procs.forked) == forks  # no replacement: slot 0 is served by its new worker
+    h.fleet.stop(graceful=True)
+    h.settle()
+    assert old[1].state is WorkerState.DRAINING and (old[1].pid, signal.SIGTERM) in h.procs.signals
 
 
 def test_a_new_worker_that_fails_stops_the_rolling_restart() -> None:
@@ -358,6 +402,7 @@ def test_a_draining_worker_is_killed_at_its_drain_limit(why: str) -> None:
         old = h.worker(0)
         h.fleet.start_restart(h.config)
         h.ready(h.fleet.slots[0].replacement)  # type: ignore[arg-type]
+        h.ready(h.fleet.slots[1].replacement)  # type: ignore[arg-type]
     elif why == "scale-down":
         old = h.worker(1)
         h.fleet.scale(1)
@@ -367,7 +412,7 @@ def test_a_draining_worker_is_killed_at_its_drain_limit(why: str) -> None:
     h.settle()
     assert old.state is WorkerState.DRAINING
     limit = cfg.drain_limit(h.config)
-    assert limit == 3 + h.config.close_timeout + 1
+    assert limit == h.config.drain_window + 3 + h.config.close_timeout + 1
     h.advance(limit - 0.2, silent=(old,))
     assert (old.pid, signal.SIGKILL) not in h.procs.signals
     h.advance(0.3, silent=(old,))

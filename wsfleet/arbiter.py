@@ -14,10 +14,13 @@ Two parts, read top to bottom:
   goes on.
 
 A worker's life: STARTING (forked) -> READY (it accepts) -> DRAINING (asked to stop; killed
-if still there after :func:`config.drain_limit`) -> reaped. A worker that stops answering
-goes to STOPPING (SIGTERM), then KILLED (SIGKILL). A slot's state follows from its workers:
-EMPTY (restart due at ``restart_at``), STARTING, SERVING, or REPLACING during a rolling
-restart.
+if still there after :func:`config.drain_limit`) -> reaped. A rolling restart puts a replaced
+worker in HELD first (it stops accepting and keeps its connections) until every slot has its
+new worker, or the restart stops: then all HELD workers drain together, and a client closed
+by the reload reconnects to a new worker, never to one the same reload closes again. A worker
+that stops answering goes to STOPPING (SIGTERM), then KILLED (SIGKILL). A slot's state
+follows from its workers: EMPTY (restart due at ``restart_at``), STARTING, SERVING, or
+REPLACING during a rolling restart.
 
 Why the master owns the sockets: it opens one SO_REUSEPORT socket per worker slot (per TCP
 address, with several --bind) and keeps it for its whole life. The kernel spreads connections
@@ -77,9 +80,14 @@ EXIT_APP = 4
 class WorkerState(enum.Enum):
     STARTING = "starting"  # forked; not accepting yet
     READY = "ready"  # accepting on its slot's socket (and on lent ones)
+    HELD = "held"  # replaced by a rolling restart: not accepting, keeps its connections until
+    # the restart ends (then DRAINING), so that no client is closed twice by one reload
     DRAINING = "draining"  # closing its connections; killed at its drain deadline
     STOPPING = "stopping"  # told to stop now (hung: TERM; QUIT); SIGKILL after KILL_GRACE
     KILLED = "killed"  # SIGKILL sent; waiting to be reaped
+
+
+LIVE = (WorkerState.STARTING, WorkerState.READY, WorkerState.HELD)  # heartbeats expected
 
 
 class SlotState(enum.Enum):
@@ -239,7 +247,7 @@ class Fleet:
             worker.error = message["message"]
         elif kind == "ready" and worker.state is WorkerState.STARTING:
             self.on_ready(worker)
-        elif kind == "draining" and worker.state in (WorkerState.STARTING, WorkerState.READY):
+        elif kind == "draining" and worker.state in LIVE:
             self.on_retiring(worker)
 
     def on_retiring(self, worker: Worker) -> None:
@@ -264,9 +272,12 @@ class Fleet:
         slot = worker.slot
         log.info("worker %d (slot %d) is ready", worker.pid, slot.index)
         if slot.replacement is worker:
-            # Rolling restart: the new worker accepts on the slot's socket; the old one drains.
+            # Rolling restart: the new worker accepts on the slot's sockets; the old one stops
+            # accepting and keeps its connections until the restart ends (see reconcile).
             old, slot.worker, slot.replacement = slot.worker, worker, None
-            if old is not None:
+            if old is not None and old.state is WorkerState.READY:
+                self.hold(old)
+            elif old is not None:
                 self.drain(old, 1012, "service restart")
         if self.restart is not None and self.restart.step is worker:
             self.restart.todo.pop(0)
@@ -305,6 +316,11 @@ class Fleet:
         if worker.state is WorkerState.DRAINING or self.state is MasterState.STOPPING:
             log.info("worker %d (slot %d) exited (%s)", pid, slot.index, how)
             return
+        if worker.state is WorkerState.HELD:  # its slot has its new worker already
+            log.error(
+                "worker %d (slot %d), held by the rolling restart, died (%s)", pid, slot.index, how
+            )
+            return
         if self.state is MasterState.BOOTING and worker.ready_at is None:
             status = EXIT_APP if code == EXIT_APP else 1
             raise BootError(f"worker {pid} could not start ({how}){reason}", status)
@@ -330,6 +346,13 @@ class Fleet:
             log.error("worker %d (slot %d) died (%s)%s: replacing it", pid, slot.index, how, reason)
         slot.restart_at = now + delay
 
+    def hold(self, worker: Worker) -> None:
+        """Ask a replaced worker to stop accepting and keep its connections (HELD)."""
+        self.set_state(worker, WorkerState.HELD)
+        if not self.processes.send(worker, {"t": "hold"}):
+            self.set_state(worker, WorkerState.DRAINING)
+            self.processes.signal(worker.pid, signal.SIGTERM)  # its channel is gone: drain 1001
+
     def drain(self, worker: Worker, code: int, reason: str) -> None:
         """Ask a worker to stop accepting and close its connections with this code."""
         self.set_state(worker, WorkerState.DRAINING)
@@ -349,7 +372,7 @@ class Fleet:
                 if slot.worker is None:
                     yield slot.restart_at, self.spawn, slot
         for worker in self.workers.values():
-            if worker.state in (WorkerState.STARTING, WorkerState.READY):
+            if worker.state in LIVE:
                 yield worker.last_seen + self.config.timeout, self.on_silent, worker
             elif worker.state is WorkerState.DRAINING:
                 yield worker.since + worker.drain_limit, self.on_drain_overdue, worker
@@ -406,6 +429,10 @@ class Fleet:
             self.state = MasterState.RUNNING
             log.info("all %d workers ready", len(self.slots))
             self.processes.all_ready()
+        if self.restart is None:  # done, failed or given up: what it held closes now, once
+            for worker in list(self.workers.values()):
+                if worker.state is WorkerState.HELD:
+                    self.drain(worker, 1012, "service restart")
         self.lend_sockets()
 
     def lend_sockets(self) -> None:
@@ -508,7 +535,7 @@ class Fleet:
         if self.restart is not None:
             self.restart, self.last_restart = None, "stopped by shutdown"
         for worker in list(self.workers.values()):
-            if graceful and worker.state in (WorkerState.STARTING, WorkerState.READY):
+            if graceful and worker.state in LIVE:
                 self.set_state(worker, WorkerState.DRAINING)
                 self.processes.signal(worker.pid, signal.SIGTERM)
             elif not graceful and worker.state is not WorkerState.KILLED:

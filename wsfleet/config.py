@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 ENV_PREFIX = "WSFLEET_"
+DRAIN_WINDOW = 0.0  # --drain-window's default (docs/restart.md measures why)
 SERVE_COMMANDS = frozenset({"start", "worker"})
 
 
@@ -307,6 +308,21 @@ class Config:
         parse=_seconds,
         metavar="S",
     )
+    drain_window: float = option(
+        DRAIN_WINDOW,
+        "seconds over which a drain (stop, reload, scale-down) spreads its closes, in random "
+        "order, so that clients do not all reconnect at once; the graceful timeout counts "
+        "from its end",
+        parse=_seconds,
+        metavar="S",
+    )
+    max_connection_age: float = option(
+        0.0,
+        "close a connection with 1012 (reason 'max connection age') this many seconds (+-10%, "
+        "random) after it opened, to rebalance long-lived connections; 0: never",
+        parse=_seconds,
+        metavar="S",
+    )
     timeout: float = option(
         30.0,
         "seconds a worker's event loop may go without answering the master before it is killed",
@@ -520,9 +536,10 @@ def heartbeat_interval(config: Config) -> float:
 
 
 def drain_limit(config: Config) -> float:
-    """How long a draining worker may live: its graceful timeout aborts what is left, then
-    its connections' close timeout, then a margin; the master kills it after that."""
-    return config.graceful_timeout + config.close_timeout + KILL_MARGIN
+    """How long a draining worker may live: its drain window spreads the closes, its graceful
+    timeout then aborts what is left, then its connections' close timeout, then a margin; the
+    master kills it after that."""
+    return config.drain_window + config.graceful_timeout + config.close_timeout + KILL_MARGIN
 
 
 FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(Config)}

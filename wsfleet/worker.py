@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import grp
 import http
 import importlib
@@ -20,6 +21,7 @@ import ipaddress
 import logging
 import os
 import pwd
+import random
 import resource
 import signal
 import socket
@@ -207,6 +209,12 @@ def describe_compression(config: Config) -> str:
     )
 
 
+class Phase(enum.Enum):
+    SERVING = "serving"  # accepting on its sockets
+    HOLDING = "holding"  # replaced by a rolling restart: not accepting, keeps its connections
+    DRAINING = "draining"  # not accepting, closing its connections (over the drain window)
+
+
 class _DrainingServer(Server):
     """websockets' Server, except that a handshake which completes during a drain succeeds.
 
@@ -232,6 +240,7 @@ async def stop_accepting(servers: list[Server]) -> None:
     flight then complete (see _DrainingServer).
     """
     loop = asyncio.get_running_loop()
+    servers = [s for s in servers if not isinstance(s, _DrainingServer)]  # stopped already
     for server in servers:
         server.__class__ = _DrainingServer
         for sock in server.sockets:
@@ -307,7 +316,7 @@ class Worker:
         global _proxies
         _proxies = Proxies(config.forwarded_allow_ips)
         self.connections: set[ServerConnection] = set()
-        self.draining = False
+        self.phase = Phase.SERVING
         self.drain_code: int = CloseCode.GOING_AWAY
         self.drain_reason = ""
         self.servers: list[Server] = []  # every server started, to wait for in a drain
@@ -384,16 +393,26 @@ class Worker:
         return server
 
     async def _handle(self, websocket: ServerConnection) -> None:
-        if self.draining:
+        if self.phase is Phase.DRAINING:
             # The handshake completed during a drain (see _DrainingServer).
             await websocket.close(self.drain_code, self.drain_reason)
             return
         self.connections.add(websocket)
+        age = self.config.max_connection_age
+        aging = (
+            asyncio.get_running_loop().call_later(
+                age * random.uniform(0.9, 1.1), self._close_aged, websocket
+            )
+            if age
+            else None
+        )
         try:
             await self.handler(websocket)
         except ConnectionClosed:
             pass  # the client left, or a drain closed it: not the app's error
         finally:
+            if aging is not None:
+                aging.cancel()
             self.connections.discard(websocket)
             if isinstance(websocket, CountedConnection):
                 self._log_close(websocket)
@@ -418,10 +437,15 @@ class Worker:
             websocket.messages_out,
         )
 
+    def _close_aged(self, websocket: ServerConnection) -> None:
+        """--max-connection-age: one connection at a time, closed as websockets closes."""
+        if self.phase is not Phase.DRAINING:  # else the drain closes it
+            self._spawn(websocket.close(CloseCode.SERVICE_RESTART, "max connection age"))
+
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path = self.config.health_path
         if path and request.path.partition("?")[0] == path:
-            if self.draining:
+            if self.phase is not Phase.SERVING:
                 return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
             return connection.respond(http.HTTPStatus.OK, "OK\n")
         limit = self.config.max_connections
@@ -483,7 +507,7 @@ class Worker:
                 return
             if message is None:
                 asyncio.get_running_loop().remove_reader(self.channel)
-                if not self.draining:
+                if self.phase is not Phase.DRAINING:
                     log.warning("the master is gone: draining with code 1001")
                     self.start_drain(CloseCode.GOING_AWAY)
                 return
@@ -500,6 +524,8 @@ class Worker:
                 if kind == "drain":
                     log.info("the master asks for a drain with code %d", message["code"])
                     self.start_drain(int(message["code"]), str(message.get("reason", "")))
+                elif kind == "hold":
+                    await self.hold()
                 elif kind == "adopt" and fds:
                     adopted = [socket.socket(fileno=fd) for fd in fds]
                     fds.clear()
@@ -515,7 +541,7 @@ class Worker:
 
     async def _adopt(self, slot: int, sockets: list[socket.socket]) -> None:
         """Accept on another slot's sockets while that slot has no worker of its own."""
-        if self.draining or slot in self.borrowed:
+        if self.phase is not Phase.SERVING or slot in self.borrowed:
             for sock in sockets:
                 sock.close()
             return
@@ -553,8 +579,18 @@ class Worker:
         if self._drain_task is None:
             self._drain_task = asyncio.get_running_loop().create_task(self.drain(code, reason))
 
+    async def hold(self) -> None:
+        """A rolling restart replaced this worker: stop accepting, so that new connections go
+        to the new workers, but keep these until the restart ends (the master then asks for a
+        drain), so that a client is closed once per reload, never by a worker it has just
+        reconnected to."""
+        if self.phase is Phase.SERVING:
+            self.phase = Phase.HOLDING
+            await stop_accepting(self.servers)
+            log.info("replaced: stopped accepting; %d connections wait", len(self.connections))
+
     async def drain(self, code: int, reason: str = "") -> None:
-        self.draining = True
+        self.phase = Phase.DRAINING
         if self.channel is not None:
             self._send({"t": "draining"})  # the master may not know: a TERM from outside
         self.drain_code, self.drain_reason = code, reason
@@ -563,16 +599,16 @@ class Worker:
         await stop_accepting(self.servers)
         for server in self.servers:
             server.close(close_connections=False)
+        window = self.config.drain_window
         log.info(
-            "stopped accepting; closing %d connections with code %d",
+            "stopped accepting; closing %d connections with code %d over %gs",
             len(self.connections),
             code,
+            window,
         )
-        for websocket in list(self.connections):
-            if not send_close_now(websocket, code, reason):
-                self._spawn(websocket.close(code, reason))
+        await self._close_over(window, code, reason)
         # What close() would do per connection, once for all: a peer that has not ended its
-        # connection close_timeout after the close frame is dropped.
+        # connection close_timeout after the (last) close frame is dropped.
         lingering = asyncio.get_running_loop().call_later(
             self.config.close_timeout, self._abort_connections
         )
@@ -599,6 +635,33 @@ class Worker:
             lingering.cancel()
         log.info("all connections closed; worker %d exiting", os.getpid())
         self._finish(0)
+
+    def _close_over(self, window: float, code: int, reason: str) -> asyncio.Future[None]:
+        """Close the connections in random order, evenly spread over window seconds (the
+        first at once), from one timer re-armed for the next due close: no task per
+        connection, as in a drain without a window. Resolves after the last."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        order = list(self.connections)
+        random.shuffle(order)
+        start, count, closed = loop.time(), len(order), 0
+
+        def close_due() -> None:
+            nonlocal closed
+            elapsed = loop.time() - start
+            due = count if window <= 0 else min(count, int(elapsed * count / window) + 1)
+            for websocket in order[closed:due]:
+                # (One whose handler has ended is gone from self.connections already.)
+                if websocket in self.connections and not send_close_now(websocket, code, reason):
+                    self._spawn(websocket.close(code, reason))
+            closed = max(closed, due)
+            if closed < count and self.connections:
+                loop.call_at(start + window * closed / count, close_due)
+            elif not done.done():
+                done.set_result(None)
+
+        close_due()
+        return done
 
     def abort(self, status: int) -> None:
         """Drop every connection without a closing handshake and stop."""
