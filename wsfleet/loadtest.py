@@ -197,3 +197,98 @@ class Load:
                 self.results.close_codes[_describe(exc)] += 1
             finally:
                 await ws.close()
+
+
+# A reconnect storm: many idle connections that reconnect at once when the server closes them,
+# as browsers and mobile clients do. Run in several processes (see run_storm_client), each
+# from its own loopback source address, so that the client's handshakes are spread over cores
+# and no process runs short of ports or descriptors.
+
+
+@dataclass
+class StormResults:
+    closes: list[int]  # per connection: how many times the server closed it
+    codes: collections.Counter[str] = field(default_factory=collections.Counter)
+    closed: list[float] = field(default_factory=list)  # when each close was seen
+    # (when it was closed, when it was open again) for each reconnection
+    reconnected: list[tuple[float, float]] = field(default_factory=list)
+    failed: list[tuple[float, str]] = field(default_factory=list)  # (when, what) per failure
+
+
+class StormClient:
+    """count connections to url from source; each reconnects when closed, until stop()."""
+
+    def __init__(self, url: str, count: int, source: str, timeout: float = 30.0) -> None:
+        self.url, self.count, self.source, self.timeout = url, count, source, timeout
+        self.results = StormResults(closes=[0] * count)
+        self.open = 0  # connections open now
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self, opening: int = 100) -> StormResults:
+        """Open the connections at most `opening` at a time (no storm of our own at start),
+        then keep them until stop()."""
+        gate = asyncio.Semaphore(opening)
+        await asyncio.gather(*(self._keep(i, gate) for i in range(self.count)))
+        return self.results
+
+    async def _connect(self) -> ClientConnection | None:
+        try:
+            return await connect(self.url, open_timeout=self.timeout, local_addr=(self.source, 0))
+        except Exception as exc:
+            self.results.failed.append((time.monotonic(), _describe(exc)))
+            return None
+
+    async def _keep(self, index: int, gate: asyncio.Semaphore) -> None:
+        async with gate:
+            ws = await self._connect()
+        closed_at = 0.0
+        while not self._stop.is_set():
+            if ws is None:  # a failure is recorded; retry, without spinning
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), 0.1)
+                ws = await self._connect()
+                if ws is not None and self.results.closes[index]:
+                    self.results.reconnected.append((closed_at, time.monotonic()))
+                continue
+            self.open += 1
+            stopping = asyncio.create_task(self._stop.wait())
+            closed = asyncio.create_task(ws.wait_closed())
+            await asyncio.wait([stopping, closed], return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            self.open -= 1
+            if not closed.done():
+                closed.cancel()
+                await ws.close()
+                return
+            closed_at = time.monotonic()
+            self.results.closed.append(closed_at)
+            self.results.closes[index] += 1
+            self.results.codes[str(ws.close_code)] += 1
+            ws = await self._connect()  # at once: the storm
+            if ws is not None:
+                self.results.reconnected.append((closed_at, time.monotonic()))
+
+
+def run_storm_client(url: str, count: int, source: str, pipe: Any) -> None:
+    """A storm client process (multiprocessing): answers "status" on its pipe with (open
+    connections, closes, reconnections, failures), and "stop" with its StormResults."""
+    client = StormClient(url, count, source)
+
+    async def main() -> StormResults:
+        loop = asyncio.get_running_loop()
+
+        def on_request() -> None:
+            if pipe.recv() == "stop":
+                loop.remove_reader(pipe.fileno())
+                client.stop()
+            else:
+                r = client.results
+                pipe.send((client.open, sum(r.closes), len(r.reconnected), len(r.failed)))
+
+        loop.add_reader(pipe.fileno(), on_request)
+        return await client.run()
+
+    pipe.send(asyncio.run(main()))
