@@ -15,6 +15,7 @@ import psutil
 import pytest
 from websockets.sync.client import unix_connect
 
+from wsfleet import control
 from wsfleet.loadtest import Load
 
 from .helpers import gone, run_wsfleet, wait_for
@@ -217,9 +218,19 @@ def test_unix_only_fleet_serves_through_a_reload(spawn, tmp_path: Path) -> None:
     assert [line for line in proc.lines if line.startswith("listening")] == [
         f"listening on unix:{path}"
     ]
+    pidfile = str(tmp_path / "p")
+    old = {w["pid"] for w in control.query_status(control.master_pid(pidfile))["workers"]}
     load = Load("ws://localhost/", rate=50, long_lived=10, duration=60, unix=str(path)).start()
     try:
-        assert run_wsfleet(["reload", "--wait", "--pidfile", str(tmp_path / "p")]).returncode == 0
+        assert run_wsfleet(["reload", "--wait", "--pidfile", pidfile]).returncode == 0
+
+        def old_gone() -> bool:  # their connections closed over the drain window
+            status = control.query_status(control.master_pid(pidfile))
+            return not {w["pid"] for w in status["workers"]} & old
+
+        wait_for(old_gone, 30, "the old workers to drain")
+        closed = load.results.close_codes
+        wait_for(lambda: closed["closed 1012"] >= 10, 10, "the clients to see their 1012")
     finally:
         results = load.stop()
     assert results.failures() == [], results.summary()

@@ -151,7 +151,8 @@ def test_supervisord_conf_numbers_agree_with_wsfleet() -> None:
         program = parser[section]
         graceful = float(re.search(r"--graceful-timeout (\S+)", program["command"]).group(1))
         assert graceful == cfg.Config().graceful_timeout
-        assert float(program["stopwaitsecs"]) > graceful
+        # A lone worker's drain: its window, then at most the graceful timeout.
+        assert float(program["stopwaitsecs"]) > cfg.Config().drain_window + graceful
         assert program["stopsignal"] == "TERM"
         assert program["numprocs"] == "4"
         assert program["process_name"] == "%(program_name)s_%(process_num)02d"
@@ -203,7 +204,7 @@ def test_kubernetes_manifest_agrees_with_wsfleet() -> None:
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
     # The kubelet's SIGKILL comes after the grace period, which counts preStop too.
-    assert pod["terminationGracePeriodSeconds"] > float(pre_stop[1]) + defaults.graceful_timeout
+    assert pod["terminationGracePeriodSeconds"] > float(pre_stop[1]) + cfg.drain_limit(defaults)
     service = kinds["Service"]["spec"]
     assert service["ports"][0]["targetPort"] == container["ports"][0]["name"]
     assert service["selector"] == kinds["Deployment"]["spec"]["selector"]["matchLabels"]

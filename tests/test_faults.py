@@ -175,9 +175,10 @@ def test_malformed_channel_messages_are_ignored(spawn, tmp_path: Path) -> None:
 
 def test_a_draining_worker_that_hangs_is_killed_whatever_the_drain(spawn, tmp_path) -> None:
     """A reload's old worker whose loop is blocked: killed at its drain limit."""
-    master = app_master(spawn, tmp_path, HANGING_APP, "-w", "1", "--graceful-timeout", "1")
+    options = ("--graceful-timeout", "1", "--drain-window", "0")
+    master = app_master(spawn, tmp_path, HANGING_APP, "-w", "1", *options)
     (old,) = master.worker_pids()
-    limit = cfg.drain_limit(cfg.Config(graceful_timeout=1))
+    limit = cfg.drain_limit(cfg.Config(graceful_timeout=1, drain_window=0))
     with connect(master.url) as ws:
         ws.send("hang")
         master.proc.signal(signal.SIGHUP)

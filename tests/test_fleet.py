@@ -551,9 +551,9 @@ def test_a_draining_worker_keeps_the_drain_limit_it_was_started_with() -> None:
     h.fleet.start_restart(cfg.Config(workers=1, graceful_timeout=5))
     h.ready(h.fleet.slots[0].replacement)  # type: ignore[arg-type]
     assert old.state is WorkerState.DRAINING
-    h.advance(5 + h.config.close_timeout + 2, silent=(old,))
+    h.advance(h.config.drain_window + 5 + h.config.close_timeout + 2, silent=(old,))
     assert (old.pid, signal.SIGKILL) not in h.procs.signals
-    h.advance(60, silent=(old,))
+    h.advance(cfg.drain_limit(h.config), silent=(old,))
     assert (old.pid, signal.SIGKILL) in h.procs.signals
 
 

@@ -220,10 +220,12 @@ async def handler(websocket):
 
 def test_stragglers_are_killed_after_the_drain_limit(spawn, tmp_path: Path) -> None:
     """A worker whose loop is blocked cannot abort its connections at its graceful timeout:
-    the master kills it graceful timeout + close timeout + 1 s after its drain began."""
-    master = app_master(spawn, tmp_path, HANGING_APP, "-w", "1", "--graceful-timeout", "1")
+    the master kills it drain window + graceful timeout + close timeout + 1 s after its drain
+    began."""
+    options = ("--graceful-timeout", "1", "--drain-window", "2")
+    master = app_master(spawn, tmp_path, HANGING_APP, "-w", "1", *options)
     (worker,) = master.worker_pids()
-    limit = cfg.drain_limit(cfg.Config(graceful_timeout=1))
+    limit = cfg.drain_limit(cfg.Config(graceful_timeout=1, drain_window=2))
     with connect(master.url) as ws:
         ws.send("hang")
         started = time.monotonic()

@@ -266,3 +266,41 @@ def test_bad_drain_window_or_age_is_exit_2() -> None:
         assert result.returncode == 2 and f"argument {option}: expected a non-negative" in (
             result.stderr
         )
+
+
+def test_scaling_down_spreads_the_removed_workers_closes(spawn, tmp_path: Path) -> None:
+    """TTOU: the removed slot's worker closes its connections (1001) over the window; the
+    other worker's stay open."""
+    master = Master(spawn, tmp_path, "-w", "2", "--drain-window", "1")
+
+    async def run() -> tuple[float, list[Closed], int]:
+        """Watch every connection; stop once the removed worker has exited."""
+        connections = await open_all(master.url, 40)
+        closed: list[Closed] = []
+
+        async def watch(index: int, ws: ClientConnection) -> None:
+            try:
+                await ws.recv()
+            except ConnectionClosed as exc:
+                assert exc.rcvd is not None
+                closed.append(Closed(index, time.monotonic(), exc.rcvd.code, exc.rcvd.reason))
+
+        watchers = [asyncio.create_task(watch(i, ws)) for i, ws in enumerate(connections)]
+        await asyncio.sleep(0)
+        started = time.monotonic()
+        master.proc.signal(signal.SIGTTOU)
+        async with asyncio.timeout(20):
+            while len(master.status()["workers"]) != 1:
+                await asyncio.sleep(0.05)
+        still_open = sum(not w.done() for w in watchers)
+        for w in watchers:
+            w.cancel()
+        for ws in connections:
+            await ws.close()
+        return started, closed, still_open
+
+    started, closed, still_open = asyncio.run(run())
+    assert closed and still_open and len(closed) + still_open == 40
+    assert {c.code for c in closed} == {1001}
+    times = sorted(c.at - started for c in closed)
+    assert times[0] < 0.3 and 0.6 < times[-1] < 1.5, times

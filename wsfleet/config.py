@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 ENV_PREFIX = "WSFLEET_"
-DRAIN_WINDOW = 0.0  # --drain-window's default (docs/restart.md measures why)
+DRAIN_WINDOW = 10.0  # --drain-window's default (docs/restart.md measures why)
 SERVE_COMMANDS = frozenset({"start", "worker"})
 
 
