@@ -587,3 +587,37 @@ def test_every_address_of_an_empty_slot_is_lent_and_with_only_unix_sockets_nothi
     h.exit(h.worker(1), 1)
     assert not [m for _, m, _ in h.procs.sent if m["t"] == "adopt"]
     assert h.fleet.slots[1].lent_to is None and h.fleet.slots[1].worker is not None
+
+
+def test_a_hup_during_a_rolling_restart_holds_at_most_one_worker_per_slot() -> None:
+    """A second HUP starts the restart again: a slot replaced twice drains its first held
+    worker when it holds the second, so the held workers never outnumber the slots."""
+    h = Harness(2)
+    h.boot()
+    first = [h.worker(0), h.worker(1)]
+    h.fleet.start_restart(h.config)
+    h.ready(h.fleet.slots[0].replacement)  # type: ignore[arg-type]
+    for _ in range(3):  # a HUP in the middle of each restart: the cursor starts again
+        h.fleet.start_restart(h.config)
+        h.ready(next(s.replacement for s in h.fleet.slots if s.replacement is not None))
+        held = [w for w in h.fleet.workers.values() if w.state is WorkerState.HELD]
+        assert len({w.slot.index for w in held}) == len(held) <= 2
+    assert first[0].state is WorkerState.DRAINING
+    assert h.procs.sent_to(first[0])[-1] == {
+        "t": "drain",
+        "code": 1012,
+        "reason": "service restart",
+    }
+
+
+def test_a_hung_worker_replaced_by_a_restart_keeps_its_kill_deadline() -> None:
+    h = Harness(2, timeout=4)
+    h.boot()
+    hung = h.worker(0)
+    h.fleet.start_restart(h.config)
+    h.advance(4.05, silent=(hung,))  # no heartbeat: TERM, SIGKILL due after KILL_GRACE
+    assert hung.state is WorkerState.STOPPING
+    h.ready(h.fleet.slots[0].replacement)  # type: ignore[arg-type]
+    assert hung.state is WorkerState.STOPPING  # not given a drain's allowance
+    h.advance(KILL_GRACE, silent=(hung,))
+    assert hung.state is WorkerState.KILLED

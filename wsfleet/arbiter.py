@@ -254,9 +254,10 @@ class Fleet:
         """A worker drains that the master did not ask to (a SIGTERM from outside): it stops
         accepting, so its slot gets a new worker at once and its sockets are lent meanwhile."""
         log.warning(
-            "worker %d (slot %d) is draining on its own: replacing it",
+            "worker %d (slot %d) is draining on its own%s",
             worker.pid,
             worker.slot.index,
+            "" if worker.state is WorkerState.HELD else ": replacing it",
         )
         self.set_state(worker, WorkerState.DRAINING)
         slot = worker.slot
@@ -276,9 +277,15 @@ class Fleet:
             # accepting and keeps its connections until the restart ends (see reconcile).
             old, slot.worker, slot.replacement = slot.worker, worker, None
             if old is not None and old.state is WorkerState.READY:
+                # One held worker per slot: a HUP during a restart starts it again, and the
+                # slot's earlier held worker closes its connections now, once.
+                for held in self.workers.values():
+                    if held.slot is slot and held.state is WorkerState.HELD:
+                        self.drain(held, 1012, "service restart")
                 self.hold(old)
-            elif old is not None:
+            elif old is not None and old.state is WorkerState.STARTING:
                 self.drain(old, 1012, "service restart")
+            # (A STOPPING or KILLED one keeps its kill deadline.)
         if self.restart is not None and self.restart.step is worker:
             self.restart.todo.pop(0)
             self.restart.step = None
@@ -349,6 +356,8 @@ class Fleet:
     def hold(self, worker: Worker) -> None:
         """Ask a replaced worker to stop accepting and keep its connections (HELD)."""
         self.set_state(worker, WorkerState.HELD)
+        # A channel gone (the worker is exiting) or full: TERM drains it now with 1001, so
+        # its clients may meet this reload twice; an edge that has not been seen.
         if not self.processes.send(worker, {"t": "hold"}):
             self.set_state(worker, WorkerState.DRAINING)
             self.processes.signal(worker.pid, signal.SIGTERM)  # its channel is gone: drain 1001
@@ -517,7 +526,7 @@ class Fleet:
         while len(self.slots) > count:
             slot = self.slots.pop()
             for worker in (slot.worker, slot.replacement):
-                if worker is not None:
+                if worker is not None and worker.state in (WorkerState.STARTING, WorkerState.READY):
                     self.drain(worker, 1001, "going away")
             if slot.lent_to is not None:
                 self.processes.send(slot.lent_to, {"t": "release", "slot": slot.index})

@@ -446,7 +446,8 @@ class Worker:
         path = self.config.health_path
         if path and request.path.partition("?")[0] == path:
             if self.phase is not Phase.SERVING:
-                return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
+                text = "draining\n" if self.phase is Phase.DRAINING else "not accepting\n"
+                return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, text)
             return connection.respond(http.HTTPStatus.OK, "OK\n")
         limit = self.config.max_connections
         if limit and len(self.connections) >= limit:
@@ -649,12 +650,21 @@ class Worker:
         def close_due() -> None:
             nonlocal closed
             elapsed = loop.time() - start
+            # At least one per firing: uvloop's millisecond clock can fire a timer a little
+            # before its time, and a firing that closed nothing would re-arm for the same
+            # instant, again and again until the clock ticks.
             due = count if window <= 0 else min(count, int(elapsed * count / window) + 1)
+            due = max(due, closed + 1)
             for websocket in order[closed:due]:
                 # (One whose handler has ended is gone from self.connections already.)
-                if websocket in self.connections and not send_close_now(websocket, code, reason):
-                    self._spawn(websocket.close(code, reason))
-            closed = max(closed, due)
+                try:
+                    if websocket in self.connections and not send_close_now(
+                        websocket, code, reason
+                    ):
+                        self._spawn(websocket.close(code, reason))
+                except Exception:  # one connection's error must not stop the others' closes
+                    log.exception("error while closing a connection during a drain")
+            closed = due
             if closed < count and self.connections:
                 loop.call_at(start + window * closed / count, close_due)
             elif not done.done():
