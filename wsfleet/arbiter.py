@@ -35,6 +35,7 @@ workers do, after fork.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import enum
 import functools
@@ -53,7 +54,7 @@ from typing import Any, Protocol
 
 from setproctitle import setproctitle
 
-from . import channel, control, logs, sockets
+from . import channel, control, logs, metrics, sockets, web
 from . import config as cfg
 
 log = logging.getLogger("wsfleet.master")
@@ -186,6 +187,9 @@ class Fleet:
         self.restarts = 0  # rolling restarts asked for (SIGHUP), so a waiter knows its own
         self.restart_problem: str | None = None
         self.last_restart = "none yet"
+        # Workers replaced, or started and stopped, by reason (metrics.RESTART_REASONS).
+        self.restart_reasons: collections.Counter[str] = collections.Counter()
+        self.tally = metrics.Tally()  # the workers' counts (--metrics)
 
     # Workers' lives
 
@@ -243,6 +247,8 @@ class Fleet:
         kind = message["t"]
         if kind == "hb":
             worker.connections = message["conns"]
+            if "n" in message:
+                self.tally.report(worker.pid, worker.slot.index, message["n"])
         elif kind == "error":
             worker.error = message["message"]
         elif kind == "ready" and worker.state is WorkerState.STARTING:
@@ -259,6 +265,8 @@ class Fleet:
             worker.slot.index,
             "" if worker.state is WorkerState.HELD else ": replacing it",
         )
+        if worker.state is not WorkerState.HELD:
+            self.restart_reasons["crash"] += 1  # it left unasked
         self.set_state(worker, WorkerState.DRAINING)
         slot = worker.slot
         if slot.replacement is worker:
@@ -276,6 +284,7 @@ class Fleet:
             # Rolling restart: the new worker accepts on the slot's sockets; the old one stops
             # accepting and keeps its connections until the restart ends (see reconcile).
             old, slot.worker, slot.replacement = slot.worker, worker, None
+            self.restart_reasons["reload"] += 1
             if old is not None and old.state is WorkerState.READY:
                 # One held worker per slot: a HUP during a restart starts it again, and the
                 # slot's earlier held worker closes its connections now, once.
@@ -296,7 +305,10 @@ class Fleet:
         worker = self.workers.pop(pid, None)
         if worker is None:
             return
+        self.tally.exited(pid)
         slot, now = worker.slot, self.clock()
+        if worker.state in LIVE and self.state is not MasterState.STOPPING:
+            self.restart_reasons["crash"] += 1  # it left unasked
         how = describe_exit(code)
         reason = f": {worker.error}" if worker.error else ""
         if worker.ready_at is not None and now - worker.ready_at >= self.config.start_seconds:
@@ -400,6 +412,7 @@ class Fleet:
 
     def on_silent(self, worker: Worker) -> None:
         silent = self.clock() - worker.last_seen
+        self.restart_reasons["hung"] += 1
         if worker.state is WorkerState.STARTING:
             log.error(
                 "worker %d (slot %d) was not ready after %.0fs: killing it",
@@ -522,9 +535,11 @@ class Fleet:
         while len(self.slots) < count:
             slot = Slot(len(self.slots), self.processes.open_slot(len(self.slots)))
             self.slots.append(slot)
+            self.restart_reasons["scale"] += 1
             self.spawn(slot)
         while len(self.slots) > count:
             slot = self.slots.pop()
+            self.restart_reasons["scale"] += 1
             for worker in (slot.worker, slot.replacement):
                 if worker is not None and worker.state in (WorkerState.STARTING, WorkerState.READY):
                     self.drain(worker, 1001, "going away")
@@ -571,6 +586,7 @@ class Fleet:
                 "addresses": [],
                 "workers": len(self.slots),
                 "restarts": self.restarts,
+                "restarts_by_reason": {r: self.restart_reasons[r] for r in metrics.RESTART_REASONS},
                 "last_restart": self.last_restart,
                 "heartbeat_interval": cfg.heartbeat_interval(self.config),
             },
@@ -638,6 +654,9 @@ class Arbiter:
         self.tls = sockets.server_context(config)
         self.started = time.time()
         self.status_server: socket.socket | None = None
+        self.web: web.WebServer | None = None  # --metrics
+        self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=40)
+        self.events_handler: logging.Handler | None = None
         self.pidfile: control.Pidfile | None = None
         self._wake_r, self._wake_w = os.pipe()
 
@@ -657,6 +676,10 @@ class Arbiter:
             self.status_server = control.listen_status(os.getpid())
             if self.status_server is not None:
                 self.selector.register(self.status_server, selectors.EVENT_READ, "status")
+            if self.config.metrics:
+                self.open_web(self.config.metrics)
+            self.events_handler = _Events(self.events)
+            log.addHandler(self.events_handler)
             log.info(
                 "master %d starting %d workers on %s (app %s)",
                 os.getpid(),
@@ -704,6 +727,18 @@ class Arbiter:
             raise
         return first
 
+    def open_web(self, address: str) -> None:
+        """--metrics: the HTTP port, served from this loop (wsfleet/web.py says why)."""
+        sock = sockets.bind_plain(cfg.parse_address(address), 64)
+        collector = metrics.FleetCollector(self.fleet, self.fleet.tally)
+        routes: dict[str, web.Route] = {
+            "/metrics": lambda: metrics.exposition(collector),
+            "/status.json": lambda: web.as_json(self.status()),
+            "/": web.status_page,
+        }
+        self.web = web.WebServer(sock, routes, self.selector)
+        log.info("metrics and status page on http://%s/", sockets.sock_address(sock))
+
     def urls(self) -> list[str]:
         return [cfg.url(self.config, str(address)) for address in self.listening]
 
@@ -716,10 +751,13 @@ class Arbiter:
         self.selector.register(self._wake_r, selectors.EVENT_READ, "signals")
 
     def loop_once(self) -> None:
-        deadline = self.fleet.next_deadline()
+        deadlines = [self.fleet.next_deadline(), self.web and self.web.next_deadline()]
+        deadline = min((d for d in deadlines if d is not None), default=None)
         timeout = 1.0 if deadline is None else min(max(0.0, deadline - time.monotonic()), 1.0)
         for key, _ in self.selector.select(timeout):
-            if key.data == "signals":
+            if isinstance(key.data, web.WebServer):
+                self.guarded("the metrics port", functools.partial(key.data.on_ready, key.fileobj))
+            elif key.data == "signals":
                 self.guarded("signals", self.on_signals)
             elif key.data == "status":
                 self.guarded("a status request", self.on_status_request)
@@ -727,6 +765,8 @@ class Arbiter:
                 self.guarded(
                     f"worker {worker.pid}'s messages", lambda w=worker: self.on_messages(w)
                 )
+        if self.web is not None:
+            self.guarded("the metrics port's deadlines", self.web.expire)
         self.guarded("deadlines", self.fleet.on_time)
         self.guarded("reconciling", self.fleet.reconcile)
 
@@ -924,6 +964,8 @@ class Arbiter:
                 self.close_slot(other)
         if self.status_server is not None:
             self.status_server.close()
+        if self.web is not None:
+            self.web.close_in_child()
         if self.pidfile is not None:
             self.pidfile.close_in_child()
         control.set_ready_fd(None)
@@ -966,6 +1008,10 @@ class Arbiter:
             listener.close(remove=True)
         if self.status_server is not None:
             self.status_server.close()
+        if self.web is not None:
+            self.web.close()
+        if self.events_handler is not None:
+            log.removeHandler(self.events_handler)
         if self.pidfile is not None:
             self.pidfile.remove()
         signal.set_wakeup_fd(-1)
@@ -977,6 +1023,9 @@ class Arbiter:
         status = self.fleet.status()
         status["master"]["age"] = round(time.time() - self.started, 1)
         status["master"]["addresses"] = self.urls()
+        if self.web is not None:
+            status["master"]["metrics"] = f"http://{sockets.sock_address(self.web.sock)}/"
+        status["events"] = list(self.events)
         return status
 
 
@@ -990,6 +1039,21 @@ def preload(config: cfg.Config) -> None:
     if cfg.uses_uvloop(config):
         with contextlib.suppress(ImportError):
             import uvloop  # noqa: F401
+
+
+class _Events(logging.Handler):
+    """The master's log lines, kept for the status page's "recent events"."""
+
+    def __init__(self, events: collections.deque[dict[str, Any]]) -> None:
+        super().__init__(logging.INFO)
+        self.events = events
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):
+            message = record.getMessage()
+            self.events.append(
+                {"at": record.created, "level": record.levelname.lower(), "message": message}
+            )
 
 
 def _no_op(signum: int, frame: object) -> None:

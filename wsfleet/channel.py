@@ -4,9 +4,10 @@ SEQPACKET keeps message boundaries (no framing code) and carries file descriptor
 SCM_RIGHTS, which is how the master lends a slot's listening socket to a healthy worker.
 
 Worker to master: ``ready`` (accepting), ``hb`` (heartbeat with the open-connection count, sent
-by the worker's event loop itself, so a blocked loop goes quiet), ``error`` (why it cannot
-start). Master to worker: ``drain`` (with the close code), ``adopt`` (a lent socket, with its
-descriptor) and ``release`` (give it back).
+by the worker's event loop itself, so a blocked loop goes quiet, and with --metrics its
+counts so far), ``draining`` (it stopped accepting), ``error`` (why it cannot start). Master to
+worker: ``drain`` (with the close code), ``hold`` (a rolling restart replaced it), ``adopt`` (a
+lent socket, with its descriptor) and ``release`` (give it back).
 """
 
 from __future__ import annotations
@@ -75,6 +76,29 @@ _WORKER_MESSAGES: dict[str, dict[str, type]] = {
 }
 
 
+def _counts(report: object) -> bool:
+    """A heartbeat's "n" (metrics.Counts.report): two maps of counts, two counts."""
+
+    def count(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    def counts(value: object) -> bool:
+        return (
+            isinstance(value, dict)
+            and len(value) <= 100
+            and all(isinstance(k, str) and len(k) <= 8 and count(v) for k, v in value.items())
+        )
+
+    return (
+        isinstance(report, dict)
+        and set(report) == {"h", "c", "i", "o"}
+        and counts(report["h"])
+        and counts(report["c"])
+        and count(report["i"])
+        and count(report["o"])
+    )
+
+
 def validate(message: object) -> Message:
     """Check a message from a worker against the protocol; BadMessage says what is wrong."""
     if not isinstance(message, dict):
@@ -91,4 +115,6 @@ def validate(message: object) -> Message:
             or (isinstance(value, int) and value < 0)
         ):
             raise BadMessage(f"{kind!r} message with a bad {name!r}: {value!r:.40}")
+    if kind == "hb" and "n" in message and not _counts(message["n"]):
+        raise BadMessage(f"'hb' message with bad counts: {message['n']!r:.60}")
     return message

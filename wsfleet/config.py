@@ -166,6 +166,14 @@ def _binds(value: object) -> tuple[str, ...]:
     return binds
 
 
+def _metrics_address(value: object) -> str | None:
+    """HOST:PORT or [V6ADDR]:PORT for --metrics ('' for none)."""
+    text = _text(value).strip()
+    if text and parse_address(text).path is not None:
+        raise ValueError(f"expected HOST:PORT or [V6ADDR]:PORT, got {value!r}")
+    return text or None
+
+
 def _umask(value: object) -> int:
     """An octal mode mask: 0o117, 0117 or 117 (a TOML integer such as 0o117 too)."""
     if isinstance(value, bool) or not isinstance(value, int | str):
@@ -470,6 +478,13 @@ class Config:
         "asyncio with TLS, measured faster there: docs/performance.md)",
         parse=_choice("auto", "uvloop", "asyncio"),
         metavar="auto|uvloop|asyncio",
+    )
+    metrics: str | None = option(
+        None,
+        "serve /metrics (Prometheus), /status.json and a status page (/) on HOST:PORT",
+        parse=_metrics_address,
+        commands=frozenset({"start"}),
+        metavar="HOST:PORT",
     )
     pidfile: str | None = option(
         None,

@@ -37,9 +37,10 @@ import time
 from typing import Any
 
 from websockets.asyncio.server import ServerConnection
-from websockets.protocol import State
+from websockets.frames import DATA_OPCODES, Frame
+from websockets.protocol import Event, Protocol, State
 
-from . import proxy
+from . import metrics, proxy
 
 
 class Connection(ServerConnection):
@@ -136,6 +137,55 @@ class CountedConnection(Connection):
     async def send(self, message: Any, *, text: bool | None = None) -> None:
         await super().send(message, text=text)
         self.messages_out += 1
+
+
+@functools.cache
+def with_metrics(base: type[Connection]) -> type[Connection]:
+    """`base`, counting messages and closes into metrics.COUNTS: for --metrics only.
+
+    At the frame level, not around recv()/send() (a coroutine more per message): a received
+    data frame that ends its message counts one in; a sent one, through the protocol's send
+    methods (its class is switched to a counting subclass, which adds no per-connection
+    state), one out; the close code when the connection is lost."""
+
+    class MeteredConnection(base):  # type: ignore[valid-type,misc]
+        __slots__ = ()
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            self.protocol.__class__ = _metered(type(self.protocol))
+
+        def process_event(self, event: Event) -> None:
+            if type(event) is Frame and event.fin and event.opcode in DATA_OPCODES:
+                metrics.COUNTS.received += 1
+            super().process_event(event)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            super().connection_lost(exc)
+            if self.response is not None and self.response.status_code == 101:
+                metrics.COUNTS.closes[str(self.close_code)] += 1
+
+    return MeteredConnection
+
+
+@functools.cache
+def _metered(protocol: type[Protocol]) -> type[Protocol]:
+    class MeteredProtocol(protocol):  # type: ignore[valid-type,misc]
+        __slots__ = ()
+
+        def send_text(self, data: bytes, fin: bool = True) -> None:
+            super().send_text(data, fin)
+            metrics.COUNTS.sent += fin
+
+        def send_binary(self, data: bytes, fin: bool = True) -> None:
+            super().send_binary(data, fin)
+            metrics.COUNTS.sent += fin
+
+        def send_continuation(self, data: bytes, fin: bool) -> None:
+            super().send_continuation(data, fin)
+            metrics.COUNTS.sent += fin
+
+    return MeteredProtocol
 
 
 @functools.cache

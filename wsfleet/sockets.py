@@ -48,6 +48,11 @@ def bind_exclusive(address: Address, backlog: int) -> socket.socket:
     return bind(address, backlog)
 
 
+def bind_plain(address: Address, backlog: int) -> socket.socket:
+    """A listening socket of the master's own (--metrics), shared with nobody."""
+    return _listen(_bind(address, share=False), backlog)
+
+
 def bind_unix(path: str, backlog: int, umask: int, owner: tuple[int, int] | None) -> UnixListener:
     """Listen on a Unix socket at path, its file mode 0o777 & ~umask, owned by owner (uid,
     gid) when given: the fleet's workers all accept on this one socket.

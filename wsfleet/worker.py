@@ -38,9 +38,9 @@ from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
-from . import channel, control, logs
+from . import channel, control, logs, metrics
 from .config import Config, heartbeat_interval, url, uses_uvloop
-from .connection import Connection, CountedConnection, with_proxy_header
+from .connection import Connection, CountedConnection, with_metrics, with_proxy_header
 from .sockets import sock_address
 
 Handler = Callable[[ServerConnection], Awaitable[None]]
@@ -311,6 +311,8 @@ class Worker:
         self.urls = [url(config, sock_address(sock)) for sock in sockets]
         self.ssl = tls
         self.connection_class = CountedConnection if config.access_log else Connection
+        if config.metrics:
+            self.connection_class = with_metrics(self.connection_class)
         if config.proxy_protocol:
             self.connection_class = with_proxy_header(self.connection_class)
         global _proxies
@@ -384,7 +386,9 @@ class Worker:
             # asyncio calls listen() again on the socket, with 100 unless told otherwise.
             backlog=self.config.backlog,
             process_request=self._process_request,
-            process_response=self._log_handshake if self.config.access_log else None,
+            process_response=(
+                self._on_handshake if self.config.access_log or self.config.metrics else None
+            ),
             ssl=self.ssl,
             create_connection=self.connection_class,
             **websockets_options(self.config),
@@ -417,12 +421,16 @@ class Worker:
             if isinstance(websocket, CountedConnection):
                 self._log_close(websocket)
 
-    def _log_handshake(
+    def _on_handshake(
         self, connection: ServerConnection, request: Request, response: Response
     ) -> None:
-        access.info(
-            '%s "GET %s" %d', client_address(connection), request.path, response.status_code
-        )
+        """--access-log and --metrics: every answered request but the health path's."""
+        if self.config.metrics and request.path.partition("?")[0] != self.config.health_path:
+            metrics.COUNTS.handshakes[str(response.status_code)] += 1
+        if self.config.access_log:
+            access.info(
+                '%s "GET %s" %d', client_address(connection), request.path, response.status_code
+            )
 
     def _log_close(self, websocket: CountedConnection) -> None:
         # The handler may return before the closing handshake ends: say what is known then.
@@ -496,7 +504,7 @@ class Worker:
     def _heartbeat(self, interval: float) -> None:
         if self._stopped is None or self._stopped.done():
             return
-        self._send({"t": "hb", "conns": len(self.connections)})
+        self._report()
         asyncio.get_running_loop().call_later(interval, self._heartbeat, interval)
 
     def _on_message(self) -> None:
@@ -685,6 +693,15 @@ class Worker:
                     connection.write_waiting()  # what the app sent last, as websockets would
                 connection.transport.abort()
 
+    def _report(self) -> None:
+        """A heartbeat: the open connections, and with --metrics the totals so far."""
+        message: channel.Message = {"t": "hb", "conns": len(self.connections)}
+        if self.config.metrics:
+            message["n"] = metrics.COUNTS.report()
+        self._send(message)
+
     def _finish(self, status: int) -> None:
         if self._stopped is not None and not self._stopped.done():
+            if self.channel is not None:
+                self._report()  # the last counts, which the master keeps
             self._stopped.set_result(status)
