@@ -88,6 +88,7 @@ class Harness:
         self.procs = FakeProcesses()
         self.config = cfg.Config(workers=workers, **options)
         self.fleet = Fleet(self.config, self.procs, clock=lambda: self.now)
+        self.confirm_holds = True
         self.fleet.start([[FakeSocket(i, a) for a in range(tcp_addresses)] for i in range(workers)])
         self.fleet.reconcile()
 
@@ -115,6 +116,10 @@ class Harness:
         self.settle()
 
     def settle(self) -> None:
+        if self.confirm_holds:  # as a worker does once it has stopped accepting
+            for worker in list(self.fleet.workers.values()):
+                if worker.state is WorkerState.HOLDING:
+                    self.fleet.on_message(worker, {"t": "held"})
         self.fleet.on_time()
         self.fleet.reconcile()
         deadline = self.fleet.next_deadline()
@@ -228,6 +233,7 @@ def test_a_failed_fork_at_boot_is_retried_too() -> None:
     h.procs.fail_forks = 1
     h.config = cfg.Config(workers=2)
     h.fleet = Fleet(h.config, h.procs, clock=lambda: h.now)
+    h.confirm_holds = True
     h.fleet.start([[FakeSocket(0)], [FakeSocket(1)]])
     h.settle()
     assert h.fleet.slots[0].state is SlotState.EMPTY
@@ -621,3 +627,22 @@ def test_a_hung_worker_replaced_by_a_restart_keeps_its_kill_deadline() -> None:
     assert hung.state is WorkerState.STOPPING  # not given a drain's allowance
     h.advance(KILL_GRACE, silent=(hung,))
     assert hung.state is WorkerState.KILLED
+
+
+def test_the_held_workers_drain_only_once_every_one_has_stopped_accepting() -> None:
+    """The last slot's old worker is told to hold as the restart ends: nobody drains until it
+    says it stopped accepting, or a client closed by another old worker could reconnect to
+    it and be closed a second time."""
+    h = Harness(2)
+    h.boot()
+    old = [h.worker(0), h.worker(1)]
+    h.confirm_holds = False
+    h.fleet.start_restart(h.config)
+    h.ready(h.fleet.slots[0].replacement)  # type: ignore[arg-type]
+    h.fleet.on_message(old[0], {"t": "held"})
+    h.ready(h.fleet.slots[1].replacement)  # type: ignore[arg-type]
+    assert h.fleet.last_restart == "done"
+    assert [w.state for w in old] == [WorkerState.HELD, WorkerState.HOLDING]
+    h.fleet.on_message(old[1], {"t": "held"})
+    h.settle()
+    assert [w.state for w in old] == [WorkerState.DRAINING, WorkerState.DRAINING]

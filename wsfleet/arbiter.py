@@ -81,14 +81,17 @@ EXIT_APP = 4
 class WorkerState(enum.Enum):
     STARTING = "starting"  # forked; not accepting yet
     READY = "ready"  # accepting on its slot's socket (and on lent ones)
-    HELD = "held"  # replaced by a rolling restart: not accepting, keeps its connections until
-    # the restart ends (then DRAINING), so that no client is closed twice by one reload
+    HOLDING = "holding"  # replaced by a rolling restart: told to stop accepting (not said yet)
+    HELD = "held"  # it said it stopped accepting; keeps its connections until the restart
+    # ends (then DRAINING), so that no client is closed twice by one reload
     DRAINING = "draining"  # closing its connections; killed at its drain deadline
     STOPPING = "stopping"  # told to stop now (hung: TERM; QUIT); SIGKILL after KILL_GRACE
     KILLED = "killed"  # SIGKILL sent; waiting to be reaped
 
 
-LIVE = (WorkerState.STARTING, WorkerState.READY, WorkerState.HELD)  # heartbeats expected
+# Heartbeats expected from these; HOLDING and HELD are the replaced ones a reload keeps.
+LIVE = (WorkerState.STARTING, WorkerState.READY, WorkerState.HOLDING, WorkerState.HELD)
+KEPT = (WorkerState.HOLDING, WorkerState.HELD)
 
 
 class SlotState(enum.Enum):
@@ -253,6 +256,8 @@ class Fleet:
             worker.error = message["message"]
         elif kind == "ready" and worker.state is WorkerState.STARTING:
             self.on_ready(worker)
+        elif kind == "held" and worker.state is WorkerState.HOLDING:
+            self.set_state(worker, WorkerState.HELD)
         elif kind == "draining" and worker.state in LIVE:
             self.on_retiring(worker)
 
@@ -263,9 +268,9 @@ class Fleet:
             "worker %d (slot %d) is draining on its own%s",
             worker.pid,
             worker.slot.index,
-            "" if worker.state is WorkerState.HELD else ": replacing it",
+            "" if worker.state in KEPT else ": replacing it",
         )
-        if worker.state is not WorkerState.HELD:
+        if worker.state not in KEPT:
             self.restart_reasons["crash"] += 1  # it left unasked
         self.set_state(worker, WorkerState.DRAINING)
         slot = worker.slot
@@ -289,7 +294,7 @@ class Fleet:
                 # One held worker per slot: a HUP during a restart starts it again, and the
                 # slot's earlier held worker closes its connections now, once.
                 for held in self.workers.values():
-                    if held.slot is slot and held.state is WorkerState.HELD:
+                    if held.slot is slot and held.state in KEPT:
                         self.drain(held, 1012, "service restart")
                 self.hold(old)
             elif old is not None and old.state is WorkerState.STARTING:
@@ -335,7 +340,7 @@ class Fleet:
         if worker.state is WorkerState.DRAINING or self.state is MasterState.STOPPING:
             log.info("worker %d (slot %d) exited (%s)", pid, slot.index, how)
             return
-        if worker.state is WorkerState.HELD:  # its slot has its new worker already
+        if worker.state in KEPT:  # its slot has its new worker already
             log.error(
                 "worker %d (slot %d), held by the rolling restart, died (%s)", pid, slot.index, how
             )
@@ -367,7 +372,7 @@ class Fleet:
 
     def hold(self, worker: Worker) -> None:
         """Ask a replaced worker to stop accepting and keep its connections (HELD)."""
-        self.set_state(worker, WorkerState.HELD)
+        self.set_state(worker, WorkerState.HOLDING)
         # A channel gone (the worker is exiting) or full: TERM drains it now with 1001, so
         # its clients may meet this reload twice; an edge that has not been seen.
         if not self.processes.send(worker, {"t": "hold"}):
@@ -451,10 +456,13 @@ class Fleet:
             self.state = MasterState.RUNNING
             log.info("all %d workers ready", len(self.slots))
             self.processes.all_ready()
-        if self.restart is None:  # done, failed or given up: what it held closes now, once
-            for worker in list(self.workers.values()):
-                if worker.state is WorkerState.HELD:
-                    self.drain(worker, 1012, "service restart")
+        # A restart done, failed or given up: what it held closes now, once. Not before every
+        # held worker has said it stopped accepting: a client closed by one must not
+        # reconnect to another that still accepts (the last slot's is told at the same time).
+        kept = [w for w in self.workers.values() if w.state in KEPT]
+        if self.restart is None and all(w.state is WorkerState.HELD for w in kept):
+            for worker in kept:
+                self.drain(worker, 1012, "service restart")
         self.lend_sockets()
 
     def lend_sockets(self) -> None:

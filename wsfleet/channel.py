@@ -5,9 +5,9 @@ SCM_RIGHTS, which is how the master lends a slot's listening socket to a healthy
 
 Worker to master: ``ready`` (accepting), ``hb`` (heartbeat with the open-connection count, sent
 by the worker's event loop itself, so a blocked loop goes quiet, and with --metrics its
-counts so far), ``draining`` (it stopped accepting), ``error`` (why it cannot start). Master to
-worker: ``drain`` (with the close code), ``hold`` (a rolling restart replaced it), ``adopt`` (a
-lent socket, with its descriptor) and ``release`` (give it back).
+counts so far), ``held`` and ``draining`` (it stopped accepting), ``error`` (why it cannot
+start). Master to worker: ``drain`` (with the close code), ``hold`` (a rolling restart
+replaced it), ``adopt`` (a lent socket, with its descriptor) and ``release`` (give it back).
 """
 
 from __future__ import annotations
@@ -71,6 +71,7 @@ class BadMessage(ValueError):
 _WORKER_MESSAGES: dict[str, dict[str, type]] = {
     "ready": {},
     "draining": {},  # it stopped accepting (a drain asked for, or a SIGTERM from outside)
+    "held": {},  # it stopped accepting, as a rolling restart asked ("hold")
     "hb": {"conns": int},
     "error": {"message": str},
 }

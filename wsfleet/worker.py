@@ -597,6 +597,8 @@ class Worker:
             self.phase = Phase.HOLDING
             await stop_accepting(self.servers)
             log.info("replaced: stopped accepting; %d connections wait", len(self.connections))
+            if self.channel is not None:
+                self._send({"t": "held"})  # the master drains no one before all say so
 
     async def drain(self, code: int, reason: str = "") -> None:
         self.phase = Phase.DRAINING
