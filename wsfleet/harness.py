@@ -6,17 +6,22 @@
 - :class:`Master`: ``wsfleet start`` with a pidfile; its status asked from this process.
 - :class:`Supervisor`: supervisord from a copy of one of ``conf/``, as ``supervisord -c FILE``
   starts it, driven with supervisorctl.
+- :class:`Browser`: headless Chromium over the DevTools protocol (the status page's test and
+  its screenshot in docs/).
 - :func:`gone`, :func:`wait_for`, :func:`free_port`; :func:`worktree` (wsfleet at another git
   revision, for a benchmark's A/B).
 
-Nothing here is used by wsfleet itself; it needs psutil, a dependency already.
+Nothing here is used by wsfleet itself; it needs psutil (a test and bench dependency).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,16 +29,27 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import psutil
+from websockets.sync.client import connect
 
 from . import control
 from .control import READY
 
-__all__ = ["READY", "Master", "Process", "Supervisor", "free_port", "gone", "wait_for"]
+__all__ = [
+    "READY",
+    "Browser",
+    "Master",
+    "Process",
+    "Supervisor",
+    "free_port",
+    "gone",
+    "wait_for",
+]
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository, for conf/ and scripts/
 BIN = Path(sys.executable).parent  # where this environment's wsfleet and supervisord are
@@ -327,3 +343,95 @@ def worktree(rev: str | None) -> Iterator[dict[str, str]]:
             yield {rev: path}
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", path])
+
+
+class Browser:
+    """Headless Chromium driven over the DevTools protocol (a WebSocket, with websockets'
+    own client): load a page, read what it shows, take a screenshot. Ended by pid."""
+
+    def __init__(self, directory: str | os.PathLike[str], width: int = 390, height: int = 844):
+        binary = next(
+            (found for name in ("chromium", "chromium-browser") if (found := _which(name))), None
+        )
+        if binary is None:
+            raise RuntimeError("chromium is missing: scripts/install-test-tools installs it")
+        port = free_port()
+        self.proc = subprocess.Popen(
+            [
+                binary,
+                "--headless=new",
+                "--no-sandbox",  # as root, Chromium refuses to start with its sandbox
+                "--disable-gpu",
+                "--no-first-run",
+                f"--remote-debugging-port={port}",
+                f"--user-data-dir={Path(directory) / 'chromium'}",
+                f"--window-size={width},{height}",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+
+            def page() -> str | None:
+                listing = f"http://127.0.0.1:{port}/json/list"
+                with contextlib.suppress(OSError, ValueError), urllib.request.urlopen(listing) as f:
+                    for target in json.load(f):
+                        if target["type"] == "page":
+                            return str(target["webSocketDebuggerUrl"])
+                return None
+
+            wait_for(lambda: page() or self.proc.poll() is not None, 30, "Chromium to start")
+            target = page()
+            if target is None:
+                raise RuntimeError(f"Chromium exited with status {self.proc.poll()}")
+            self.devtools = connect(target, max_size=None, open_timeout=10)
+            self._id = 0
+            self.call(
+                "Emulation.setDeviceMetricsOverride",
+                width=width,
+                height=height,
+                deviceScaleFactor=1,
+                mobile=width < 600,
+            )
+        except BaseException:
+            self.close()
+            raise
+
+    def call(self, method: str, **params: Any) -> dict[str, Any]:
+        self._id += 1
+        self.devtools.send(json.dumps({"id": self._id, "method": method, "params": params}))
+        while True:  # events may come first
+            answer = json.loads(self.devtools.recv(timeout=30))
+            if answer.get("id") == self._id:
+                if "error" in answer:
+                    raise RuntimeError(f"{method}: {answer['error']}")
+                return dict(answer.get("result", {}))
+
+    def open(self, url: str) -> None:
+        self.call("Page.navigate", url=url)
+
+    def evaluate(self, expression: str) -> Any:
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        return result.get("result", {}).get("value")
+
+    def screenshot(self, path: str | os.PathLike[str]) -> None:
+        data = self.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
+        Path(path).write_bytes(base64.b64decode(data["data"]))
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.devtools.close()
+        children = []
+        with contextlib.suppress(psutil.NoSuchProcess):
+            children = psutil.Process(self.proc.pid).children(recursive=True)
+        self.proc.kill()
+        self.proc.wait(10)
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+        psutil.wait_procs(children, timeout=10)
+
+
+def _which(name: str) -> str | None:
+    return shutil.which(name) or shutil.which(name, path="/usr/bin:/usr/lib/chromium")
