@@ -28,7 +28,7 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 def scrape(url: str) -> Samples:
     with urllib.request.urlopen(url + "metrics", timeout=5) as answer:
         assert answer.status == 200
-        assert answer.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        assert answer.headers["Content-Type"].startswith("text/plain; version=")
         text = answer.read().decode()
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value

@@ -356,6 +356,7 @@ class Browser:
         if binary is None:
             raise RuntimeError("chromium is missing: scripts/install-test-tools installs it")
         port = free_port()
+        self._stack = contextlib.ExitStack()
         self.proc = subprocess.Popen(
             [
                 binary,
@@ -385,7 +386,9 @@ class Browser:
             target = page()
             if target is None:
                 raise RuntimeError(f"Chromium exited with status {self.proc.poll()}")
-            self.devtools = connect(target, max_size=None, open_timeout=10)
+            self.devtools = self._stack.enter_context(
+                connect(target, max_size=None, open_timeout=10)
+            )
             self._id = 0
             self.call(
                 "Emulation.setDeviceMetricsOverride",
@@ -421,7 +424,7 @@ class Browser:
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
-            self.devtools.close()
+            self._stack.close()
         children = []
         with contextlib.suppress(psutil.NoSuchProcess):
             children = psutil.Process(self.proc.pid).children(recursive=True)
