@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 RESTART_REASONS = ("crash", "hung", "reload", "scale", "upgrade")
 
 
-@dataclass
+@dataclass(slots=True)
 class Counts:
     """One process's totals (a worker), or the sum of several (a slot in the master)."""
 
