@@ -182,9 +182,11 @@ def count_received() -> None:
 
     def counting_events_received(self: ServerProtocol) -> list[Event]:
         events = events_received(self)
+        ends = 0
         for event in events:  # frames; a Request once, at the handshake
             if type(event) is Frame and event.fin and event.opcode in DATA_OPCODES:
-                counts.received += 1
+                ends += 1
+        counts.received += ends
         return events
 
     ServerProtocol.events_received = counting_events_received  # type: ignore[method-assign]
