@@ -232,3 +232,4 @@ def test_serving_needs_only_websockets_setproctitle_and_uvloop() -> None:
     names = {re.split(r"[<>=; \[]", d)[0] for d in project["dependencies"]}
     assert names == {"websockets", "setproctitle", "uvloop"}
     assert "supervisor>=4.2" in project["optional-dependencies"]["supervisor"]
+    assert project["optional-dependencies"]["metrics"] == ["prometheus-client>=0.20"]

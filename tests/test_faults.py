@@ -19,8 +19,8 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from wsfleet import config as cfg
 from wsfleet import control
+from wsfleet.arbiter import KILL_GRACE
 
 from .helpers import gone, run_wsfleet, wait_for
 from .test_master import HANGING_APP, Master, app_master, echo_once
@@ -173,22 +173,25 @@ def test_malformed_channel_messages_are_ignored(spawn, tmp_path: Path) -> None:
     assert master.status()["master"]["state"] == "running"
 
 
-def test_a_draining_worker_that_hangs_is_killed_whatever_the_drain(spawn, tmp_path) -> None:
-    """A reload's old worker whose loop is blocked: killed at its drain limit."""
-    options = ("--graceful-timeout", "1", "--drain-window", "0")
+def test_a_reloads_old_worker_that_hangs_is_killed_and_the_reload_ends(spawn, tmp_path) -> None:
+    """A reload's old worker whose loop is blocked never says it stopped accepting (held): it
+    is killed once its heartbeats are overdue (--timeout), as a serving worker would be, and
+    the new worker serves. (A draining worker that hangs is killed at its drain limit:
+    test_stragglers_are_killed_after_the_drain_limit.)"""
+    options = ("--timeout", "3", "--drain-window", "0")
     master = app_master(spawn, tmp_path, HANGING_APP, "-w", "1", *options)
     (old,) = master.worker_pids()
-    limit = cfg.drain_limit(cfg.Config(graceful_timeout=1, drain_window=0))
     with connect(master.url) as ws:
         ws.send("hang")
+        began = time.monotonic()
         master.proc.signal(signal.SIGHUP)
         wait_for(
-            lambda: any(w["state"] == "draining" for w in master.status()["workers"]),
-            what="the old worker to be draining",
+            lambda: any(w["state"] == "holding" for w in master.status()["workers"]),
+            what="the old worker to be told to hold",
         )
-        began = time.monotonic()
-        wait_for(lambda: gone(old), limit + 10, "the hung draining worker's kill")
-        assert time.monotonic() - began > limit - 1
+        wait_for(lambda: gone(old), 3 + KILL_GRACE + 10, "the hung old worker's kill")
+        assert time.monotonic() - began > 3 - 1.5  # its last heartbeat came before the hang
+    assert master.status()["master"]["last_restart"] == "done"
     assert echo_once(master.url) == "hi"
 
 

@@ -187,3 +187,27 @@ def test_the_status_page_in_a_real_browser_shows_the_workers_and_updates_itself(
         assert shows("died (signal SIGKILL)")  # a recent event
     finally:
         browser.close()
+
+
+def test_a_worker_that_drains_hands_over_its_last_counts(spawn, tmp_path: Path) -> None:
+    """Messages exchanged just before a reload are counted though no heartbeat followed them:
+    the old worker sends its totals as it exits, and the master reads them before it reaps."""
+    master, url = metrics_master(spawn, tmp_path, "-w", "1", "--drain-window", "0")
+    with connect(master.url) as ws:
+        for i in range(7):
+            ws.send(str(i))
+            assert ws.recv(timeout=5) == str(i)
+        master.proc.signal(signal.SIGHUP)
+        with contextlib.suppress(Exception):
+            ws.recv(timeout=10)  # closed with 1012
+    master.wait_workers(1)
+
+    def counted() -> bool:
+        s = scrape(url)
+        return (
+            total(s, "wsfleet_messages_received_total") == 7
+            and total(s, "wsfleet_messages_sent_total") == 7
+            and total(s, "wsfleet_closes_total", code="1012") == 1
+        )
+
+    wait_for(counted, 10, "the drained worker's last counts")

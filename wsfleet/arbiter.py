@@ -853,7 +853,8 @@ class Arbiter:
             for fd in fds:
                 os.close(fd)
             if message is None:  # the worker is exiting; SIGCHLD follows
-                self.selector.unregister(worker.channel)
+                with contextlib.suppress(KeyError, ValueError):  # (reap() reads it last too)
+                    self.selector.unregister(worker.channel)
                 return
             try:
                 self.fleet.on_message(worker, channel.validate(message))
@@ -885,6 +886,8 @@ class Arbiter:
                 return
             worker = self.fleet.workers.get(pid)
             if worker is not None:
+                # What it said last (its final counts, say) may still wait in the channel.
+                self.guarded(f"worker {pid}'s messages", lambda w=worker: self.on_messages(w))
                 with contextlib.suppress(KeyError, ValueError):
                     self.selector.unregister(worker.channel)
                 worker.channel.close()

@@ -484,6 +484,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         fail(str(exc), EXIT_USAGE)
     if config.loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
         fail("--loop uvloop: uvloop is not installed (pip install uvloop)", EXIT_USAGE)
+    if config.metrics and importlib.util.find_spec("prometheus_client") is None:
+        fail("--metrics needs prometheus-client: pip install 'wsfleet[metrics]'", EXIT_USAGE)
     setup_logging(config)
     if args.command == "worker":
         return run_worker(config)
