@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import http
 import json
+import selectors
 import socket
 import time
 from collections.abc import Callable
@@ -43,13 +44,15 @@ class WebServer:
     """Accepts on a listening socket; the Arbiter calls on_ready() for each readiness event
     its selector reports, and expire() when next_deadline() has passed."""
 
-    def __init__(self, sock: socket.socket, routes: dict[str, Route], selector: Any) -> None:
+    def __init__(
+        self, sock: socket.socket, routes: dict[str, Route], selector: selectors.BaseSelector
+    ) -> None:
         self.sock = sock
         self.routes = routes
         self.selector = selector
         self.clients: dict[socket.socket, Client] = {}
         sock.setblocking(False)
-        selector.register(sock, 1, self)  # selectors.EVENT_READ
+        selector.register(sock, selectors.EVENT_READ, self)
 
     def close(self) -> None:
         for client in list(self.clients.values()):
@@ -93,7 +96,7 @@ class WebServer:
             if len(self.clients) >= MAX_CLIENTS:
                 self._drop(min(self.clients.values(), key=lambda c: c.deadline))
             self.clients[sock] = Client(sock, time.monotonic())
-            self.selector.register(sock, 1, self)
+            self.selector.register(sock, selectors.EVENT_READ, self)
 
     def _read(self, client: Client) -> None:
         try:
@@ -139,7 +142,7 @@ class WebServer:
         if content_type:
             headers.append(f"Content-Type: {content_type}")
         client.answer = ("\r\n".join(headers) + "\r\n\r\n").encode() + (b"" if head_only else body)
-        self.selector.modify(client.sock, 2, self)  # selectors.EVENT_WRITE
+        self.selector.modify(client.sock, selectors.EVENT_WRITE, self)
         self._write(client)
 
     def _write(self, client: Client) -> None:
