@@ -646,3 +646,41 @@ def test_the_held_workers_drain_only_once_every_one_has_stopped_accepting() -> N
     h.fleet.on_message(old[1], {"t": "held"})
     h.settle()
     assert [w.state for w in old] == [WorkerState.DRAINING, WorkerState.DRAINING]
+
+
+@pytest.mark.parametrize(
+    "counts",
+    [
+        {"h": {}, "c": {str(code): 1 for code in range(3000, 3101)}, "i": 0, "o": 0},  # 101 keys
+        {"h": {}, "c": {}, "i": 10**400, "o": 0},  # would overflow a float at a scrape
+        {"h": {}, "c": {}, "i": 0},
+        [1, 2],
+    ],
+)
+def test_malformed_counts_are_dropped_but_the_heartbeat_counts(counts: object, caplog) -> None:
+    """A worker's counts that break the protocol must not get it killed as silent: the
+    heartbeat is taken, the counts are not, and that is said once."""
+    h = Harness(1, timeout=4)
+    h.boot()
+    worker = h.worker(0)
+    for _ in range(3):
+        h.now += 2
+        h.fleet.on_message(worker, channel.validate({"t": "hb", "conns": 5, "n": counts}))
+        h.settle()
+    assert worker.state is WorkerState.READY and worker.connections == 5
+    assert h.fleet.tally.per_slot() == {}
+    assert caplog.text.count("counts that do not follow the protocol") == 1
+
+
+def test_close_codes_become_a_bounded_set_of_labels() -> None:
+    from wsfleet.connection import close_code_label
+
+    assert [close_code_label(c) for c in (1000, 1006, 1012, 1015, None)] == [
+        "1000",
+        "1006",
+        "1012",
+        "1015",
+        "none",
+    ]
+    assert {close_code_label(c) for c in range(3000, 5000)} == {"3xxx", "4xxx"}
+    assert close_code_label(2000) == close_code_label(1016) == "other"

@@ -211,3 +211,20 @@ def test_a_worker_that_drains_hands_over_its_last_counts(spawn, tmp_path: Path) 
         )
 
     wait_for(counted, 10, "the drained worker's last counts")
+
+
+def test_application_close_codes_are_counted_in_ranges(spawn, tmp_path: Path) -> None:
+    """Clients choose codes from 3000 to 4999: they are counted as 3xxx and 4xxx, so that a
+    client cannot make the labels (and the worker's reports) grow."""
+    master, url = metrics_master(spawn, tmp_path, "-w", "1")
+    for code in (3001, 3999, 4321, 1000):
+        with connect(master.url) as ws:
+            ws.close(code)
+    wait_for(
+        lambda: (
+            [total(scrape(url), "wsfleet_closes_total", code=c) for c in ("3xxx", "4xxx", "1000")]
+            == [2, 1, 1]
+        ),
+        10,
+        "the closes counted by range",
+    )

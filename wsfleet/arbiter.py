@@ -116,6 +116,7 @@ class Worker:
     last_seen: float = 0.0  # its last message (heartbeats come from its event loop)
     connections: int = 0
     error: str | None = None  # why it could not start, as it said
+    counts_refused: bool = False  # its --metrics counts were malformed (said once)
     drain_limit: float = 0.0  # from the configuration it was forked with (config.drain_limit)
 
 
@@ -252,6 +253,13 @@ class Fleet:
             worker.connections = message["conns"]
             if "n" in message:
                 self.tally.report(worker.pid, worker.slot.index, message["n"])
+            elif "bad_counts" in message and not worker.counts_refused:
+                worker.counts_refused = True  # said once per worker, not every second
+                log.warning(
+                    "worker %d sent counts that do not follow the protocol (ignored): %s",
+                    worker.pid,
+                    message["bad_counts"],
+                )
         elif kind == "error":
             worker.error = message["message"]
         elif kind == "ready" and worker.state is WorkerState.STARTING:
@@ -838,7 +846,7 @@ class Arbiter:
             log.error("reload: configuration not reloaded: %s", exc)
             return self.fleet.config, str(exc)
         self.tls = tls
-        for name in ("host", "port", "bind", "umask", "backlog"):
+        for name in ("host", "port", "bind", "umask", "backlog", "metrics"):
             if getattr(new, name) != getattr(self.fleet.config, name):
                 log.warning("reload: a change of %s needs a full restart; ignored", name)
                 new = cfg.dataclasses.replace(new, **{name: getattr(self.fleet.config, name)})

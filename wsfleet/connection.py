@@ -165,9 +165,22 @@ def with_metrics(base: type[Connection]) -> type[Connection]:
         def connection_lost(self, exc: Exception | None) -> None:
             super().connection_lost(exc)
             if self.response is not None and self.response.status_code == 101:
-                metrics.COUNTS.closes[str(self.close_code)] += 1
+                metrics.COUNTS.closes[close_code_label(self.close_code)] += 1
 
     return MeteredConnection
+
+
+def close_code_label(code: int | None) -> str:
+    """A close code as a metric label. The codes of RFC 6455 and IANA's registry (1000-1015)
+    as they are; the application ranges, which any client may send, grouped: a client must
+    not be able to make the labels, and the heartbeat carrying them, grow without bound."""
+    if code is None:
+        return "none"
+    if 1000 <= code <= 1015:
+        return str(code)
+    if 3000 <= code <= 4999:
+        return f"{code // 1000}xxx"
+    return "other"
 
 
 @functools.cache

@@ -122,7 +122,11 @@ class WebServer:
         elif route is None:
             self._answer(client, http.HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
         else:
-            body, content_type = route()
+            try:
+                body, content_type = route()
+            except Exception:  # logged by the master's guarded step; the client gets an answer
+                self._answer(client, http.HTTPStatus.INTERNAL_SERVER_ERROR, b"", "")
+                raise
             self._answer(client, http.HTTPStatus.OK, body, content_type, head_only=method == "HEAD")
 
     def _answer(

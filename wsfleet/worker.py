@@ -703,6 +703,10 @@ class Worker:
         self._send(message)
 
     def _finish(self, status: int) -> None:
+        # One loop turn later: connections just aborted are lost (and counted) only then.
+        asyncio.get_running_loop().call_soon(self._stop, status)
+
+    def _stop(self, status: int) -> None:
         if self._stopped is not None and not self._stopped.done():
             if self.channel is not None:
                 self._report()  # the last counts, which the master keeps
