@@ -14,6 +14,7 @@ import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
+import kubernetes_validate
 import pytest
 import yaml
 from websockets.exceptions import ConnectionClosed
@@ -191,7 +192,9 @@ def test_master_notifies_systemd_when_ready(spawn, tmp_path: Path) -> None:
 def test_kubernetes_manifest_agrees_with_wsfleet() -> None:
     documents = list(yaml.safe_load_all((ROOT / "conf" / "kubernetes.yaml").read_text()))
     kinds = {doc["kind"]: doc for doc in documents}
-    assert set(kinds) == {"Deployment", "Service"}
+    assert set(kinds) == {"Deployment", "Service", "PodDisruptionBudget"}
+    for doc in documents:  # the current Kubernetes schemas, strict: no unknown field
+        kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
     pod = kinds["Deployment"]["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     env = {e["name"]: e["value"] for e in container["env"]}
@@ -208,6 +211,12 @@ def test_kubernetes_manifest_agrees_with_wsfleet() -> None:
     service = kinds["Service"]["spec"]
     assert service["ports"][0]["targetPort"] == container["ports"][0]["name"]
     assert service["selector"] == kinds["Deployment"]["spec"]["selector"]["matchLabels"]
+    budget = kinds["PodDisruptionBudget"]["spec"]
+    assert budget["selector"] == kinds["Deployment"]["spec"]["selector"]
+    # Memory: the limit leaves room for a reload (old workers hold their connections while
+    # the new ones fill up); the request covers the connections the comment sizes it for.
+    memory = container["resources"]
+    assert memory["limits"]["memory"] == "1Gi" and memory["requests"]["memory"] == "512Mi"
 
 
 def test_the_rolling_restart_script_needs_wsfleet_and_says_so() -> None:
