@@ -7,9 +7,11 @@ from __future__ import annotations
 import configparser
 import contextlib
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -165,14 +167,23 @@ def test_systemd_unit_agrees_with_wsfleet() -> None:
     unit.optionxform = str  # type: ignore[assignment,method-assign]
     unit.read(ROOT / "conf" / "wsfleet.service")
     service = unit["Service"]
-    assert service["Type"] == "notify"
-    assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert service["Type"] == "notify-reload"  # SIGHUP by systemd; RELOADING=1/READY=1 back
+    assert float(service["WatchdogSec"]) >= 2  # the master's loop wakes at least every second
     assert service["KillSignal"] == "SIGTERM"
     graceful = float(re.search(r"WSFLEET_GRACEFUL_TIMEOUT=(\S+)", service["Environment"])[1])
     # Above the master's own deadline for a draining worker, which it kills then.
     assert float(service["TimeoutStopSec"]) > cfg.drain_limit(cfg.Config(graceful_timeout=graceful))
     assert int(service["LimitNOFILE"]) >= 10_000
     assert " start " in service["ExecStart"]
+
+
+def received_until(notify: socket.socket, line: str) -> list[str]:
+    """The datagrams on a notification socket, up to the first holding that line."""
+    messages = []
+    while True:
+        messages.append(notify.recv(4096).decode())
+        if line in messages[-1].splitlines():
+            return messages
 
 
 def test_master_notifies_systemd_when_ready(spawn, tmp_path: Path) -> None:
@@ -183,10 +194,36 @@ def test_master_notifies_systemd_when_ready(spawn, tmp_path: Path) -> None:
         master = Master(
             spawn, tmp_path, "-w", "2", env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock")}
         )
-        message = notify.recv(4096).decode()
-    assert message.startswith("READY=1")
+        message = received_until(notify, "READY=1")[-1]
     assert f"MAINPID={master.proc.pid}" in message
     assert echo_once(master.url) == "hi"
+
+
+def test_master_tells_systemd_reloads_stops_status_and_watchdog(spawn, tmp_path: Path) -> None:
+    """Type=notify-reload and WatchdogSec=, read as systemd reads them: a Unix datagram
+    socket as $NOTIFY_SOCKET."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(tmp_path / "notify.sock"))
+        notify.settimeout(15)
+        env = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "400000"}
+        master = Master(spawn, tmp_path, "-w", "2", "--drain-window", "0", env=env)
+        booted = received_until(notify, "READY=1")
+        assert any(m.startswith("STATUS=") for m in booted)
+        # The watchdog: every half WATCHDOG_USEC (0.2 s) while the loop runs.
+        pings = received_until(notify, "WATCHDOG=1")
+        started = time.monotonic()
+        for _ in range(3):
+            pings += received_until(notify, "WATCHDOG=1")
+        assert time.monotonic() - started < 2.0
+        master.proc.signal(signal.SIGHUP)
+        reload = received_until(notify, "RELOADING=1")[-1].splitlines()
+        usec = next(int(x.partition("=")[2]) for x in reload if x.startswith("MONOTONIC_USEC="))
+        assert abs(usec / 1e6 - time.monotonic()) < 5  # CLOCK_MONOTONIC, as systemd wants
+        after = received_until(notify, "READY=1")
+        assert any("2/2 workers ready" in m for m in after + received_until(notify, "WATCHDOG=1"))
+        master.proc.signal(signal.SIGTERM)
+        received_until(notify, "STOPPING=1")
+        assert master.proc.wait(30) == 0
 
 
 def test_kubernetes_manifest_agrees_with_wsfleet() -> None:

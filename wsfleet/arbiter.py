@@ -673,6 +673,10 @@ class Arbiter:
         self.web: web.WebServer | None = None  # --metrics
         self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=40)
         self.events_handler: logging.Handler | None = None
+        # What systemd was last told (sd_notify), so that each change is said once.
+        self.told: dict[str, object] = {"reloading": False, "stopping": False, "status": ""}
+        self.watchdog = control.watchdog_interval()
+        self.watchdog_due = time.monotonic()
         self.pidfile: control.Pidfile | None = None
         self._wake_r, self._wake_w = os.pipe()
 
@@ -768,6 +772,8 @@ class Arbiter:
 
     def loop_once(self) -> None:
         deadlines = [self.fleet.next_deadline(), self.web and self.web.next_deadline()]
+        if self.watchdog is not None:
+            deadlines.append(self.watchdog_due)
         deadline = min((d for d in deadlines if d is not None), default=None)
         timeout = 1.0 if deadline is None else min(max(0.0, deadline - time.monotonic()), 1.0)
         for key, _ in self.selector.select(timeout):
@@ -785,6 +791,39 @@ class Arbiter:
             self.guarded("the metrics port's deadlines", self.web.expire)
         self.guarded("deadlines", self.fleet.on_time)
         self.guarded("reconciling", self.fleet.reconcile)
+        self.guarded("telling systemd", self.tell_systemd)
+
+    def tell_systemd(self) -> None:
+        """sd_notify what changed: RELOADING=1 when a rolling restart begins and READY=1 when
+        it ends (Type=notify-reload), STOPPING=1 once, STATUS= when it changes, and WATCHDOG=1
+        every half WATCHDOG_USEC while this loop runs (WatchdogSec=)."""
+        if "NOTIFY_SOCKET" not in os.environ:
+            return
+        fleet, lines = self.fleet, []
+        if self.watchdog is not None and time.monotonic() >= self.watchdog_due:
+            lines.append("WATCHDOG=1")
+            self.watchdog_due = time.monotonic() + self.watchdog
+        stopping = fleet.state is MasterState.STOPPING
+        if stopping and not self.told["stopping"]:
+            lines.append("STOPPING=1")
+        reloading = fleet.restart is not None and not stopping
+        if reloading != self.told["reloading"] and fleet.state is not MasterState.BOOTING:
+            if reloading:
+                usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+                lines += ["RELOADING=1", f"MONOTONIC_USEC={usec}"]
+            elif not stopping:
+                lines.append("READY=1")
+        ready = sum(w.state is WorkerState.READY for w in fleet.workers.values())
+        status = (
+            f"{ready}/{len(fleet.slots)} workers ready, "
+            f"{sum(w.connections for w in fleet.workers.values())} connections"
+            + (", reloading" if reloading else "")
+        )
+        if status != self.told["status"]:
+            lines.append(f"STATUS={status}")
+        self.told.update(reloading=reloading, stopping=stopping, status=status)
+        if lines:
+            control.sd_notify("\n".join(lines))
 
     def guarded(self, what: str, step: Callable[[], None]) -> None:
         """Run one event's handling; an error is logged, and the master goes on."""

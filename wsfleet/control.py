@@ -154,12 +154,26 @@ def notify_ready(urls: list[str]) -> None:
             os.write(_ready_fd, "".join(f"{ready_line(url)}\n" for url in urls).encode())
             os.close(_ready_fd)
         _ready_fd = None
+    sd_notify(f"READY=1\nMAINPID={os.getpid()}")
+
+
+def sd_notify(state: str) -> None:
+    """Send systemd's notification protocol's state lines to $NOTIFY_SOCKET, if set: one Unix
+    datagram, as systemd reads it (a name starting with @ is an abstract socket)."""
     target = os.environ.get("NOTIFY_SOCKET")
     if target:
         if target.startswith("@"):
             target = "\0" + target[1:]
         with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            s.sendto(f"READY=1\nMAINPID={os.getpid()}".encode(), target)
+            s.sendto(state.encode(), target)
+
+
+def watchdog_interval() -> float | None:
+    """Half of $WATCHDOG_USEC, when systemd watches this process (WatchdogSec=); else None."""
+    usec, pid = os.environ.get("WATCHDOG_USEC", ""), os.environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 2e6
 
 
 # The commands' side
