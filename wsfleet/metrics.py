@@ -3,9 +3,9 @@
 Two halves:
 
 - In a worker, :data:`COUNTS` counts handshakes by HTTP status, closes by close code, and
-  messages in and out, for the whole process. The connection class counts at the frame level
-  (wsfleet/connection.py, only with --metrics) rather than wrapping ``recv()``/``send()`` in a
-  coroutine each, so that counting costs little per message. Each heartbeat carries the
+  messages in and out, for the whole process, only with --metrics (wsfleet/connection.py's
+  ``with_metrics``): per read and per written batch, never with a call more per message, so
+  that counting costs little. Each heartbeat carries the
   totals so far (:meth:`Counts.report`), and the last one is sent as the worker exits.
 - In the master, :class:`Tally` keeps, per slot, the totals of workers that are gone plus the
   last report of each live one: the sums never go back when a worker dies or is replaced.

@@ -212,8 +212,7 @@ def format_address(address: tuple[object, ...] | str) -> str:
     """host:port, with brackets around an IPv6 host."""
     if isinstance(address, str):  # AF_UNIX path
         return address
-    host, port = str(address[0]), address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(Address(str(address[0]), int(address[1])))  # (one formatter: Address's)
 
 
 def sock_address(sock: socket.socket) -> str:
