@@ -23,6 +23,7 @@ from wsfleet.arbiter import (
     Fleet,
     MasterState,
     SlotState,
+    UpgradeState,
     Worker,
     WorkerState,
 )
@@ -48,6 +49,16 @@ class FakeProcesses:
         self.closed: list[int] = []
         self.ready_calls = 0
         self.fail_forks = 0
+        self.masters: list[int] = []  # new masters started (upgrades)
+        self.handed_to: list[int] = []
+
+    def start_master(self) -> int:
+        self.pid += 1
+        self.masters.append(self.pid)
+        return self.pid
+
+    def hand_over(self, pid: int) -> None:
+        self.handed_to.append(pid)
 
     def open_slot(self, index: int) -> list[FakeSocket]:
         return [FakeSocket(index)]
@@ -83,13 +94,18 @@ class FakeProcesses:
 class Harness:
     """A fleet, its fake processes and clock, and the events the Arbiter would feed it."""
 
-    def __init__(self, workers: int = 2, tcp_addresses: int = 1, **options: Any) -> None:
+    def __init__(
+        self, workers: int = 2, tcp_addresses: int = 1, slots: int | None = None, **options: Any
+    ) -> None:
         self.now = 1000.0
         self.procs = FakeProcesses()
         self.config = cfg.Config(workers=workers, **options)
         self.fleet = Fleet(self.config, self.procs, clock=lambda: self.now)
         self.confirm_holds = True
-        self.fleet.start([[FakeSocket(i, a) for a in range(tcp_addresses)] for i in range(workers)])
+        sockets = [
+            [FakeSocket(i, a) for a in range(tcp_addresses)] for i in range(slots or workers)
+        ]
+        self.fleet.start(sockets, reason=None if slots is None else "upgrade")
         self.fleet.reconcile()
 
     def worker(self, slot: int) -> Worker:
@@ -684,3 +700,144 @@ def test_close_codes_become_a_bounded_set_of_labels() -> None:
     ]
     assert {close_code_label(c) for c in range(3000, 5000)} == {"3xxx", "4xxx"}
     assert close_code_label(2000) == close_code_label(1016) == "other"
+
+
+# Upgrading wsfleet itself: a new master started beside this one (wsfleet/upgrade.py)
+
+
+def upgrading(workers: int = 2) -> tuple[Harness, int]:
+    h = Harness(workers)
+    h.boot()
+    h.fleet.start_upgrade()
+    h.settle()
+    (new_master,) = h.procs.masters
+    assert h.fleet.last_upgrade == "in progress"
+    return h, new_master
+
+
+def test_an_upgrade_hands_over_once_the_new_master_is_ready() -> None:
+    h, new_master = upgrading()
+    old = [h.worker(0), h.worker(1)]
+    h.advance(5.0)  # the new master starts: this one serves as before
+    assert all(w.state is WorkerState.READY for w in old) and h.procs.closed == []
+    h.fleet.on_new_master_ready()
+    h.settle()
+    assert h.procs.handed_to == [new_master]
+    assert h.fleet.last_upgrade == f"done: master {new_master} serves"
+    # As in a reload: every old worker stops accepting, then all close with 1012 together.
+    for worker in old:
+        assert h.procs.sent_to(worker) == [
+            {"t": "hold"},
+            {"t": "drain", "code": 1012, "reason": "service restart"},
+        ]
+    assert sorted(h.procs.closed) == [-1, 0, 1]  # this master's copies of the sockets
+    assert h.fleet.state is MasterState.STOPPING and not h.fleet.finished
+    for worker in old:
+        h.exit(worker, 0)
+    assert h.fleet.finished  # the new master runs on: it is not waited for
+    assert len(h.procs.forked) == 2 and (new_master, signal.SIGTERM) not in h.procs.signals
+    assert h.fleet.restart_reasons["crash"] == 0
+
+
+def test_old_workers_hold_before_any_closes_during_a_hand_over() -> None:
+    h, _ = upgrading()
+    h.confirm_holds = False
+    h.fleet.on_new_master_ready()
+    h.settle()
+    first, second = h.worker(0), h.worker(1)
+    h.fleet.on_message(first, {"t": "held"})
+    h.settle()
+    assert all(m["t"] != "drain" for m in h.procs.sent_to(first))  # the other still accepts
+    h.fleet.on_message(second, {"t": "held"})
+    h.settle()
+    assert first.state is second.state is WorkerState.DRAINING
+
+
+@pytest.mark.parametrize("how", ["says why", "exits", "is too slow"])
+def test_a_new_master_that_fails_leaves_this_one_serving(how: str) -> None:
+    h, new_master = upgrading()
+    old = set(h.fleet.workers.values())
+    if how == "says why":
+        h.fleet.on_new_master_failed("cannot start: worker 7 could not start (exit status 4)")
+        h.settle()
+        assert h.fleet.last_upgrade == (
+            "failed: cannot start: worker 7 could not start (exit status 4)"
+        )
+        h.fleet.on_exit(new_master, 4)
+    elif how == "exits":
+        h.fleet.on_exit(new_master, 1)
+        assert h.fleet.last_upgrade == (
+            f"failed: new master {new_master} exited (exit status 1) before it was ready"
+        )
+    else:
+        limit = cfg.upgrade_limit(h.config)
+        h.advance(limit - 0.2)
+        assert h.procs.signals == []
+        h.advance(0.3)
+        assert h.procs.signals == [(new_master, signal.SIGTERM)]
+        assert (
+            h.fleet.last_upgrade
+            == f"failed: new master {new_master} was not ready after {limit:g}s"
+        )
+        h.advance(cfg.drain_limit(h.config) + KILL_GRACE)  # it does not exit
+        assert h.procs.signals[-1] == (new_master, signal.SIGKILL)
+        assert h.fleet.upgrade is not None and h.fleet.upgrade.state is UpgradeState.KILLED
+        h.fleet.on_exit(new_master, -9)
+    h.settle()
+    assert h.fleet.upgrade is None and h.fleet.state is MasterState.RUNNING
+    assert set(h.fleet.workers.values()) == old
+    assert all(w.state is WorkerState.READY for w in old) and h.procs.closed == []
+    assert h.procs.handed_to == []
+    h.fleet.start_upgrade()  # the next attempt goes ahead
+    assert len(h.procs.masters) == 2 and h.fleet.last_upgrade == "in progress"
+
+
+def test_upgrades_are_refused_while_another_runs_or_the_master_stops() -> None:
+    h, new_master = upgrading()
+    h.fleet.start_upgrade()  # the same one goes on: its outcome answers both
+    assert h.procs.masters == [new_master] and h.fleet.upgrades == 2
+    h.fleet.on_new_master_failed("no")
+    h.fleet.start_upgrade()  # not before the failed one is reaped
+    assert h.procs.masters == [new_master]
+    assert h.fleet.last_upgrade == f"refused: the failed new master {new_master} has not exited yet"
+    booting = Harness(1)
+    booting.fleet.start_upgrade()
+    assert booting.procs.masters == []
+    assert booting.fleet.last_upgrade == "refused: the master is starting"
+
+
+def test_a_shutdown_during_an_upgrade_stops_the_new_master_too() -> None:
+    h, new_master = upgrading()
+    h.fleet.stop(graceful=True)
+    h.settle()
+    assert (new_master, signal.SIGTERM) in h.procs.signals
+    assert h.fleet.last_upgrade == "stopped by shutdown"
+    for worker in list(h.fleet.workers.values()):
+        h.exit(worker, 0)
+    assert not h.fleet.finished  # its own child is reaped before it exits: no orphan
+    h.fleet.on_exit(new_master, 0)
+    assert h.fleet.finished
+
+
+def test_an_upgrade_during_a_reload_closes_each_client_once() -> None:
+    h, _ = upgrading(3)
+    h.fleet.start_restart(h.config)
+    h.settle()
+    h.ready(h.newest(0))  # slot 0 has its new worker; its old one is held
+    held = [w for w in h.fleet.workers.values() if w.state is WorkerState.HELD]
+    assert len(held) == 1
+    h.fleet.on_new_master_ready()
+    h.settle()
+    assert h.fleet.restart is None and h.fleet.last_restart == "stopped by an upgrade"
+    for worker in h.fleet.workers.values():
+        drains = [m for m in h.procs.sent_to(worker) if m["t"] == "drain"]
+        assert drains == [{"t": "drain", "code": 1012, "reason": "service restart"}]
+
+
+def test_a_new_master_counts_its_workers_as_upgrades_then_scales_to_its_config() -> None:
+    h = Harness(2, slots=3)  # the old master had 3 (TTIN); the configuration says 2
+    assert h.fleet.restart_reasons["upgrade"] == 3
+    h.boot()
+    assert len(h.fleet.slots) == 2
+    (removed,) = [w for w in h.fleet.workers.values() if w.slot.index == 2]
+    assert h.procs.sent_to(removed) == [{"t": "drain", "code": 1001, "reason": "going away"}]

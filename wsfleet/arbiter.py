@@ -54,7 +54,7 @@ from typing import Any, Protocol
 
 from setproctitle import setproctitle
 
-from . import channel, control, logs, metrics, sockets, web
+from . import __version__, channel, control, logs, metrics, sockets, upgrade, web
 from . import config as cfg
 
 log = logging.getLogger("wsfleet.master")
@@ -67,12 +67,19 @@ HANDLED_SIGNALS = (
     signal.SIGTTIN,
     signal.SIGTTOU,
     signal.SIGUSR1,
+    signal.SIGUSR2,
     signal.SIGCHLD,
 )
 # What a new worker ignores until its event loop installs its own handlers: a log rotation's
-# USR1 or a stray HUP must not kill it while it starts. (TERM and QUIT keep their default: a
-# worker asked to stop before it serves may just die.)
-IGNORED_WHILE_STARTING = (signal.SIGUSR1, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
+# USR1 or a stray HUP must not kill it while it starts; the master's own signals stay ignored.
+# (TERM and QUIT keep their default: a worker asked to stop before it serves may just die.)
+IGNORED_WHILE_STARTING = (
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGHUP,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+)
 BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
 KILL_GRACE = 1.0  # between SIGTERM (or QUIT) and SIGKILL for a worker that must stop now
 EXIT_APP = 4
@@ -147,6 +154,22 @@ class MasterState(enum.Enum):
     STOPPING = "stopping"
 
 
+class UpgradeState(enum.Enum):
+    STARTING = "starting"  # a new master starts beside this one, which serves meanwhile
+    FAILED = "failed"  # it failed or was too slow: it stops (TERM); SIGKILL at its deadline
+    KILLED = "killed"  # SIGKILL sent; waiting to reap it
+    HANDED_OVER = "handed over"  # it serves: this master's workers close, then it exits
+
+
+@dataclass
+class Upgrade:
+    """A new master from the installed code (wsfleet/upgrade.py), started by this one."""
+
+    pid: int
+    since: float  # when it entered its state
+    state: UpgradeState = UpgradeState.STARTING
+
+
 @dataclass
 class RollingRestart:
     """A cursor over the slots: ``todo[0]`` is being restarted by ``step``, if started."""
@@ -173,6 +196,8 @@ class Processes(Protocol):
     def signal(self, pid: int, sig: signal.Signals) -> None: ...
     def send(self, worker: Worker, message: channel.Message, fds: Sequence[int] = ()) -> bool: ...
     def all_ready(self) -> None: ...  # the fleet serves: say so (listening line, systemd)
+    def start_master(self) -> int: ...  # a new master, handed the sockets; raises OSError
+    def hand_over(self, pid: int) -> None: ...  # it serves: the pidfile and systemd are its
 
 
 class Fleet:
@@ -194,14 +219,20 @@ class Fleet:
         # Workers replaced, or started and stopped, by reason (metrics.RESTART_REASONS).
         self.restart_reasons: collections.Counter[str] = collections.Counter()
         self.tally = metrics.Tally()  # the workers' counts (--metrics)
+        self.upgrade: Upgrade | None = None
+        self.upgrades = 0  # upgrades asked for (SIGUSR2), so a waiter knows its own
+        self.last_upgrade = "none yet"
 
     # Workers' lives
 
-    def start(self, sockets: Sequence[list[Any]]) -> None:
-        """Boot: one slot per list of sockets, each with a worker."""
+    def start(self, sockets: Sequence[list[Any]], reason: str | None = None) -> None:
+        """Boot: one slot per list of sockets, each with a worker (started by an upgrade of
+        wsfleet, reason "upgrade": counted as restarts)."""
         self.slots = [Slot(index, list(socks)) for index, socks in enumerate(sockets)]
         for slot in self.slots:
             self.spawn(slot)
+        if reason is not None:
+            self.restart_reasons[reason] += len(self.slots)
 
     def spawn(self, slot: Slot, replacement: bool = False) -> Worker | None:
         """Fork a worker for the slot; a failed fork is retried like a crash at start."""
@@ -317,6 +348,8 @@ class Fleet:
         """A child was reaped with this exit code (negative: killed by that signal)."""
         worker = self.workers.pop(pid, None)
         if worker is None:
+            if self.upgrade is not None and self.upgrade.pid == pid:
+                self.on_new_master_exit(code)
             return
         self.tally.exited(pid)
         slot, now = worker.slot, self.clock()
@@ -412,6 +445,13 @@ class Fleet:
                 yield worker.since + worker.drain_limit, self.on_drain_overdue, worker
             elif worker.state is WorkerState.STOPPING:
                 yield worker.since + KILL_GRACE, self.kill, worker
+        upgrade = self.upgrade
+        if upgrade is not None and upgrade.state is UpgradeState.STARTING:
+            yield upgrade.since + cfg.upgrade_limit(self.config), self.on_upgrade_overdue, upgrade
+        elif upgrade is not None and upgrade.state is UpgradeState.FAILED:
+            # It stops as any master does: its workers drain, then it exits.
+            limit = cfg.drain_limit(self.config) + KILL_GRACE
+            yield upgrade.since + limit, self.kill_new_master, upgrade
 
     def next_deadline(self) -> float | None:
         return min((when for when, _, _ in self.deadlines()), default=None)
@@ -464,6 +504,7 @@ class Fleet:
             self.state = MasterState.RUNNING
             log.info("all %d workers ready", len(self.slots))
             self.processes.all_ready()
+            self.scale(self.config.workers)  # after an upgrade: the old master's count first
         # A restart done, failed or given up: what it held closes now, once. Not before every
         # held worker has said it stopped accepting: a client closed by one must not
         # reconnect to another that still accepts (the last slot's is told at the same time).
@@ -569,11 +610,13 @@ class Fleet:
             self.advance_restart()
 
     def stop(self, graceful: bool) -> None:
-        """Graceful: every worker drains with 1001 (SIGTERM). Else: QUIT now, then SIGKILL."""
+        """Graceful: every worker drains with 1001 (SIGTERM). Else: QUIT now, then SIGKILL.
+        A new master still starting (an upgrade) is stopped too: nothing is left behind."""
         first = self.state is not MasterState.STOPPING
-        self.state = MasterState.STOPPING
-        if self.restart is not None:
-            self.restart, self.last_restart = None, "stopped by shutdown"
+        self.stop_serving("shutdown")
+        if self.upgrade is not None and self.upgrade.state is UpgradeState.STARTING:
+            self.last_upgrade = "stopped by shutdown"
+            self.stop_new_master()
         for worker in list(self.workers.values()):
             if graceful and worker.state in LIVE:
                 self.set_state(worker, WorkerState.DRAINING)
@@ -583,9 +626,120 @@ class Fleet:
         if first:
             # Nothing may wait in an accept queue that no worker serves: once the workers'
             # copies close (they stop accepting at once), new connections are refused.
-            for slot in self.slots:
-                self.processes.close_slot(slot)
-            self.processes.close_shared()
+            self.close_listeners()
+
+    def stop_serving(self, why: str) -> None:
+        """No new worker, no restart from now on."""
+        self.state = MasterState.STOPPING
+        if self.restart is not None:
+            self.restart, self.last_restart = None, f"stopped by {why}"
+
+    def close_listeners(self) -> None:
+        """This master's copies of the sockets (a new master's, after an upgrade, stay)."""
+        for slot in self.slots:
+            self.processes.close_slot(slot)
+        self.processes.close_shared()
+
+    @property
+    def finished(self) -> bool:
+        """Stopping, with no worker left, nor a new master of its own to reap."""
+        return (
+            self.state is MasterState.STOPPING
+            and not self.workers
+            and (self.upgrade is None or self.handed_over)
+        )
+
+    @property
+    def handed_over(self) -> bool:
+        """An upgrade's new master serves: the sockets' files and the pidfile are its."""
+        return self.upgrade is not None and self.upgrade.state is UpgradeState.HANDED_OVER
+
+    # Upgrading wsfleet itself (wsfleet/upgrade.py does the I/O)
+
+    def start_upgrade(self) -> None:
+        """SIGUSR2: start a new master from the installed code, handing it the sockets. This
+        master serves until the new one is ready (on_new_master_ready), and goes on serving
+        if it fails, exits or is not ready within config.upgrade_limit."""
+        self.upgrades += 1
+        upgrade = self.upgrade
+        if upgrade is not None and upgrade.state is UpgradeState.STARTING:
+            log.warning("upgrade: new master %d is starting already", upgrade.pid)
+            return  # whoever waits gets that one's outcome
+        if self.state is not MasterState.RUNNING:
+            self.last_upgrade = f"refused: the master is {self.state.value}"
+        elif upgrade is not None:
+            self.last_upgrade = f"refused: the failed new master {upgrade.pid} has not exited yet"
+        else:
+            try:
+                pid = self.processes.start_master()
+            except OSError as exc:
+                self.last_upgrade = f"failed: cannot start a new master: {exc}"
+            else:
+                self.upgrade = Upgrade(pid, self.clock())
+                self.last_upgrade = "in progress"
+                log.info("upgrade: new master %d starting", pid)
+                return
+        log.error("upgrade %s", self.last_upgrade)
+
+    def on_new_master_ready(self) -> None:
+        """The new master's workers all accept: it takes over (the pidfile, systemd's main
+        pid), and this master's workers close their connections with 1012, as in a reload:
+        all stop accepting first (HELD), so that a client closed by one does not reconnect
+        to another old worker; then they drain together (reconcile) and this master exits."""
+        upgrade = self.upgrade
+        if upgrade is None or upgrade.state is not UpgradeState.STARTING:
+            return
+        upgrade.state, upgrade.since = UpgradeState.HANDED_OVER, self.clock()
+        self.last_upgrade = f"done: master {upgrade.pid} serves"
+        log.info("upgrade: new master %d serves; this master's workers close", upgrade.pid)
+        self.processes.hand_over(upgrade.pid)
+        self.stop_serving("an upgrade")
+        for worker in list(self.workers.values()):
+            if worker.state is WorkerState.READY:
+                self.hold(worker)
+            elif worker.state is WorkerState.STARTING:
+                self.drain(worker, 1012, "service restart")
+        self.close_listeners()
+
+    def on_new_master_failed(self, reason: str) -> None:
+        """The new master said why it cannot start (it exits by itself)."""
+        upgrade = self.upgrade
+        if upgrade is not None and upgrade.state is UpgradeState.STARTING:
+            self.last_upgrade = f"failed: {reason}"
+            log.error("upgrade failed: new master %d: %s; serving on", upgrade.pid, reason)
+            upgrade.state, upgrade.since = UpgradeState.FAILED, self.clock()
+
+    def on_upgrade_overdue(self, upgrade: Upgrade) -> None:
+        limit = cfg.upgrade_limit(self.config)
+        self.last_upgrade = f"failed: new master {upgrade.pid} was not ready after {limit:g}s"
+        log.error("upgrade %s: stopping it; serving on", self.last_upgrade)
+        self.stop_new_master()
+
+    def stop_new_master(self) -> None:
+        assert self.upgrade is not None
+        self.upgrade.state, self.upgrade.since = UpgradeState.FAILED, self.clock()
+        self.processes.signal(self.upgrade.pid, signal.SIGTERM)
+
+    def kill_new_master(self, upgrade: Upgrade) -> None:
+        log.error("upgrade: new master %d did not exit: killing it", upgrade.pid)
+        upgrade.state = UpgradeState.KILLED
+        self.processes.signal(upgrade.pid, signal.SIGKILL)
+
+    def on_new_master_exit(self, code: int) -> None:
+        upgrade = self.upgrade
+        assert upgrade is not None
+        how = describe_exit(code)
+        if upgrade.state is UpgradeState.HANDED_OVER:
+            log.warning("new master %d exited (%s)", upgrade.pid, how)
+            return
+        if upgrade.state is UpgradeState.STARTING:
+            self.last_upgrade = (
+                f"failed: new master {upgrade.pid} exited ({how}) before it was ready"
+            )
+            log.error("upgrade %s; serving on", self.last_upgrade)
+        else:
+            log.info("upgrade: the failed new master %d exited (%s)", upgrade.pid, how)
+        self.upgrade = None
 
     def signal_workers(self, sig: signal.Signals) -> None:
         for worker in self.workers.values():
@@ -604,6 +758,8 @@ class Fleet:
                 "restarts": self.restarts,
                 "restarts_by_reason": {r: self.restart_reasons[r] for r in metrics.RESTART_REASONS},
                 "last_restart": self.last_restart,
+                "upgrades": self.upgrades,
+                "last_upgrade": self.last_upgrade,
                 "heartbeat_interval": cfg.heartbeat_interval(self.config),
             },
             "empty_slots": [
@@ -662,9 +818,11 @@ class Arbiter:
         self.handler = handler  # an app object given to wsfleet.run(); else workers import
         self.fleet = Fleet(config, self)
         self.selector = selectors.DefaultSelector()
-        self.unix: list[sockets.UnixListener] = []  # shared by every worker
-        # Every --bind address in its order, as bound: a port 0 became the kernel's choice.
+        # Every address in its order, as bound (a port 0 became the kernel's choice) or as
+        # inherited; those with a socket per slot; the sockets every worker accepts on.
         self.listening: list[cfg.Address] = []
+        self.per_slot: list[cfg.Address] = []
+        self.shared: list[sockets.SharedListener] = []
         # Loaded here, inherited by every worker forked after: a reload whose certificate
         # files do not load keeps serving the ones that did.
         self.tls = sockets.server_context(config)
@@ -678,6 +836,9 @@ class Arbiter:
         self.watchdog = control.watchdog_interval()
         self.watchdog_due = time.monotonic()
         self.pidfile: control.Pidfile | None = None
+        self.handoff: upgrade.Handoff | None = None  # this master is an upgrade's new one
+        self.new_master_pipe: int | None = None  # where a new master says it is ready
+        self.new_master_said = b""
         self._wake_r, self._wake_w = os.pipe()
 
     # Start-up and the main loop
@@ -686,31 +847,42 @@ class Arbiter:
         """Serve until stopped; return the exit status. Raises BootError if no worker starts,
         sockets.AddressInUse or control.ControlError if the master cannot start."""
         try:
-            if self.config.pidfile:
+            self.handoff = handoff = upgrade.take_over()
+            if handoff is not None:  # the lock comes with the descriptor; the pid when ready
+                control.set_ready_fd(handoff.ready_fd)
+                if handoff.pidfile is not None and handoff.pidfile_fd is not None:
+                    self.pidfile = control.Pidfile(handoff.pidfile, handoff.pidfile_fd)
+            elif self.config.pidfile:
                 self.pidfile = control.Pidfile(self.config.pidfile)
-            first = self.open_listeners()
-            rest = [self.open_slot(index) for index in range(1, self.config.workers)]
+            slots = self.open_listeners(handoff)
+            while len(slots) < self.config.workers and handoff is None:
+                slots.append(self.open_slot(len(slots)))
             setproctitle(f"wsfleet: master [{', '.join(map(str, self.listening))}]")
             # Handlers before the first fork: a signal between fork and set-up would orphan.
             self.install_signals()
             self.status_server = control.listen_status(os.getpid())
             if self.status_server is not None:
                 self.selector.register(self.status_server, selectors.EVENT_READ, "status")
+            metrics_port = handoff.metrics if handoff is not None else None
             if self.config.metrics:
-                self.open_web(self.config.metrics)
+                self.open_web(metrics_port or self.bind_web(self.config.metrics))
+            elif metrics_port is not None:
+                metrics_port.close()
             self.events_handler = _Events(self.events)
             log.addHandler(self.events_handler)
             log.info(
-                "master %d starting %d workers on %s (app %s)",
+                "master %d (wsfleet %s) starting %d workers on %s (app %s)%s",
                 os.getpid(),
-                self.config.workers,
+                __version__,
+                len(slots),
                 ", ".join(self.urls()),
                 self.config.app,
+                f", taking over from master {handoff.old_pid}" if handoff is not None else "",
             )
             preload(self.config)
-            self.fleet.start([first, *rest])
+            self.fleet.start(slots, reason="upgrade" if handoff is not None else None)
             self.fleet.reconcile()
-            while self.fleet.workers or self.fleet.state is not MasterState.STOPPING:
+            while not self.fleet.finished:
                 self.loop_once()
         except BootError:
             self.stop_workers_and_wait()
@@ -719,7 +891,34 @@ class Arbiter:
             self.cleanup()
         return 0
 
-    def open_listeners(self) -> list[socket.socket]:
+    def open_listeners(self, handoff: upgrade.Handoff | None) -> list[list[socket.socket]]:
+        """The sockets handed over by an old master, else those systemd passed, else bind
+        every address. Returns the slots' sockets: every slot's when inherited, the first
+        slot's when bound here (open_slot opens the others)."""
+        if handoff is not None:
+            self.listening = [cfg.parse_address(a) for a in handoff.listening]
+            self.per_slot = [cfg.parse_address(a) for a in handoff.per_slot]
+            self.shared = handoff.shared
+            return handoff.slots
+        activated = sockets.listen_fds()
+        if activated:
+            return self.adopt(activated)
+        return [self.bind_listeners()]
+
+    def adopt(self, activated: list[socket.socket]) -> list[list[socket.socket]]:
+        """Socket activation: as many sockets on one address as workers are one per slot
+        (systemd's ReusePort=yes: the kernel spreads connections over them, as over the
+        sockets wsfleet binds); otherwise every worker accepts on each one."""
+        if self.config.bind:
+            log.warning("--bind ignored: serving the %d sockets systemd passed", len(activated))
+        self.listening = list(dict.fromkeys(map(sockets.address_of, activated)))
+        if len(activated) == self.config.workers > 1 and len(self.listening) == 1:
+            self.per_slot = self.listening[:]
+            return [[sock] for sock in activated]
+        self.shared = [sockets.SharedListener(sock) for sock in activated]
+        return [[]]
+
+    def bind_listeners(self) -> list[socket.socket]:
         """Bind every address: the first slot's TCP sockets, refused if anything listens
         there already, and the fleet's Unix sockets. Returns the first slot's sockets."""
         first: list[socket.socket] = []
@@ -731,7 +930,7 @@ class Arbiter:
         try:
             for address in cfg.addresses(self.config):
                 if address.path is not None:
-                    self.unix.append(
+                    self.shared.append(
                         sockets.bind_unix(
                             address.path, self.config.backlog, self.config.umask, owner
                         )
@@ -740,16 +939,19 @@ class Arbiter:
                     continue
                 sock = sockets.bind_exclusive(address, self.config.backlog)
                 first.append(sock)
-                self.listening.append(sockets.bound_address(sock))
+                self.listening.append(sockets.address_of(sock))
+                self.per_slot.append(self.listening[-1])
         except BaseException:
             for sock in first:
                 sock.close()
             raise
         return first
 
-    def open_web(self, address: str) -> None:
+    def bind_web(self, address: str) -> socket.socket:
+        return sockets.bind_plain(cfg.parse_address(address), 64)
+
+    def open_web(self, sock: socket.socket) -> None:
         """--metrics: the HTTP port, served from this loop (wsfleet/web.py says why)."""
-        sock = sockets.bind_plain(cfg.parse_address(address), 64)
         collector = metrics.FleetCollector(self.fleet, self.fleet.tally)
         routes: dict[str, web.Route] = {
             "/metrics": lambda: metrics.exposition(collector),
@@ -783,6 +985,8 @@ class Arbiter:
                 self.guarded("signals", self.on_signals)
             elif key.data == "status":
                 self.guarded("a status request", self.on_status_request)
+            elif key.data == "new master":
+                self.guarded("the new master's word", self.on_new_master_says)
             elif (worker := self.fleet.workers.get(key.data)) is not None:
                 self.guarded(
                     f"worker {worker.pid}'s messages", lambda w=worker: self.on_messages(w)
@@ -797,8 +1001,8 @@ class Arbiter:
         """sd_notify what changed: RELOADING=1 when a rolling restart begins and READY=1 when
         it ends (Type=notify-reload), STOPPING=1 once, STATUS= when it changes, and WATCHDOG=1
         every half WATCHDOG_USEC while this loop runs (WatchdogSec=)."""
-        if "NOTIFY_SOCKET" not in os.environ:
-            return
+        if "NOTIFY_SOCKET" not in os.environ or self.fleet.handed_over:
+            return  # (after an upgrade, systemd watches the new master)
         fleet, lines = self.fleet, []
         if self.watchdog is not None and time.monotonic() >= self.watchdog_due:
             lines.append("WATCHDOG=1")
@@ -869,6 +1073,9 @@ class Arbiter:
         elif sig == signal.SIGUSR1:
             logs.reopen()
             fleet.signal_workers(signal.SIGUSR1)
+        elif sig == signal.SIGUSR2:
+            log.info("received SIGUSR2: upgrade")
+            fleet.start_upgrade()
 
     def reread_config(self) -> tuple[cfg.Config, str | None]:
         """The configuration for a rolling restart, and why it is the old one, if it is."""
@@ -946,7 +1153,7 @@ class Arbiter:
     def open_slot(self, index: int) -> list[socket.socket]:
         opened: list[socket.socket] = []
         try:
-            for address in (a for a in self.listening if a.path is None):
+            for address in self.per_slot:
                 opened.append(sockets.bind(address, self.config.backlog))
         except BaseException:
             for sock in opened:
@@ -959,7 +1166,7 @@ class Arbiter:
             sock.close()
 
     def close_shared(self) -> None:
-        for listener in self.unix:
+        for listener in self.shared:
             listener.sock.close()  # the file stays until the master exits
 
     def fork(self, slot: Slot) -> tuple[int, socket.socket]:
@@ -996,9 +1203,71 @@ class Arbiter:
         return channel.send(worker.channel, message, fds)
 
     def all_ready(self) -> None:
+        if self.handoff is not None and self.pidfile is not None:
+            self.pidfile.claim()  # before the old master hears it: then the file names us
         for url in self.urls():
             print(control.ready_line(url), file=sys.stderr, flush=True)
         control.notify_ready(self.urls())
+
+    def start_master(self) -> int:
+        """Start a new master from the installed code, handing it every socket, the pidfile
+        and a pipe to say when it is ready on (wsfleet/upgrade.py)."""
+        read_end, write_end = os.pipe()
+        pidfile = self.pidfile
+        handoff = upgrade.Handoff(
+            old_pid=os.getpid(),
+            listening=[str(a) for a in self.listening],
+            per_slot=[str(a) for a in self.per_slot],
+            slots=[slot.sockets for slot in self.fleet.slots],
+            shared=self.shared,
+            metrics=self.web.sock if self.web is not None else None,
+            pidfile=pidfile.path if pidfile is not None else None,
+            pidfile_fd=pidfile.fd if pidfile is not None else None,
+            ready_fd=write_end,
+        )
+        try:
+            pid = upgrade.start(handoff, HANDLED_SIGNALS)
+        except BaseException:
+            os.close(read_end)
+            raise
+        finally:
+            os.close(write_end)
+        os.set_blocking(read_end, False)
+        self.new_master_pipe, self.new_master_said = read_end, b""
+        self.selector.register(read_end, selectors.EVENT_READ, "new master")
+        return pid
+
+    def on_new_master_says(self) -> None:
+        """Read the new master's pipe; at its end (the new master closes it once ready, or
+        when it fails) tell the fleet what it said. Said nothing: its exit tells why."""
+        assert self.new_master_pipe is not None
+        try:
+            data = os.read(self.new_master_pipe, 4096)
+        except BlockingIOError:
+            return
+        self.new_master_said += data
+        if data:
+            return
+        self.selector.unregister(self.new_master_pipe)
+        os.close(self.new_master_pipe)
+        self.new_master_pipe = None
+        line = self.new_master_said.decode(errors="replace").partition("\n")[0]
+        if control.LISTENING.match(line):
+            self.fleet.on_new_master_ready()
+        elif failed := control.FAILED.match(line):
+            self.fleet.on_new_master_failed(failed.group(2))
+
+    def hand_over(self, pid: int) -> None:
+        """The new master serves. It wrote its pid in the pidfile and holds its lock (the
+        same open file): let go of it, leaving the file. systemd is told the new main pid
+        (NotifyAccess=main listens to this master until then). The --metrics port stops
+        taking requests here; those in progress are answered."""
+        if self.pidfile is not None:
+            self.pidfile.release()
+            self.pidfile = None
+        control.sd_notify(f"MAINPID={pid}")
+        if self.web is not None:
+            self.web.stop_listening()
 
     # Inside a new worker
 
@@ -1026,6 +1295,8 @@ class Arbiter:
             self.web.close_in_child()
         if self.pidfile is not None:
             self.pidfile.close_in_child()
+        if self.new_master_pipe is not None:
+            os.close(self.new_master_pipe)
         control.set_ready_fd(None)
 
     def run_worker(self, slot: Slot, worker_end: socket.socket) -> int:
@@ -1040,7 +1311,7 @@ class Arbiter:
             channel.send(worker_end, {"t": "error", "message": str(exc)})
             return EXIT_APP
         config = self.fleet.config
-        listening = [*slot.sockets, *(listener.sock for listener in self.unix)]
+        listening = [*slot.sockets, *(listener.sock for listener in self.shared)]
         serving = worker.Worker(config, listening, handler, worker_end, self.tls)
         return worker.run(config, serving.run())
 
@@ -1062,8 +1333,10 @@ class Arbiter:
         with 1001 by themselves, as when the master is killed; nothing kills them here."""
         for slot in self.fleet.slots:
             self.close_slot(slot)
-        for listener in self.unix:
-            listener.close(remove=True)
+        for listener in self.shared:
+            listener.close(remove=not self.fleet.handed_over)  # the new master's now
+        if self.new_master_pipe is not None:
+            os.close(self.new_master_pipe)
         if self.status_server is not None:
             self.status_server.close()
         if self.web is not None:
@@ -1080,6 +1353,7 @@ class Arbiter:
     def status(self) -> dict[str, Any]:
         status = self.fleet.status()
         status["master"]["age"] = round(time.time() - self.started, 1)
+        status["master"]["version"] = __version__
         status["master"]["addresses"] = self.urls()
         if self.web is not None:
             status["master"]["metrics"] = f"http://{sockets.sock_address(self.web.sock)}/"

@@ -1,4 +1,4 @@
-"""The command line: ``wsfleet start|worker|stop|reload|status``.
+"""The command line: ``wsfleet start|worker|stop|reload|upgrade|status``.
 
 Exit statuses: 0 success; 1 runtime failure (a port held by another program, a missing or
 stale pidfile, a master that did not stop in time); 2 bad input (unknown option, bad value,
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import logging
 import os
 import re
 import socket
@@ -19,7 +20,7 @@ from typing import Any, NoReturn
 
 from setproctitle import setproctitle
 
-from . import __version__, control, logs, sockets
+from . import __version__, control, logs, sockets, upgrade
 from . import config as cfg
 
 EXIT_RUNTIME = 1
@@ -246,6 +247,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="with --wait, how long to wait (default: 300)",
     )
+    upgrade = commands.add_parser(
+        "upgrade",
+        help="upgrade wsfleet itself (SIGUSR2): a new master from the installed code takes "
+        "over the sockets",
+        description="Send SIGUSR2 to the master: it starts a new master from the code "
+        "installed now, handing it the listening sockets; once the new master's workers are "
+        "ready it takes over the pidfile, the old workers close their connections with 1012 "
+        "and the old master exits. Waits and says how it went: exit 0 once the new master "
+        "serves, 1 with the reason when it could not start (the old master goes on serving).",
+    )
+    _add_control_options(upgrade)
+    upgrade.add_argument(
+        "--timeout",
+        type=_option_type("timeout"),
+        default=300.0,
+        metavar="S",
+        help="how long to wait (default: 300)",
+    )
     status = commands.add_parser("status", help="show the master and its workers")
     _add_control_options(status)
     status.add_argument("--json", action="store_true", help="print the status as JSON")
@@ -300,18 +319,31 @@ def setup_logging(config: cfg.Config) -> None:
 
 
 def run_worker(config: cfg.Config) -> int:
-    """``wsfleet worker``: one worker on --fd, or on its addresses (--bind, or host:port)."""
+    """``wsfleet worker``: one worker on --fd, on the first socket systemd passed (socket
+    activation), or on its addresses (--bind, or host:port)."""
     from .worker import AppError, Worker, drop_privileges, identity, load_app, run
 
     listening: list[socket.socket] = []
-    unix: list[sockets.UnixListener] = []
+    unix: list[sockets.SharedListener] = []
     try:
         if config.fd is not None:
+            for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+                os.environ.pop(name, None)  # --fd says which one
             try:
                 listening.append(sockets.from_fd(config.fd))
             except ValueError as exc:
                 fail(f"--fd {config.fd}: {exc}", EXIT_USAGE)
-        for address in cfg.addresses(config) if config.fd is None else []:
+        elif activated := sockets.listen_fds():
+            listening.append(activated[0])
+            if config.bind or len(activated) > 1:
+                logging.getLogger("wsfleet.worker").warning(
+                    "serving the first socket systemd passed (%s); %s ignored",
+                    sockets.sock_address(activated[0]),
+                    "--bind and the others" if config.bind else "the others",
+                )
+            for sock in activated[1:]:
+                sock.close()
+        for address in cfg.addresses(config) if not listening else []:
             if address.path is None:
                 listening.append(sockets.bind(address, config.backlog))
             else:
@@ -343,7 +375,7 @@ def run_master(config: cfg.Config, args: argparse.Namespace) -> int:
         return cfg.load("start", given_options(args), args.config)
 
     sockets.raise_fd_limit()  # before forking: the workers inherit it
-    if config.daemon:
+    if config.daemon and upgrade.ENV not in os.environ:  # (an upgrade's: detached already)
         daemonize()
     try:
         return Arbiter(config, reload_config).run()
@@ -384,7 +416,7 @@ def daemonize() -> None:
 
 
 def run_control(args: argparse.Namespace) -> int:
-    """``wsfleet stop|reload|status``."""
+    """``wsfleet stop|reload|upgrade|status``."""
     pidfile = args.pidfile
     if not pidfile:
         pidfile = cfg.load("start", {}, args.config).pidfile
@@ -395,6 +427,8 @@ def run_control(args: argparse.Namespace) -> int:
             print(control.stop(pidfile, args.timeout))
         elif args.command == "reload":
             print(control.reload(pidfile, args.wait, args.timeout))
+        elif args.command == "upgrade":
+            print(control.upgrade(pidfile, args.timeout))
         else:
             status = control.query_status(control.master_pid(pidfile))
             if args.json:
@@ -466,11 +500,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_command_line(argv)
     if args.command == "bench":
         return run_bench(args)
-    if args.command in ("stop", "reload", "status"):
+    if args.command in ("stop", "reload", "upgrade", "status"):
         try:
             return run_control(args)
         except cfg.ConfigError as exc:
             fail(str(exc), EXIT_USAGE)
+    if args.command == "start":
+        control.set_ready_fd(upgrade.ready_fd())  # an upgrade's new master: tell the old one
     config = load_config(args.command, args)
     if args.command == "worker" and config.fd is not None and config.bind:
         fail("--fd and --bind: give one (--fd serves an inherited socket)", EXIT_USAGE)

@@ -557,6 +557,13 @@ def drain_limit(config: Config) -> float:
     return config.drain_window + config.graceful_timeout + config.close_timeout + KILL_MARGIN
 
 
+def upgrade_limit(config: Config) -> float:
+    """How long a new master (an upgrade of wsfleet itself) has to be ready: its workers have
+    --timeout each to be ready, and its own start (imports, sockets) as long again. After
+    that the old master stops it and keeps serving."""
+    return 2 * config.timeout
+
+
 FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(Config)}
 
 

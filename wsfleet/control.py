@@ -74,11 +74,20 @@ class Pidfile:
     The lock, not the pid in the file, says whether a master runs: a second master with the
     same pidfile fails to take it and names the running pid. The file is opened without
     following a symbolic link, so a link planted where it goes is refused, not written
-    through.
+    through. An upgrade's new master gets the old one's descriptor (``fd``): the lock
+    belongs to the open file, which both then share, and the new master writes its pid
+    (claim) once it serves.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, fd: int | None = None) -> None:
         self.path = path
+        if fd is not None:
+            self.fd = fd
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held already: a check
+            except OSError as exc:
+                raise ControlError(f"pidfile {path}: lock not handed over ({exc})") from None
+            return
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except OSError as exc:
@@ -98,8 +107,18 @@ class Pidfile:
             raise ControlError(
                 f"a wsfleet master ({running}) already runs with pidfile {path}"
             ) from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        self.claim()
+
+    def claim(self) -> None:
+        """Write this process's pid, in one write that pads over a longer pid (so that a
+        reader never sees an empty file, or the end of the previous pid)."""
+        size = os.fstat(self.fd).st_size
+        os.pwrite(self.fd, f"{os.getpid()}".ljust(size - 1).encode() + b"\n", 0)
+
+    def release(self) -> None:
+        """Let go, leaving the file: an upgrade's new master wrote its pid there and holds
+        the lock through its own descriptor."""
+        os.close(self.fd)
 
     def close_in_child(self) -> None:
         """A worker must not hold the lock: it would outlive a killed master."""
@@ -253,9 +272,11 @@ def format_status(status: dict[str, Any]) -> str:
     notes = [
         f"connections: as each worker last reported (every {master['heartbeat_interval']:g}s)",
         f"last rolling restart: {master['last_restart']}",
+        f"last upgrade: {master['last_upgrade']}",
     ]
     body = "\n".join(line.rstrip() for line in lines)
-    return f"{', '.join(master['addresses'])}\n{body}\n" + "\n".join(notes)
+    head = f"wsfleet {master['version']}, {', '.join(master['addresses'])}"
+    return f"{head}\n{body}\n" + "\n".join(notes)
 
 
 def _age(seconds: float) -> str:
@@ -326,3 +347,36 @@ def reload(path: str, wait: bool = False, timeout: float = 300.0) -> str:
     if master["last_restart"] != "done":
         raise ControlError(f"master {pid}: rolling restart {master['last_restart']}")
     return f"master {pid}: rolling restart done: every worker runs the new code"
+
+
+def upgrade(path: str, timeout: float = 300.0) -> str:
+    """SIGUSR2, then wait until a new master from the installed code serves (the pidfile
+    names it) or the old one says why not (raised: it goes on serving)."""
+    pid = master_pid(path)
+    asked = query_status(pid)["master"]["upgrades"] + 1
+    signal_master(pid, signal.SIGUSR2)
+    deadline = time.monotonic() + timeout
+    outcome = None
+    while outcome is None:
+        try:
+            master = query_status(pid)["master"]
+        except ControlError:
+            if read_pid(path) == pid and is_master(pid):
+                raise
+            break  # it handed over (the pidfile names the new master), or it is gone
+        if master["upgrades"] >= asked and master["last_upgrade"] != "in progress":
+            outcome = master["last_upgrade"]
+        elif time.monotonic() > deadline:
+            raise ControlError(f"master {pid}: the upgrade is not over after {timeout:g}s")
+        else:
+            time.sleep(0.1)  # the poll interval
+    if outcome is not None and not outcome.startswith("done"):
+        raise ControlError(f"master {pid}: upgrade {outcome}; it goes on serving")
+    new = read_pid(path)
+    if new == pid or not is_master(new):
+        raise ControlError(f"master {pid} exited during the upgrade; see its log")
+    version = query_status(new)["master"]["version"]
+    return (
+        f"master {pid} upgraded: master {new} (wsfleet {version}) serves; the old workers "
+        f"close their connections with 1012 over the drain window, then master {pid} exits"
+    )

@@ -1,4 +1,5 @@
-"""Listening sockets: bound with SO_REUSEPORT, or inherited as a file descriptor."""
+"""Listening sockets: bound with SO_REUSEPORT, or inherited (a file descriptor, or systemd's
+socket activation)."""
 
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def bind_plain(address: Address, backlog: int) -> socket.socket:
     return _listen(_bind(address, share=False), backlog)
 
 
-def bind_unix(path: str, backlog: int, umask: int, owner: tuple[int, int] | None) -> UnixListener:
+def bind_unix(path: str, backlog: int, umask: int, owner: tuple[int, int] | None) -> SharedListener:
     """Listen on a Unix socket at path, its file mode 0o777 & ~umask, owned by owner (uid,
     gid) when given: the fleet's workers all accept on this one socket.
 
@@ -91,7 +92,7 @@ def bind_unix(path: str, backlog: int, umask: int, owner: tuple[int, int] | None
         inode = os.stat(path).st_ino
         if owner is not None:
             os.chown(path, *owner)
-        return UnixListener(_listen(sock, backlog), path, inode)
+        return SharedListener(_listen(sock, backlog), path, inode)
     except OSError as exc:
         sock.close()
         raise ListenError(f"cannot listen on unix:{path}: {exc.strerror or exc}") from None
@@ -101,16 +102,19 @@ def bind_unix(path: str, backlog: int, umask: int, owner: tuple[int, int] | None
 
 
 @dataclass
-class UnixListener:
-    """A Unix socket and the file it made, so that only that file is removed at exit."""
+class SharedListener:
+    """A socket every worker accepts on: a Unix socket (the kernel does not spread AF_UNIX
+    connections over several sockets), or one socket passed by systemd. ``path`` is the file
+    this process made (a Unix socket it bound), so that only that file is removed at exit;
+    None for an inherited socket, whose file belongs to whoever made it."""
 
     sock: socket.socket
-    path: str
-    inode: int
+    path: str | None = None
+    inode: int = 0
 
     def close(self, remove: bool = True) -> None:
         self.sock.close()
-        if remove:
+        if remove and self.path is not None:
             with contextlib.suppress(OSError):
                 if os.stat(self.path).st_ino == self.inode:
                     os.unlink(self.path)
@@ -208,6 +212,42 @@ def from_fd(fd: int) -> socket.socket:
     return sock
 
 
+LISTEN_FDS_START = 3  # SD_LISTEN_FDS_START: the first descriptor socket activation passes
+
+
+def listen_fds() -> list[socket.socket]:
+    """The listening sockets passed by systemd's socket activation (or anything speaking its
+    protocol, as systemd-socket-activate): LISTEN_FDS descriptors from 3 on, when LISTEN_PID
+    is this process. The variables are removed, as sd_listen_fds(1) does, so that nothing
+    this process forks or runs takes the descriptors for its own; the sockets are not
+    inherited further (close-on-exec). ListenError if one is not a listening stream socket."""
+    pid = os.environ.pop("LISTEN_PID", "")
+    count = os.environ.pop("LISTEN_FDS", "")
+    os.environ.pop("LISTEN_FDNAMES", None)
+    if pid != str(os.getpid()):
+        return []
+    if not count.isdigit():
+        raise ListenError(f"socket activation: LISTEN_FDS={count!r} is not a number")
+    found = []
+    for fd in range(LISTEN_FDS_START, LISTEN_FDS_START + int(count)):
+        try:
+            found.append(from_fd(fd))
+        except ValueError as exc:
+            for sock in found:
+                sock.detach()
+            raise ListenError(f"socket activation (LISTEN_FDS={count}): {exc}") from None
+        os.set_inheritable(fd, False)
+    return found
+
+
+def address_of(sock: socket.socket) -> Address:
+    """The Address a listening socket is bound to: host and port, or a Unix socket's path."""
+    name = sock.getsockname()
+    if isinstance(name, str):
+        return Address(path=name)
+    return Address(str(name[0]), int(name[1]))
+
+
 def format_address(address: tuple[object, ...] | str) -> str:
     """host:port, with brackets around an IPv6 host."""
     if isinstance(address, str):  # AF_UNIX path
@@ -218,14 +258,7 @@ def format_address(address: tuple[object, ...] | str) -> str:
 def sock_address(sock: socket.socket) -> str:
     """host:port of a listening TCP socket (the real port when it bound port 0), or
     unix:PATH."""
-    name = sock.getsockname()
-    return f"unix:{name}" if isinstance(name, str) else format_address(name)
-
-
-def bound_address(sock: socket.socket) -> Address:
-    """The Address a TCP socket is bound to, for the next slot's socket on the same port."""
-    host, port = sock.getsockname()[:2]
-    return Address(host, port)
+    return str(address_of(sock))
 
 
 def raise_fd_limit() -> int:

@@ -61,6 +61,13 @@ class WebServer:
             self.selector.unregister(self.sock)
         self.sock.close()
 
+    def stop_listening(self) -> None:
+        """Accept no more (another process serves the port now); clients in progress are
+        answered."""
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(self.sock)
+        self.sock.close()
+
     def close_in_child(self) -> None:
         """A worker must not hold the master's HTTP sockets."""
         for client in self.clients.values():
