@@ -1203,8 +1203,10 @@ class Arbiter:
         return channel.send(worker.channel, message, fds)
 
     def all_ready(self) -> None:
-        if self.handoff is not None and self.pidfile is not None:
-            self.pidfile.claim()  # before the old master hears it: then the file names us
+        if self.handoff is not None:  # this master takes over: the files are its now
+            upgrade.take_files(self.handoff)
+            if self.pidfile is not None:
+                self.pidfile.claim()  # before the old master hears it: the file names us
         for url in self.urls():
             print(control.ready_line(url), file=sys.stderr, flush=True)
         control.notify_ready(self.urls())

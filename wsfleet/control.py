@@ -81,6 +81,7 @@ class Pidfile:
 
     def __init__(self, path: str, fd: int | None = None) -> None:
         self.path = path
+        self.claimed = False  # the file names this process: it removes the file at exit
         if fd is not None:
             self.fd = fd
             try:
@@ -114,6 +115,7 @@ class Pidfile:
         reader never sees an empty file, or the end of the previous pid)."""
         size = os.fstat(self.fd).st_size
         os.pwrite(self.fd, f"{os.getpid()}".ljust(size - 1).encode() + b"\n", 0)
+        self.claimed = True
 
     def release(self) -> None:
         """Let go, leaving the file: an upgrade's new master wrote its pid there and holds
@@ -125,9 +127,11 @@ class Pidfile:
         os.close(self.fd)
 
     def remove(self) -> None:
-        """Remove the file if it is still ours, then let go of the lock."""
+        """Remove the file if it is still ours, then let go of the lock. (An upgrade's new
+        master that never served leaves the file to the old one.)"""
         with contextlib.suppress(OSError):
-            if os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(self.fd).st_ino:
+            ours = os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(self.fd).st_ino
+            if ours and self.claimed:
                 os.unlink(self.path)
         os.close(self.fd)
 

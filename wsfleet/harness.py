@@ -8,8 +8,8 @@
   starts it, driven with supervisorctl.
 - :class:`Browser`: headless Chromium over the DevTools protocol (the status page's test and
   its screenshot in docs/).
-- :func:`gone`, :func:`wait_for`, :func:`free_port`; :func:`worktree` (wsfleet at another git
-  revision, for a benchmark's A/B).
+- :func:`gone`, :func:`end`, :func:`wait_for`, :func:`free_port`; :func:`worktree` (wsfleet
+  at another git revision, for a benchmark's A/B).
 
 Nothing here is used by wsfleet itself; it needs psutil (a test and bench dependency).
 """
@@ -46,6 +46,7 @@ __all__ = [
     "Master",
     "Process",
     "Supervisor",
+    "end",
     "free_port",
     "gone",
     "wait_for",
@@ -71,6 +72,20 @@ def gone(pid: int) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+def end(pid: int) -> None:
+    """Kill a process and every process under it, by pid: one that is not a child of the
+    caller (an upgrade's new master, started by the master a test started)."""
+    try:
+        top = psutil.Process(pid)
+        procs = [*top.children(recursive=True), top]
+    except psutil.NoSuchProcess:
+        return
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    wait_for(lambda: all(gone(p.pid) for p in procs), 10, f"process {pid} and its children")
 
 
 def free_port() -> int:

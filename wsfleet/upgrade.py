@@ -31,7 +31,7 @@ import socket
 import sys
 import traceback
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import sockets
 
@@ -47,6 +47,9 @@ class Handoff:
     per_slot: list[str]  # the addresses with a socket per slot, in each slot's order
     slots: list[list[socket.socket]]
     shared: list[sockets.SharedListener]  # accepted on by every worker
+    # The Unix sockets' files the old master made (path, inode), for each shared socket: the
+    # new master's to remove at exit once it serves (take_files), not before.
+    files: list[tuple[str | None, int]] = field(default_factory=list)
     metrics: socket.socket | None = None
     pidfile: str | None = None
     pidfile_fd: int | None = None
@@ -70,7 +73,7 @@ def describe(handoff: Handoff) -> tuple[str, list[int], int]:
             "listening": handoff.listening,
             "per_slot": handoff.per_slot,
             "slots": len(handoff.slots),
-            "shared": [[s.path, s.inode] for s in handoff.shared],
+            "shared": [[s.path, s.inode] for s in handoff.shared],  # (read into files)
             "metrics": handoff.metrics is not None,
             "pidfile": handoff.pidfile,
             "pidfile_fd": where.get(handoff.pidfile_fd),  # type: ignore[arg-type]
@@ -116,6 +119,13 @@ def start(handoff: Handoff, blocked: Sequence[signal.Signals]) -> int:
     return pid
 
 
+def take_files(handoff: Handoff) -> None:
+    """The new master serves: the Unix sockets' files the old master made are its now, to
+    remove at exit (the old master leaves them)."""
+    for listener, (path, inode) in zip(handoff.shared, handoff.files, strict=True):
+        listener.path, listener.inode = path, inode
+
+
 def ready_fd() -> int | None:
     """In a new master, from its first step: where to say it failed (the pipe), so that even
     a bad option reaches the old master as a reason, not only as an exit status."""
@@ -156,7 +166,8 @@ def take_over() -> Handoff | None:
         raise ValueError(f"{ENV}: not what an old master hands over ({exc})") from None
     rest = passed[slots * len(per_slot) :]
     for sock, (path, inode) in zip(rest, shared_info, strict=False):
-        handoff.shared.append(sockets.SharedListener(sock, path, inode))
+        handoff.shared.append(sockets.SharedListener(sock))  # no file of its own yet
+        handoff.files.append((path, inode))
     if metrics:
         handoff.metrics = rest[-1]
     for fd in (handoff.pidfile_fd, handoff.ready_fd):

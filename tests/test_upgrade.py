@@ -1,0 +1,215 @@
+"""SPEC, "systemd, upgrades and Kubernetes": upgrading wsfleet itself (SIGUSR2, `wsfleet
+upgrade`). The master runs from a copy of the package put first on PYTHONPATH, as an
+installed wsfleet would be; the test changes that copy (a new version, a broken build) the way
+`pip install -U` would, and the new master must run what is on disk then."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import shutil
+import signal
+import socket
+import struct
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+from wsfleet import control, harness
+from wsfleet.loadtest import Load
+
+from .helpers import ROOT, gone, run_wsfleet, wait_for
+from .test_binds import unix_echo
+from .test_master import VERSIONED_APP, Master, echo_once
+
+
+def installed(tmp_path: Path) -> Path:
+    """A copy of the package to run from, as site-packages would hold it."""
+    site = tmp_path / "site"
+    shutil.copytree(
+        ROOT / "wsfleet", site / "wsfleet", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    return site
+
+
+def set_version(site: Path, version: str) -> None:
+    init = site / "wsfleet" / "__init__.py"
+    text, count = re.subn(r'__version__ = ".*"', f'__version__ = "{version}"', init.read_text())
+    assert count == 1
+    init.write_text(text)
+
+
+def start(spawn, tmp_path: Path, site: Path, *args: str, env: dict[str, str] | None = None):
+    return Master(
+        spawn,
+        tmp_path,
+        *args,
+        cwd=tmp_path,  # (not the repository: `python -m wsfleet` would import it from there)
+        env={"PYTHONPATH": str(site), "PYTHONDONTWRITEBYTECODE": "1", **(env or {})},
+    )
+
+
+@contextlib.contextmanager
+def new_masters(master: Master) -> Iterator[None]:
+    """End, by pid, whatever master the pidfile names at the end besides the test's own (an
+    upgrade's new master is not the test's child)."""
+    try:
+        yield
+    finally:
+        with contextlib.suppress(control.ControlError):
+            pid = control.read_pid(master.pidfile)
+            if pid != master.proc.pid:
+                harness.end(pid)
+
+
+def upgrade(master: Master, timeout: float = 120):
+    return run_wsfleet(["upgrade", "--pidfile", master.pidfile], timeout=timeout)
+
+
+def test_upgrade_under_load_fails_nothing(spawn, tmp_path: Path, loop: str) -> None:
+    site = installed(tmp_path)
+    master = start(spawn, tmp_path, site, "-w", "2", "--loop", loop, "--drain-window", "2")
+    old_workers = master.worker_pids()
+    set_version(site, "0.1.0+upgraded")  # what `pip install -U` leaves on disk
+    with new_masters(master):
+        load = Load(master.url, rate=150, long_lived=50, duration=60).start()
+        try:
+            time.sleep(0.5)  # load before the upgrade, for the record (not a wait)
+            result = upgrade(master)
+            assert result.returncode == 0, result.stderr
+            new = control.read_pid(master.pidfile)
+            # The old master exits once its workers have closed their connections.
+            assert master.proc.popen.wait(30) == 0  # (its output pipe: the new one has it too)
+            time.sleep(0.5)  # load after the upgrade, for the record
+        finally:
+            results = load.stop()
+        summary = results.summary()
+        assert results.failures() == [], summary
+        assert summary["attempts"] >= 150, summary  # the load ran
+        # Every long-lived connection was closed once, with 1012, and reconnected.
+        assert set(results.close_codes) == {"closed 1012"}, summary
+        assert results.close_codes["closed 1012"] >= 50, summary
+        assert f"master {new} (wsfleet 0.1.0+upgraded) serves" in result.stdout
+        status = control.query_status(new)
+        assert status["master"]["version"] == "0.1.0+upgraded"
+        assert status["master"]["restarts_by_reason"]["upgrade"] == 2
+        assert {w["state"] for w in status["workers"]} == {"ready"}
+        assert not {w["pid"] for w in status["workers"]} & old_workers
+        assert all(gone(pid) for pid in old_workers)
+        assert echo_once(master.url) == "hi"
+        assert run_wsfleet(["stop", "--pidfile", master.pidfile]).returncode == 0
+        assert gone(new)
+
+
+def test_a_new_master_that_cannot_start_leaves_the_old_one_serving(spawn, tmp_path) -> None:
+    site = installed(tmp_path)
+    (tmp_path / "app.py").write_text(VERSIONED_APP.format(version="v1"))
+    master = start(spawn, tmp_path, site, "-w", "2", "--app", "app:handler")
+    workers = master.worker_pids()
+
+    def serving_as_before() -> None:
+        assert control.read_pid(master.pidfile) == master.proc.pid
+        assert master.worker_pids() == workers
+        assert echo_once(master.url, "version?") == "v1"
+        # The new master is reaped: the old master's children are its workers again.
+        wait_for(lambda: {p.pid for p in master.proc.children()} == workers, 30, "no orphan")
+
+    with new_masters(master):
+        # Its workers cannot import the app: the new master says why, and exits.
+        (tmp_path / "app.py").write_text("def broken(:\n")
+        result = upgrade(master)
+        assert result.returncode == 1
+        (line,) = result.stderr.strip().splitlines()
+        assert f"master {master.proc.pid}: upgrade failed: cannot start: worker" in line, line
+        assert "cannot import --app app:handler: SyntaxError" in line, line
+        assert line.endswith("it goes on serving")
+        (tmp_path / "app.py").write_text(VERSIONED_APP.format(version="v1"))
+        serving_as_before()
+        # A broken build: the new master dies before it can say anything.
+        cli = site / "wsfleet" / "cli.py"
+        good = cli.read_text()
+        cli.write_text('raise RuntimeError("a broken build")\n' + good)
+        result = upgrade(master)
+        assert result.returncode == 1
+        assert "exited (exit status 1) before it was ready" in result.stderr, result.stderr
+        serving_as_before()
+        status = run_wsfleet(["status", "--pidfile", master.pidfile]).stdout
+        assert "last upgrade: failed: new master" in status
+        # Fixed: the next upgrade goes through.
+        cli.write_text(good)
+        result = upgrade(master)
+        assert result.returncode == 0, result.stderr
+        assert master.proc.popen.wait(30) == 0  # (its output pipe: the new one has it too)
+        assert echo_once(master.url, "version?") == "v1"
+
+
+def received_with_pid(notify: socket.socket) -> tuple[int, str]:
+    """One sd_notify datagram and the pid of its sender (SCM_CREDENTIALS), as systemd reads
+    it to decide whether the main process sent it (NotifyAccess=main)."""
+    data, ancillary, _, _ = notify.recvmsg(4096, socket.CMSG_SPACE(struct.calcsize("3i")))
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+            return struct.unpack("3i", payload)[0], data.decode()
+    raise AssertionError("no credentials")
+
+
+def test_sigusr2_tells_systemd_the_new_main_pid_which_keeps_the_watchdog(spawn, tmp_path) -> None:
+    site = installed(tmp_path)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(tmp_path / "notify.sock"))
+        notify.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        notify.settimeout(15)
+        env = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "400000"}
+        master = start(spawn, tmp_path, site, "-w", "2", "--drain-window", "0", env=env)
+        old = master.proc.pid
+        with new_masters(master):
+            master.proc.signal(signal.SIGUSR2)
+            said: list[tuple[int, str]] = []
+            while not any(m.startswith("MAINPID=") for pid, m in said if pid == old):
+                said.append(received_with_pid(notify))
+            new = control.read_pid(master.pidfile)
+            assert (old, f"MAINPID={new}") in said  # sent by the old (main) process
+            assert master.proc.popen.wait(30) == 0  # (its output pipe: the new one has it too)
+            # The new master pings the watchdog, every half WATCHDOG_USEC (0.2 s).
+            pings = []
+            while len(pings) < 3:
+                pid, message = received_with_pid(notify)
+                said.append((pid, message))
+                if pid == new and "WATCHDOG=1" in message.splitlines():
+                    pings.append(time.monotonic())
+            assert pings[-1] - pings[0] < 2.0
+            # Neither master said it was stopping: systemd would stop the service.
+            assert not [m for _, m in said if "STOPPING=1" in m]
+            assert run_wsfleet(["stop", "--pidfile", master.pidfile]).returncode == 0
+            stopping = False
+            while not stopping:  # the new master's last words (bounded by the timeout)
+                pid, message = received_with_pid(notify)
+                stopping = pid == new and "STOPPING=1" in message.splitlines()
+            assert gone(new)
+
+
+def test_an_upgrade_hands_over_unix_sockets_and_the_metrics_port(spawn, tmp_path) -> None:
+    site = installed(tmp_path)
+    path, metrics = tmp_path / "ws.sock", f"127.0.0.1:{harness.free_port()}"
+    args = ["-w", "2", "--drain-window", "0", "--bind", "127.0.0.1:0", "--bind", f"unix:{path}"]
+    master = start(spawn, tmp_path, site, *args, "--metrics", metrics)
+    inode = path.stat().st_ino
+    with new_masters(master):
+        master.proc.signal(signal.SIGTTIN)  # 3 slots; the configuration says 2
+        master.wait_workers(3)
+        assert upgrade(master).returncode == 0
+        new = control.read_pid(master.pidfile)
+        assert master.proc.popen.wait(30) == 0  # (its output pipe: the new one has it too)
+        # The same socket file (not one made again), kept by the old master at its exit.
+        assert path.stat().st_ino == inode
+        assert unix_echo(path) == "hi" and echo_once(master.url) == "hi"
+        body = urllib.request.urlopen(f"http://{metrics}/status.json", timeout=5).read()
+        status = json.loads(body)
+        assert status["master"]["pid"] == new
+        # The new master started the old master's 3, then went to its configuration's 2.
+        assert status["master"]["restarts_by_reason"]["upgrade"] == 3
+        wait_for(lambda: len(control.query_status(new)["workers"]) == 2, 30, "2 workers")
+        assert run_wsfleet(["stop", "--pidfile", master.pidfile]).returncode == 0
+        assert gone(new) and not path.exists()  # the new master's file now: removed
