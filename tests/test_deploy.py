@@ -1,12 +1,14 @@
 """The deployment files: the real supervisord and supervisorctl running copies of
-conf/supervisord*.conf, scripts/rolling-restart, the systemd unit's readiness notification,
-and the Kubernetes manifest's agreement with wsfleet's defaults."""
+conf/supervisord*.conf, scripts/rolling-restart, the systemd units (the service's
+notifications, the socket unit under systemd-socket-activate), and the Kubernetes manifest's
+agreement with wsfleet's defaults."""
 
 from __future__ import annotations
 
 import configparser
 import contextlib
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -23,10 +25,11 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from wsfleet import config as cfg
-from wsfleet.harness import Supervisor
+from wsfleet import control
+from wsfleet.harness import Supervisor, free_port
 
 from .helpers import ROOT, gone, wait_for
-from .test_master import Master, echo_once
+from .test_master import Master, echo_once, write_app
 
 
 @pytest.fixture
@@ -163,10 +166,7 @@ def test_supervisord_conf_numbers_agree_with_wsfleet() -> None:
 
 
 def test_systemd_unit_agrees_with_wsfleet() -> None:
-    unit = configparser.RawConfigParser(strict=False)
-    unit.optionxform = str  # type: ignore[assignment,method-assign]
-    unit.read(ROOT / "conf" / "wsfleet.service")
-    service = unit["Service"]
+    service = unit_file("wsfleet.service")["Service"]
     assert service["Type"] == "notify-reload"  # SIGHUP by systemd; RELOADING=1/READY=1 back
     assert float(service["WatchdogSec"]) >= 2  # the master's loop wakes at least every second
     assert service["KillSignal"] == "SIGTERM"
@@ -175,6 +175,52 @@ def test_systemd_unit_agrees_with_wsfleet() -> None:
     assert float(service["TimeoutStopSec"]) > cfg.drain_limit(cfg.Config(graceful_timeout=graceful))
     assert int(service["LimitNOFILE"]) >= 10_000
     assert " start " in service["ExecStart"]
+
+
+def unit_file(name: str) -> configparser.RawConfigParser:
+    unit = configparser.RawConfigParser(strict=False)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.read(ROOT / "conf" / name)
+    return unit
+
+
+def test_the_socket_unit_starts_the_services_command_on_its_socket(spawn, tmp_path) -> None:
+    """conf/wsfleet.socket with conf/wsfleet.service: the service's command line, started as
+    systemd would start it for that socket (systemd-socket-activate, on 127.0.0.1 and a free
+    port), serves the socket it is given, not the address in the service's environment."""
+    listen = unit_file("wsfleet.socket")["Socket"]
+    service = unit_file("wsfleet.service")["Service"]
+    environment = dict(item.split("=", 1) for item in service["Environment"].split())
+    assert listen["ListenStream"] == f"{environment['WSFLEET_HOST']}:{environment['WSFLEET_PORT']}"
+    assert int(listen["Backlog"]) == cfg.Config().backlog
+    command = shlex.split(service["ExecStart"])
+    assert command[0] == "/opt/wsfleet/venv/bin/wsfleet"
+    args = [arg.replace(f"/run/{service['RuntimeDirectory']}/", f"{tmp_path}/") for arg in command]
+    write_app(tmp_path, "v1")
+    port, unused = free_port(), free_port()
+    environment.update(WSFLEET_HOST="127.0.0.1", WSFLEET_PORT=str(unused))
+    proc = spawn(
+        *args[1:],
+        program=(
+            "systemd-socket-activate",
+            "-l",
+            f"127.0.0.1:{port}",
+            sys.executable,
+            "-m",
+            "wsfleet",
+        ),
+        cwd=tmp_path,
+        env=environment,
+    )
+    proc.wait_line(f"Listening on 127.0.0.1:{port} as 3")
+    assert echo_once(f"ws://127.0.0.1:{port}/", "version?", timeout=15) == "v1"
+    assert proc.wait_ready() == port
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", unused), timeout=5).close()
+    pidfile = tmp_path / "wsfleet.pid"
+    assert control.read_pid(str(pidfile)) == proc.pid
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(60) == 0
 
 
 def received_until(notify: socket.socket, line: str) -> list[str]:
