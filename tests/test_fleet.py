@@ -834,10 +834,31 @@ def test_an_upgrade_during_a_reload_closes_each_client_once() -> None:
         assert drains == [{"t": "drain", "code": 1012, "reason": "service restart"}]
 
 
-def test_a_new_master_counts_its_workers_as_upgrades_then_scales_to_its_config() -> None:
+def test_a_new_master_counts_its_workers_as_upgrades_then_scales_once_it_took_over() -> None:
     h = Harness(2, slots=3)  # the old master had 3 (TTIN); the configuration says 2
     assert h.fleet.restart_reasons["upgrade"] == 3
     h.boot()
+    assert len(h.fleet.slots) == 3  # the old master's workers still accept on slot 2 too
+    h.fleet.on_taken_over()
+    h.settle()
     assert len(h.fleet.slots) == 2
     (removed,) = [w for w in h.fleet.workers.values() if w.slot.index == 2]
     assert h.procs.sent_to(removed) == [{"t": "drain", "code": 1001, "reason": "going away"}]
+
+
+def test_no_scaling_while_a_new_master_starts_on_the_handed_slots() -> None:
+    h, _ = upgrading()
+    h.fleet.scale(3)
+    h.fleet.scale(1)
+    h.settle()
+    assert len(h.fleet.slots) == 2 and len(h.procs.forked) == 2
+    h.fleet.on_new_master_failed("no")
+    h.fleet.scale(3)  # once it failed, the fleet is this master's again
+    assert len(h.fleet.slots) == 3
+
+
+def test_an_immediate_shutdown_quits_a_starting_new_master() -> None:
+    h, new_master = upgrading()
+    h.fleet.stop(graceful=False)
+    assert (new_master, signal.SIGQUIT) in h.procs.signals
+    assert h.fleet.upgrade is not None and h.fleet.upgrade.state is UpgradeState.FAILED

@@ -17,12 +17,16 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
 from wsfleet import control, harness
 from wsfleet.loadtest import Load
 
 from .helpers import ROOT, gone, run_wsfleet, wait_for
 from .test_binds import unix_echo
-from .test_master import VERSIONED_APP, Master, echo_once
+from .test_master import VERSIONED_APP, Master, echo_once, write_app
 
 
 def installed(tmp_path: Path) -> Path:
@@ -193,14 +197,24 @@ def test_sigusr2_tells_systemd_the_new_main_pid_which_keeps_the_watchdog(spawn, 
 def test_an_upgrade_hands_over_unix_sockets_and_the_metrics_port(spawn, tmp_path) -> None:
     site = installed(tmp_path)
     path, metrics = tmp_path / "ws.sock", f"127.0.0.1:{harness.free_port()}"
-    args = ["-w", "2", "--drain-window", "0", "--bind", "127.0.0.1:0", "--bind", f"unix:{path}"]
+    args = ["-w", "2", "--drain-window", "3", "--bind", "127.0.0.1:0", "--bind", f"unix:{path}"]
     master = start(spawn, tmp_path, site, *args, "--metrics", metrics)
     inode = path.stat().st_ino
     with new_masters(master):
         master.proc.signal(signal.SIGTTIN)  # 3 slots; the configuration says 2
         master.wait_workers(3)
-        assert upgrade(master).returncode == 0
-        new = control.read_pid(master.pidfile)
+        with contextlib.ExitStack() as stack:
+            kept = [stack.enter_context(connect(master.url, open_timeout=5)) for _ in range(6)]
+            assert upgrade(master).returncode == 0
+            new = control.read_pid(master.pidfile)
+            # The old master answers its status while its workers close (metrics handed).
+            old = control.query_status(master.proc.pid)["master"]
+            assert old["last_upgrade"] == f"done: master {new} serves"
+            assert (old["state"], old["metrics"]) == ("stopping", f"http://{metrics}/")
+            for ws in kept:
+                with pytest.raises(ConnectionClosed) as closed:
+                    ws.recv(timeout=10)
+                assert closed.value.rcvd is not None and closed.value.rcvd.code == 1012
         assert master.proc.popen.wait(30) == 0  # (its output pipe: the new one has it too)
         # The same socket file (not one made again), kept by the old master at its exit.
         assert path.stat().st_ino == inode
@@ -213,3 +227,42 @@ def test_an_upgrade_hands_over_unix_sockets_and_the_metrics_port(spawn, tmp_path
         wait_for(lambda: len(control.query_status(new)["workers"]) == 2, 30, "2 workers")
         assert run_wsfleet(["stop", "--pidfile", master.pidfile]).returncode == 0
         assert gone(new) and not path.exists()  # the new master's file now: removed
+
+
+def test_a_new_master_whose_old_one_dies_takes_over_by_itself(spawn, tmp_path) -> None:
+    """kill -9 of the old master while the new one starts: the new one serves, the pidfile
+    names it, and its own files are its to remove; the old workers drain by themselves."""
+    site = installed(tmp_path)
+    write_app(tmp_path, "v1")
+    master = start(spawn, tmp_path, site, "-w", "2", "--app", "app:handler")
+    old_workers = master.worker_pids()
+    (tmp_path / "app.py").write_text(SLOW_APP)  # the new workers wait for "go" to import it
+    with new_masters(master):
+        master.proc.signal(signal.SIGUSR2)
+        new = int(master.proc.wait_line(r"upgrade: new master (\d+) starting").group(1))
+        wait_for(lambda: (tmp_path / "importing").exists(), 30, "the new workers to import")
+        master.proc.signal(signal.SIGKILL)
+        master.proc.popen.wait(10)
+        (tmp_path / "go").write_text("")  # the new workers' import goes on
+        wait_for(lambda: control.read_pid(master.pidfile) == new, 30, "the pidfile to name it")
+        assert echo_once(master.url, "version?") == "v2-slow"
+        wait_for(lambda: all(gone(pid) for pid in old_workers), 30, "the old workers to go")
+        assert run_wsfleet(["stop", "--pidfile", master.pidfile]).returncode == 0
+        assert gone(new) and not Path(master.pidfile).exists()
+
+
+SLOW_APP = """
+import os, pathlib, time
+
+pathlib.Path("importing").write_text(str(os.getpid()))
+for _ in range(3000):  # until the test says go (30 s at most)
+    if pathlib.Path("go").exists():
+        break
+    time.sleep(0.01)
+VERSION = "v2-slow"
+
+
+async def handler(websocket):
+    async for message in websocket:
+        await websocket.send(VERSION if message == "version?" else message)
+"""

@@ -504,7 +504,6 @@ class Fleet:
             self.state = MasterState.RUNNING
             log.info("all %d workers ready", len(self.slots))
             self.processes.all_ready()
-            self.scale(self.config.workers)  # after an upgrade: the old master's count first
         # A restart done, failed or given up: what it held closes now, once. Not before every
         # held worker has said it stopped accepting: a client closed by one must not
         # reconnect to another that still accepts (the last slot's is told at the same time).
@@ -588,6 +587,10 @@ class Fleet:
         count = max(1, count)
         if count == len(self.slots) or self.state is MasterState.STOPPING:
             return
+        if self.upgrade is not None and self.upgrade.state is UpgradeState.STARTING:
+            # The new master starts with the slots handed to it: none added or dropped now.
+            log.warning("not scaling to %d workers: an upgrade is in progress", count)
+            return
         log.info("scaling from %d to %d workers", len(self.slots), count)
         while len(self.slots) < count:
             slot = Slot(len(self.slots), self.processes.open_slot(len(self.slots)))
@@ -611,12 +614,15 @@ class Fleet:
 
     def stop(self, graceful: bool) -> None:
         """Graceful: every worker drains with 1001 (SIGTERM). Else: QUIT now, then SIGKILL.
-        A new master still starting (an upgrade) is stopped too: nothing is left behind."""
+        A new master still starting (an upgrade) is stopped too, the same way: nothing is
+        left behind."""
         first = self.state is not MasterState.STOPPING
         self.stop_serving("shutdown")
-        if self.upgrade is not None and self.upgrade.state is UpgradeState.STARTING:
-            self.last_upgrade = "stopped by shutdown"
-            self.stop_new_master()
+        upgrade = self.upgrade
+        if upgrade is not None and upgrade.state in (UpgradeState.STARTING, UpgradeState.FAILED):
+            if upgrade.state is UpgradeState.STARTING:
+                self.last_upgrade = "stopped by shutdown"
+            self.stop_new_master(signal.SIGTERM if graceful else signal.SIGQUIT)
         for worker in list(self.workers.values()):
             if graceful and worker.state in LIVE:
                 self.set_state(worker, WorkerState.DRAINING)
@@ -701,6 +707,11 @@ class Fleet:
                 self.drain(worker, 1012, "service restart")
         self.close_listeners()
 
+    def on_taken_over(self) -> None:
+        """In an upgrade's new master: the old master handed over (or is gone). It started
+        as many workers as the old master had; now, as many as its configuration says."""
+        self.scale(self.config.workers)
+
     def on_new_master_failed(self, reason: str) -> None:
         """The new master said why it cannot start (it exits by itself)."""
         upgrade = self.upgrade
@@ -715,10 +726,10 @@ class Fleet:
         log.error("upgrade %s: stopping it; serving on", self.last_upgrade)
         self.stop_new_master()
 
-    def stop_new_master(self) -> None:
+    def stop_new_master(self, sig: signal.Signals = signal.SIGTERM) -> None:
         assert self.upgrade is not None
         self.upgrade.state, self.upgrade.since = UpgradeState.FAILED, self.clock()
-        self.processes.signal(self.upgrade.pid, signal.SIGTERM)
+        self.processes.signal(self.upgrade.pid, sig)
 
     def kill_new_master(self, upgrade: Upgrade) -> None:
         log.error("upgrade: new master %d did not exit: killing it", upgrade.pid)
@@ -804,6 +815,16 @@ def backoff(crashes: int) -> float:
     return delay * random.uniform(0.75, 1.25)
 
 
+@dataclass
+class NewMaster:
+    """The old master's pipes with an upgrade's new master (wsfleet/upgrade.py)."""
+
+    pid: int
+    says: int | None  # read end: "listening on ..." once ready, or "failed N reason"
+    handed: int | None  # write end: "ok" once this master hands over
+    said: bytes = b""
+
+
 class Arbiter:
     """The master process: the fleet's I/O, driven from one selector loop."""
 
@@ -837,8 +858,8 @@ class Arbiter:
         self.watchdog_due = time.monotonic()
         self.pidfile: control.Pidfile | None = None
         self.handoff: upgrade.Handoff | None = None  # this master is an upgrade's new one
-        self.new_master_pipe: int | None = None  # where a new master says it is ready
-        self.new_master_said = b""
+        self.new_master: NewMaster | None = None  # an upgrade's new master, started by this one
+        self.metrics_url: str | None = None
         self._wake_r, self._wake_w = os.pipe()
 
     # Start-up and the main loop
@@ -863,11 +884,14 @@ class Arbiter:
             self.status_server = control.listen_status(os.getpid())
             if self.status_server is not None:
                 self.selector.register(self.status_server, selectors.EVENT_READ, "status")
-            metrics_port = handoff.metrics if handoff is not None else None
-            if self.config.metrics:
-                self.open_web(metrics_port or self.bind_web(self.config.metrics))
-            elif metrics_port is not None:
-                metrics_port.close()
+            if handoff is not None and handoff.handed_fd is not None:
+                self.selector.register(handoff.handed_fd, selectors.EVENT_READ, "old master")
+            if handoff is not None and not self.config.metrics and handoff.metrics is not None:
+                handoff.metrics.close()
+                handoff.metrics = None
+            if self.config.metrics and (handoff is None or handoff.metrics is None):
+                self.open_web(self.bind_web(self.config.metrics))
+            # (A handed-over port is served once the old master has handed over: take_over.)
             self.events_handler = _Events(self.events)
             log.addHandler(self.events_handler)
             log.info(
@@ -959,7 +983,8 @@ class Arbiter:
             "/": web.status_page,
         }
         self.web = web.WebServer(sock, routes, self.selector)
-        log.info("metrics and status page on http://%s/", sockets.sock_address(sock))
+        self.metrics_url = f"http://{sockets.sock_address(sock)}/"
+        log.info("metrics and status page on %s", self.metrics_url)
 
     def urls(self) -> list[str]:
         return [cfg.url(self.config, str(address)) for address in self.listening]
@@ -986,7 +1011,9 @@ class Arbiter:
             elif key.data == "status":
                 self.guarded("a status request", self.on_status_request)
             elif key.data == "new master":
-                self.guarded("the new master's word", self.on_new_master_says)
+                self.guarded("the new master's word", self.read_new_master)
+            elif key.data == "old master":
+                self.guarded("the old master's word", self.on_old_master_says)
             elif (worker := self.fleet.workers.get(key.data)) is not None:
                 self.guarded(
                     f"worker {worker.pid}'s messages", lambda w=worker: self.on_messages(w)
@@ -1139,6 +1166,10 @@ class Arbiter:
             if pid == 0:
                 return
             worker = self.fleet.workers.get(pid)
+            if self.new_master is not None and self.new_master.pid == pid:
+                # What it said (why it failed) comes before its exit; a "ready" from a dead
+                # master is not taken.
+                self.guarded("the new master's word", lambda: self.read_new_master(exited=True))
             if worker is not None:
                 # What it said last (its final counts, say) may still wait in the channel.
                 self.guarded(f"worker {pid}'s messages", lambda w=worker: self.on_messages(w))
@@ -1147,6 +1178,8 @@ class Arbiter:
                 worker.channel.close()
             code = os.waitstatus_to_exitcode(status)
             self.guarded(f"worker {pid}'s exit", functools.partial(self.fleet.on_exit, pid, code))
+            if self.new_master is not None and self.new_master.pid == pid:
+                self.close_new_master()
 
     # The Processes the fleet uses
 
@@ -1203,18 +1236,18 @@ class Arbiter:
         return channel.send(worker.channel, message, fds)
 
     def all_ready(self) -> None:
-        if self.handoff is not None:  # this master takes over: the files are its now
-            upgrade.take_files(self.handoff)
-            if self.pidfile is not None:
-                self.pidfile.claim()  # before the old master hears it: the file names us
         for url in self.urls():
             print(control.ready_line(url), file=sys.stderr, flush=True)
-        control.notify_ready(self.urls())
+        control.notify_ready(self.urls())  # (an upgrade's new master: to the old master)
+
+    # Upgrading: the old master's side
 
     def start_master(self) -> int:
         """Start a new master from the installed code, handing it every socket, the pidfile
-        and a pipe to say when it is ready on (wsfleet/upgrade.py)."""
-        read_end, write_end = os.pipe()
+        and two pipes: one it says on when it is ready (or why it failed), one this master
+        says on that it handed over (wsfleet/upgrade.py)."""
+        says_r, says_w = os.pipe()
+        handed_r, handed_w = os.pipe()
         pidfile = self.pidfile
         handoff = upgrade.Handoff(
             old_pid=os.getpid(),
@@ -1225,51 +1258,121 @@ class Arbiter:
             metrics=self.web.sock if self.web is not None else None,
             pidfile=pidfile.path if pidfile is not None else None,
             pidfile_fd=pidfile.fd if pidfile is not None else None,
-            ready_fd=write_end,
+            ready_fd=says_w,
+            handed_fd=handed_r,
         )
         try:
             pid = upgrade.start(handoff, HANDLED_SIGNALS)
         except BaseException:
-            os.close(read_end)
+            os.close(says_r)
+            os.close(handed_w)
             raise
         finally:
-            os.close(write_end)
-        os.set_blocking(read_end, False)
-        self.new_master_pipe, self.new_master_said = read_end, b""
-        self.selector.register(read_end, selectors.EVENT_READ, "new master")
+            os.close(says_w)
+            os.close(handed_r)
+        os.set_blocking(says_r, False)
+        self.new_master = NewMaster(pid, says_r, handed_w)
+        self.selector.register(says_r, selectors.EVENT_READ, "new master")
         return pid
 
-    def on_new_master_says(self) -> None:
-        """Read the new master's pipe; at its end (the new master closes it once ready, or
-        when it fails) tell the fleet what it said. Said nothing: its exit tells why."""
-        assert self.new_master_pipe is not None
-        try:
-            data = os.read(self.new_master_pipe, 4096)
-        except BlockingIOError:
+    def read_new_master(self, exited: bool = False) -> None:
+        """Read what the new master says; at the end of it (it closes the pipe once ready,
+        or when it fails) tell the fleet. Said nothing: its exit tells why. Called with
+        exited when it was reaped: a "ready" it said before dying is not taken."""
+        new = self.new_master
+        if new is None or new.says is None:
             return
-        self.new_master_said += data
-        if data:
-            return
-        self.selector.unregister(self.new_master_pipe)
-        os.close(self.new_master_pipe)
-        self.new_master_pipe = None
-        line = self.new_master_said.decode(errors="replace").partition("\n")[0]
-        if control.LISTENING.match(line):
+        while True:
+            try:
+                data = os.read(new.says, 4096)
+            except BlockingIOError:
+                return
+            if not data:
+                break
+            new.said += data
+        self.selector.unregister(new.says)
+        os.close(new.says)
+        new.says = None
+        line = new.said.decode(errors="replace").partition("\n")[0]
+        # Not reaped yet is not alive: it could have died right after saying it was ready.
+        dead = exited or os.waitid(os.P_PID, new.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        if control.LISTENING.match(line) and not dead:
             self.fleet.on_new_master_ready()
         elif failed := control.FAILED.match(line):
             self.fleet.on_new_master_failed(failed.group(2))
 
     def hand_over(self, pid: int) -> None:
-        """The new master serves. It wrote its pid in the pidfile and holds its lock (the
-        same open file): let go of it, leaving the file. systemd is told the new main pid
-        (NotifyAccess=main listens to this master until then). The --metrics port stops
-        taking requests here; those in progress are answered."""
+        """The new master serves: write its pid in the pidfile (it holds the lock too, by
+        the same open file) and let go of the file; tell the new master (which then counts
+        the pidfile and the Unix sockets' files as its own, to remove at exit) and systemd
+        (NotifyAccess=main listens to this master until told MAINPID=). The --metrics port
+        stops taking requests here; those in progress are answered."""
         if self.pidfile is not None:
+            self.pidfile.claim(pid)
             self.pidfile.release()
             self.pidfile = None
+        new = self.new_master
+        if new is not None and new.handed is not None:
+            with contextlib.suppress(OSError):
+                os.write(new.handed, b"ok\n")
+            os.close(new.handed)
+            new.handed = None
         control.sd_notify(f"MAINPID={pid}")
         if self.web is not None:
             self.web.stop_listening()
+
+    def upgrade_fds(self) -> list[int]:
+        """The descriptors of an upgrade in progress, which a forked worker must not keep
+        (a pipe's end held by a worker would hide its closing)."""
+        fds = []
+        if self.new_master is not None:
+            fds += [fd for fd in (self.new_master.says, self.new_master.handed) if fd is not None]
+        if self.handoff is not None:
+            fds += [self.handoff.handed_fd] if self.handoff.handed_fd is not None else []
+            fds += [self.handoff.metrics.fileno()] if self.handoff.metrics is not None else []
+        return fds
+
+    def close_new_master(self) -> None:
+        """The new master is gone (or this one exits): close what is left of the pipes."""
+        new, self.new_master = self.new_master, None
+        if new is not None:
+            if new.says is not None:
+                self.selector.unregister(new.says)
+                os.close(new.says)
+            if new.handed is not None:
+                os.close(new.handed)
+
+    # Upgrading: the new master's side
+
+    def on_old_master_says(self) -> None:
+        """The old master handed over ("ok"), or it closed the pipe without a word: it gave
+        up on this master (which it is stopping), or it died (this master is the only one
+        left: it takes over)."""
+        handoff = self.handoff
+        assert handoff is not None and handoff.handed_fd is not None
+        try:
+            data = os.read(handoff.handed_fd, 16)
+        except BlockingIOError:
+            return
+        self.selector.unregister(handoff.handed_fd)
+        os.close(handoff.handed_fd)
+        handoff.handed_fd = None
+        if data.startswith(b"ok") or not control.is_master(handoff.old_pid):
+            self.take_over()
+
+    def take_over(self) -> None:
+        """This master is the fleet's now: the pidfile names it, the Unix sockets' files are
+        its to remove at exit, it serves the --metrics port, and it runs as many workers as
+        its configuration says (it started as many as the old master had)."""
+        assert self.handoff is not None
+        log.info("took over from master %d", self.handoff.old_pid)
+        if self.pidfile is not None:
+            self.pidfile.claim()
+        upgrade.take_files(self.handoff)
+        if self.handoff.metrics is not None:
+            self.open_web(self.handoff.metrics)
+            self.handoff.metrics = None
+        self.fleet.on_taken_over()
 
     # Inside a new worker
 
@@ -1297,8 +1400,8 @@ class Arbiter:
             self.web.close_in_child()
         if self.pidfile is not None:
             self.pidfile.close_in_child()
-        if self.new_master_pipe is not None:
-            os.close(self.new_master_pipe)
+        for fd in self.upgrade_fds():
+            os.close(fd)
         control.set_ready_fd(None)
 
     def run_worker(self, slot: Slot, worker_end: socket.socket) -> int:
@@ -1337,8 +1440,10 @@ class Arbiter:
             self.close_slot(slot)
         for listener in self.shared:
             listener.close(remove=not self.fleet.handed_over)  # the new master's now
-        if self.new_master_pipe is not None:
-            os.close(self.new_master_pipe)
+        upgrade_ = self.fleet.upgrade
+        if upgrade_ is not None and upgrade_.state is UpgradeState.STARTING:
+            self.signal(upgrade_.pid, signal.SIGTERM)  # an error path: leave no new master
+        self.close_new_master()
         if self.status_server is not None:
             self.status_server.close()
         if self.web is not None:
@@ -1357,8 +1462,8 @@ class Arbiter:
         status["master"]["age"] = round(time.time() - self.started, 1)
         status["master"]["version"] = __version__
         status["master"]["addresses"] = self.urls()
-        if self.web is not None:
-            status["master"]["metrics"] = f"http://{sockets.sock_address(self.web.sock)}/"
+        if self.metrics_url is not None:
+            status["master"]["metrics"] = self.metrics_url
         status["events"] = list(self.events)
         return status
 

@@ -383,7 +383,7 @@ def run_master(config: cfg.Config, args: argparse.Namespace) -> int:
         fail(f"cannot start: {exc}", exc.status)
     except sockets.ListenError as exc:
         fail(str(exc), EXIT_RUNTIME)
-    except control.ControlError as exc:
+    except (control.ControlError, upgrade.HandoffError) as exc:
         fail(str(exc), EXIT_RUNTIME)
     except OSError as exc:  # the status socket, say
         fail(f"cannot start: {exc}", EXIT_RUNTIME)

@@ -110,12 +110,12 @@ class Pidfile:
             ) from None
         self.claim()
 
-    def claim(self) -> None:
-        """Write this process's pid, in one write that pads over a longer pid (so that a
-        reader never sees an empty file, or the end of the previous pid)."""
+    def claim(self, pid: int | None = None) -> None:
+        """Write this process's pid (or an upgrade's new master's), in one write that pads
+        over a longer pid (a reader never sees an empty file, or the end of an old pid)."""
         size = os.fstat(self.fd).st_size
-        os.pwrite(self.fd, f"{os.getpid()}".ljust(size - 1).encode() + b"\n", 0)
-        self.claimed = True
+        os.pwrite(self.fd, f"{pid or os.getpid()}".ljust(size - 1).encode() + b"\n", 0)
+        self.claimed = pid is None
 
     def release(self) -> None:
         """Let go, leaving the file: an upgrade's new master wrote its pid there and holds
@@ -131,7 +131,7 @@ class Pidfile:
         master that never served leaves the file to the old one.)"""
         with contextlib.suppress(OSError):
             ours = os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(self.fd).st_ino
-            if ours and self.claimed:
+            if ours and self.claimed and os.pread(self.fd, 16, 0).split() == [b"%d" % os.getpid()]:
                 os.unlink(self.path)
         os.close(self.fd)
 
@@ -276,10 +276,10 @@ def format_status(status: dict[str, Any]) -> str:
     notes = [
         f"connections: as each worker last reported (every {master['heartbeat_interval']:g}s)",
         f"last rolling restart: {master['last_restart']}",
-        f"last upgrade: {master['last_upgrade']}",
+        f"last upgrade: {master.get('last_upgrade', 'not supported')}",
     ]
     body = "\n".join(line.rstrip() for line in lines)
-    head = f"wsfleet {master['version']}, {', '.join(master['addresses'])}"
+    head = f"wsfleet {master.get('version', 'unknown version')}, {', '.join(master['addresses'])}"
     return f"{head}\n{body}\n" + "\n".join(notes)
 
 
@@ -357,7 +357,12 @@ def upgrade(path: str, timeout: float = 300.0) -> str:
     """SIGUSR2, then wait until a new master from the installed code serves (the pidfile
     names it) or the old one says why not (raised: it goes on serving)."""
     pid = master_pid(path)
-    asked = query_status(pid)["master"]["upgrades"] + 1
+    before = query_status(pid)["master"]
+    if "upgrades" not in before:  # SIGUSR2 would end it (the signal's default action)
+        raise ControlError(
+            f"master {pid} runs a wsfleet that cannot be upgraded in place: restart it once"
+        )
+    asked = before["upgrades"] + 1
     signal_master(pid, signal.SIGUSR2)
     deadline = time.monotonic() + timeout
     outcome = None

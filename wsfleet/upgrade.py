@@ -11,14 +11,19 @@ on disk now, as with nginx's and gunicorn's binary upgrade. What it hands over:
   connection queued on a slot's socket is accepted by whichever worker, old or new, takes it,
   so no connection attempt meets a closed port;
 - its pidfile's descriptor, whose lock (flock belongs to the open file, which both share) the
-  new master then holds even if the old one dies; the new master writes its pid once ready;
+  new master then holds even if the old one dies;
 - a pipe on which the new master says it is ready, or why it failed: the lines a --daemon
-  master writes to its waiting command (control.notify_ready, control.notify_failure).
+  master writes to its waiting command (control.notify_ready, control.notify_failure);
+- a pipe on which the old master says "ok" once it has handed over: only then does the new
+  master count the pidfile and the Unix sockets' files as its own (to remove at exit), serve
+  the --metrics port and go to its configuration's number of workers. Until then the old
+  master may still give up on it (too slow, a shutdown) and go on serving.
 
-The old master decides what follows (arbiter.Fleet): on "ready" its workers stop accepting,
-close their connections with 1012 over the drain window, and it exits; on a failure, an exit,
-or no word within ``config.upgrade_limit`` it keeps serving, and the new master (stopped, if
-still running) is reaped.
+The old master decides what follows (arbiter.Fleet): on "ready" it writes the new master's
+pid in the pidfile, says "ok", its workers stop accepting and close their connections with
+1012 over the drain window, and it exits; on a failure, an exit, or no word within
+``config.upgrade_limit`` it keeps serving, and the new master (stopped, if still running) is
+reaped. A new master whose old one dies before deciding takes over by itself.
 """
 
 from __future__ import annotations
@@ -38,6 +43,10 @@ from . import sockets
 ENV = "WSFLEET_UPGRADE"
 
 
+class HandoffError(ValueError):
+    """WSFLEET_UPGRADE does not say what an old master hands over (exit 1)."""
+
+
 @dataclass
 class Handoff:
     """What an old master hands over: every socket, and what it is for."""
@@ -53,7 +62,8 @@ class Handoff:
     metrics: socket.socket | None = None
     pidfile: str | None = None
     pidfile_fd: int | None = None
-    ready_fd: int | None = None  # the new master's end of the pipe
+    ready_fd: int | None = None  # where the new master says it is ready, or why it failed
+    handed_fd: int | None = None  # where the old master says "ok" once it has handed over
 
 
 def describe(handoff: Handoff) -> tuple[str, list[int], int]:
@@ -64,7 +74,7 @@ def describe(handoff: Handoff) -> tuple[str, list[int], int]:
     if handoff.metrics is not None:
         listening.append(handoff.metrics)
     fds = [s.fileno() for s in listening]
-    extra = [fd for fd in (handoff.pidfile_fd, handoff.ready_fd) if fd is not None]
+    extra = [fd for fd in (handoff.pidfile_fd, handoff.ready_fd, handoff.handed_fd) if fd]
     start = sockets.LISTEN_FDS_START + len(fds)
     where = dict(zip(extra, range(start, start + len(extra)), strict=True))
     text = json.dumps(
@@ -78,6 +88,7 @@ def describe(handoff: Handoff) -> tuple[str, list[int], int]:
             "pidfile": handoff.pidfile,
             "pidfile_fd": where.get(handoff.pidfile_fd),  # type: ignore[arg-type]
             "ready_fd": where.get(handoff.ready_fd),  # type: ignore[arg-type]
+            "handed_fd": where.get(handoff.handed_fd),  # type: ignore[arg-type]
         }
     )
     return text, fds + extra, len(fds)
@@ -139,7 +150,7 @@ def ready_fd() -> int | None:
 def take_over() -> Handoff | None:
     """In a new master: what the old master handed over (None when not an upgrade). The
     variables are removed, so that nothing this master starts takes them for its own.
-    ValueError if they do not say what they should."""
+    HandoffError if they do not say what they should."""
     text = os.environ.pop(ENV, None)
     if text is None:
         return None
@@ -159,18 +170,19 @@ def take_over() -> Handoff | None:
             pidfile=info["pidfile"],
             pidfile_fd=info["pidfile_fd"],
             ready_fd=info["ready_fd"],
+            handed_fd=info["handed_fd"],
         )
     except (KeyError, TypeError, ValueError) as exc:
         for sock in passed:
             sock.close()
-        raise ValueError(f"{ENV}: not what an old master hands over ({exc})") from None
+        raise HandoffError(f"{ENV}: not what an old master hands over ({exc})") from None
     rest = passed[slots * len(per_slot) :]
     for sock, (path, inode) in zip(rest, shared_info, strict=False):
         handoff.shared.append(sockets.SharedListener(sock))  # no file of its own yet
         handoff.files.append((path, inode))
     if metrics:
         handoff.metrics = rest[-1]
-    for fd in (handoff.pidfile_fd, handoff.ready_fd):
+    for fd in (handoff.pidfile_fd, handoff.ready_fd, handoff.handed_fd):
         if fd is not None:
             os.set_inheritable(fd, False)
     return handoff
