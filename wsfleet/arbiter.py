@@ -593,7 +593,12 @@ class Fleet:
             return
         log.info("scaling from %d to %d workers", len(self.slots), count)
         while len(self.slots) < count:
-            slot = Slot(len(self.slots), self.processes.open_slot(len(self.slots)))
+            try:
+                opened = self.processes.open_slot(len(self.slots))
+            except OSError as exc:  # (a port bound by another user: SO_REUSEPORT refuses)
+                log.error("cannot add a worker: %s", exc)
+                break
+            slot = Slot(len(self.slots), opened)
             self.slots.append(slot)
             self.restart_reasons["scale"] += 1
             self.spawn(slot)

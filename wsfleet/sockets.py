@@ -243,6 +243,8 @@ def listen_fds() -> list[socket.socket]:
 def address_of(sock: socket.socket) -> Address:
     """The Address a listening socket is bound to: host and port, or a Unix socket's path."""
     name = sock.getsockname()
+    if isinstance(name, bytes):  # an abstract Unix socket (systemd's ListenStream=@NAME)
+        return Address(path="@" + name[1:].decode(errors="replace"))
     if isinstance(name, str):
         return Address(path=name)
     return Address(str(name[0]), int(name[1]))
