@@ -113,6 +113,20 @@ def _add_control_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="TOML file whose pidfile to use")
 
 
+def _add_timeout(
+    parser: argparse.ArgumentParser, default: float, text: str, kind: str = "timeout"
+) -> None:
+    """A control command's --timeout: how long it waits for the master (parsed as the
+    option ``kind``: stop's may be 0)."""
+    parser.add_argument(
+        "--timeout",
+        type=_option_type(kind),
+        default=default,
+        metavar="S",
+        help=f"{text} (default: {default:g})",
+    )
+
+
 def _positive(kind: type) -> Any:
     def convert(text: str) -> Any:
         try:
@@ -164,13 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
         "stop", help="stop the master gracefully and wait until it has exited"
     )
     _add_control_options(stop)
-    stop.add_argument(
-        "--timeout",
-        type=_option_type("graceful_timeout"),
-        default=60.0,
-        metavar="S",
-        help="how long to wait for the master to exit (default: 60)",
-    )
+    _add_timeout(stop, 60.0, "how long to wait for the master to exit", "graceful_timeout")
     bench = commands.add_parser(
         "bench",
         help="measure an echo server: messages/s and round-trip times (wsfleet bench URL); "
@@ -240,14 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="return once the rolling restart is over: exit 0 when every worker runs the new "
         "code, 1 with the reason when it stopped",
     )
-    reload.add_argument(
-        "--timeout",
-        type=_option_type("timeout"),
-        default=300.0,
-        metavar="S",
-        help="with --wait, how long to wait (default: 300)",
-    )
-    upgrade = commands.add_parser(
+    _add_timeout(reload, 300.0, "with --wait, how long to wait")
+    upgrading = commands.add_parser(
         "upgrade",
         help="upgrade wsfleet itself (SIGUSR2): a new master from the installed code takes "
         "over the sockets",
@@ -257,14 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
         "and the old master exits. Waits and says how it went: exit 0 once the new master "
         "serves, 1 with the reason when it could not start (the old master goes on serving).",
     )
-    _add_control_options(upgrade)
-    upgrade.add_argument(
-        "--timeout",
-        type=_option_type("timeout"),
-        default=300.0,
-        metavar="S",
-        help="how long to wait (default: 300)",
-    )
+    _add_control_options(upgrading)
+    _add_timeout(upgrading, 300.0, "how long to wait")
     status = commands.add_parser("status", help="show the master and its workers")
     _add_control_options(status)
     status.add_argument("--json", action="store_true", help="print the status as JSON")
