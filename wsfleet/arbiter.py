@@ -874,7 +874,7 @@ class Arbiter:
         sockets.AddressInUse or control.ControlError if the master cannot start."""
         try:
             self.handoff = handoff = upgrade.take_over()
-            if handoff is not None:  # the lock comes with the descriptor; the pid when ready
+            if handoff is not None:  # the lock comes with the descriptor; the file, once handed
                 control.set_ready_fd(handoff.ready_fd)
                 if handoff.pidfile is not None and handoff.pidfile_fd is not None:
                     self.pidfile = control.Pidfile(handoff.pidfile, handoff.pidfile_fd)

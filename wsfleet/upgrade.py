@@ -68,13 +68,14 @@ class Handoff:
 
 def describe(handoff: Handoff) -> tuple[str, list[int], int]:
     """The WSFLEET_UPGRADE value, the descriptors to pass from 3 on, in that order (the
-    listening sockets, then the pidfile's, then the ready pipe's), and LISTEN_FDS: how many
-    of them are listening sockets."""
+    listening sockets, then the pidfile's and the two pipes'), and LISTEN_FDS: how many of
+    them are listening sockets."""
     listening = [s for slot in handoff.slots for s in slot] + [s.sock for s in handoff.shared]
     if handoff.metrics is not None:
         listening.append(handoff.metrics)
     fds = [s.fileno() for s in listening]
-    extra = [fd for fd in (handoff.pidfile_fd, handoff.ready_fd, handoff.handed_fd) if fd]
+    extra = [fd for fd in (handoff.pidfile_fd, handoff.ready_fd, handoff.handed_fd)]
+    extra = [fd for fd in extra if fd is not None]
     start = sockets.LISTEN_FDS_START + len(fds)
     where = dict(zip(extra, range(start, start + len(extra)), strict=True))
     text = json.dumps(
