@@ -22,6 +22,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from wsfleet import control, harness
+from wsfleet.control import READY
 from wsfleet.loadtest import Load
 
 from .helpers import ROOT, gone, run_wsfleet, wait_for
@@ -266,3 +267,28 @@ async def handler(websocket):
     async for message in websocket:
         await websocket.send(VERSION if message == "version?" else message)
 """
+
+
+def test_a_daemon_master_upgrades_into_a_daemon(tmp_path: Path) -> None:
+    """--daemon: the new master does not detach again (the old one is detached already); it
+    serves on the same port, picked by the kernel (--port 0) for the old one."""
+    pidfile, log = tmp_path / "d.pid", tmp_path / "d.log"
+    args = ["start", "--daemon", "-w", "2", "--port", "0", "--pidfile", str(pidfile)]
+    started = run_wsfleet([*args, "--log-file", str(log)])
+    old = int(pidfile.read_text()) if pidfile.exists() else None
+    new = None
+    try:
+        assert started.returncode == 0, started.stderr
+        url = f"ws://127.0.0.1:{READY.search(started.stderr).group(2)}/"  # type: ignore[union-attr]
+        result = run_wsfleet(["upgrade", "--pidfile", str(pidfile)], timeout=120)
+        assert result.returncode == 0, result.stderr
+        new = control.read_pid(str(pidfile))
+        assert new != old and control.query_status(new)["master"]["state"] == "running"
+        wait_for(lambda: gone(old), 30, "the old master")  # type: ignore[arg-type]
+        assert echo_once(url) == "hi"
+        assert run_wsfleet(["stop", "--pidfile", str(pidfile)]).returncode == 0
+        assert f"took over from master {old}" in log.read_text()
+    finally:
+        for pid in (old, new):
+            if pid is not None:
+                harness.end(pid)
