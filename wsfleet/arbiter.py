@@ -124,7 +124,19 @@ class Worker:
     connections: int = 0
     error: str | None = None  # why it could not start, as it said
     counts_refused: bool = False  # its --metrics counts were malformed (said once)
-    drain_limit: float = 0.0  # from the configuration it was forked with (config.drain_limit)
+    # Its drain's deadline: from the configuration it was forked with, the closes' duration
+    # it reported (None: the whole drain window), and when it was told to hurry.
+    config: cfg.Config | None = None
+    paced: float | None = None
+    hurried: float | None = None
+
+    def drain_deadline(self) -> float:
+        """When a draining worker is killed (see config.drain_limit and hurry_limit)."""
+        assert self.config is not None
+        deadline = self.since + cfg.drain_limit(self.config, self.paced)
+        if self.hurried is not None:
+            deadline = min(deadline, self.hurried + cfg.hurry_limit())
+        return deadline
 
 
 @dataclass(eq=False)
@@ -256,7 +268,7 @@ class Fleet:
             born_wall=time.time(),
             since=now,
             last_seen=now,
-            drain_limit=cfg.drain_limit(self.config),
+            config=self.config,
         )
         self.workers[pid] = worker
         if replacement:
@@ -297,8 +309,11 @@ class Fleet:
             self.on_ready(worker)
         elif kind == "held" and worker.state is WorkerState.HOLDING:
             self.set_state(worker, WorkerState.HELD)
-        elif kind == "draining" and worker.state in LIVE:
-            self.on_retiring(worker)
+        elif kind == "draining":
+            if worker.state in LIVE:
+                self.on_retiring(worker)
+            if worker.state is WorkerState.DRAINING and "over" in message:
+                worker.paced = float(message["over"])  # its closes end then: the deadline too
 
     def on_retiring(self, worker: Worker) -> None:
         """A worker drains that the master did not ask to (a SIGTERM from outside): it stops
@@ -442,7 +457,7 @@ class Fleet:
             if worker.state in LIVE:
                 yield worker.last_seen + self.config.timeout, self.on_silent, worker
             elif worker.state is WorkerState.DRAINING:
-                yield worker.since + worker.drain_limit, self.on_drain_overdue, worker
+                yield worker.drain_deadline(), self.on_drain_overdue, worker
             elif worker.state is WorkerState.STOPPING:
                 yield worker.since + KILL_GRACE, self.kill, worker
         upgrade = self.upgrade
@@ -638,6 +653,24 @@ class Fleet:
             # Nothing may wait in an accept queue that no worker serves: once the workers'
             # copies close (they stop accepting at once), new connections are refused.
             self.close_listeners()
+
+    def hurry(self) -> None:
+        """A second TERM/INT while stopping: every worker closes its remaining connections
+        at once (a close frame, 1001) and exits once they answer, or HURRY_CLOSE later, and
+        is killed if still there after that (hurry_limit). A new master being stopped is
+        told the same."""
+        now = self.clock()
+        upgrade = self.upgrade
+        if upgrade is not None and upgrade.state is UpgradeState.FAILED:
+            self.processes.signal(upgrade.pid, signal.SIGTERM)  # its second TERM
+        for worker in list(self.workers.values()):
+            if worker.state in (WorkerState.STOPPING, WorkerState.KILLED):
+                continue
+            if worker.state is not WorkerState.DRAINING:
+                self.set_state(worker, WorkerState.DRAINING)
+            worker.hurried = now
+            if not self.processes.send(worker, {"t": "hurry"}):
+                self.stop_now(worker, signal.SIGQUIT)  # no channel: drop its connections
 
     def stop_serving(self, why: str) -> None:
         """No new worker, no restart from now on."""
@@ -1087,8 +1120,8 @@ class Arbiter:
             self.reap()
         elif sig in (signal.SIGTERM, signal.SIGINT):
             if fleet.state is MasterState.STOPPING:
-                log.warning("received %s again: stopping now", sig.name)
-                fleet.stop(graceful=False)
+                log.warning("received %s again: closing every connection now", sig.name)
+                fleet.hurry()
             else:
                 log.info("received %s: graceful shutdown", sig.name)
                 fleet.stop(graceful=True)

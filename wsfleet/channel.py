@@ -5,9 +5,11 @@ SCM_RIGHTS, which is how the master lends a slot's listening socket to a healthy
 
 Worker to master: ``ready`` (accepting), ``hb`` (heartbeat with the open-connection count, sent
 by the worker's event loop itself, so a blocked loop goes quiet, and with --metrics its
-counts so far), ``held`` and ``draining`` (it stopped accepting), ``error`` (why it cannot
-start). Master to worker: ``drain`` (with the close code), ``hold`` (a rolling restart
-replaced it), ``adopt`` (a lent socket, with its descriptor) and ``release`` (give it back).
+counts so far), ``held`` and ``draining`` (it stopped accepting; ``draining`` says over how
+many seconds it sends its closes), ``error`` (why it cannot start). Master to worker:
+``drain`` (with the close code), ``hurry`` (close everything now: a second TERM), ``hold`` (a
+rolling restart replaced it), ``adopt`` (a lent socket, with its descriptor) and ``release``
+(give it back).
 """
 
 from __future__ import annotations
@@ -116,6 +118,10 @@ def validate(message: object) -> Message:
             or (isinstance(value, int) and value < 0)
         ):
             raise BadMessage(f"{kind!r} message with a bad {name!r}: {value!r:.40}")
+    if kind == "draining" and "over" in message:
+        over = message["over"]
+        if not isinstance(over, int | float) or isinstance(over, bool) or not 0 <= over < 1e9:
+            raise BadMessage(f"'draining' message with a bad 'over': {over!r:.40}")
     if kind == "hb" and "n" in message and not _counts(message["n"]):
         # The heartbeat still counts (a worker is not killed for its counts); they do not.
         message["bad_counts"] = repr(message.pop("n"))[:60]

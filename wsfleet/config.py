@@ -23,6 +23,8 @@ from typing import Any
 
 ENV_PREFIX = "WSFLEET_"
 DRAIN_WINDOW = 10.0  # --drain-window's default (docs/restart.md measures why)
+DRAIN_RATE = 250.0  # --drain-rate's default: closes per second per worker (docs/restart.md)
+HURRY_CLOSE = 1.0  # how long a drain told to hurry waits for the clients' close answers
 SERVE_COMMANDS = frozenset({"start", "worker"})
 
 
@@ -72,6 +74,16 @@ def _positive_seconds(value: object) -> float:
     number = _seconds(value)
     if number == 0:
         raise ValueError(f"expected a positive number of seconds, got {value!r}")
+    return number
+
+
+def _positive_number(value: object) -> float:
+    try:
+        number = _seconds(value)
+    except ValueError:
+        number = 0.0
+    if number == 0:
+        raise ValueError(f"expected a positive number, got {value!r}")
     return number
 
 
@@ -318,11 +330,19 @@ class Config:
     )
     drain_window: float = option(
         DRAIN_WINDOW,
-        "seconds over which a drain (stop, reload, scale-down) spreads its closes, in random "
-        "order, so that clients do not all reconnect at once; the graceful timeout counts "
-        "from its end",
+        "the longest a drain (stop, reload, scale-down, upgrade) may take to send its closes: "
+        "when --drain-rate would need longer, the closes are spread evenly over S seconds "
+        "instead; the graceful timeout counts from the end of the closes; 0: all at once",
         parse=_seconds,
         metavar="S",
+    )
+    drain_rate: float = option(
+        DRAIN_RATE,
+        "connections a draining worker closes per second at most, in random order, so that "
+        "clients do not all reconnect at once: a few close at once, 10,000 over 4 workers are "
+        "spread over 10 s (bounded by --drain-window)",
+        parse=_positive_number,
+        metavar="N",
     )
     max_connection_age: float = option(
         0.0,
@@ -550,11 +570,25 @@ def heartbeat_interval(config: Config) -> float:
     return min(1.0, config.timeout / 4)
 
 
-def drain_limit(config: Config) -> float:
-    """How long a draining worker may live: its drain window spreads the closes, its graceful
-    timeout then aborts what is left, then its connections' close timeout, then a margin; the
-    master kills it after that."""
-    return config.drain_window + config.graceful_timeout + config.close_timeout + KILL_MARGIN
+def drain_duration(config: Config, connections: int) -> float:
+    """How long a drain takes to send its closes: --drain-rate a second, bounded by
+    --drain-window. The first close goes at once, the others evenly after it."""
+    return min(connections / config.drain_rate, config.drain_window)
+
+
+def drain_limit(config: Config, paced: float | None = None) -> float:
+    """How long a draining worker may live: its closes take ``paced`` seconds (at most the
+    drain window, which is what the master assumes until the worker says), its graceful
+    timeout then aborts what is left, then its connections' close timeout, then a margin;
+    the master kills it after that."""
+    paced = config.drain_window if paced is None else min(paced, config.drain_window)
+    return paced + config.graceful_timeout + config.close_timeout + KILL_MARGIN
+
+
+def hurry_limit() -> float:
+    """How long a worker told to hurry may live: HURRY_CLOSE for its clients' answers, as
+    long again for its handlers to end once cancelled, then a margin."""
+    return 2 * HURRY_CLOSE + KILL_MARGIN
 
 
 def upgrade_limit(config: Config) -> float:

@@ -36,11 +36,11 @@ from websockets.exceptions import ConnectionClosed
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
-from websockets.protocol import State
 
 from . import channel, control, logs, metrics
-from .config import Config, heartbeat_interval, url, uses_uvloop
+from .config import HURRY_CLOSE, Config, drain_duration, heartbeat_interval, url, uses_uvloop
 from .connection import Connection, CountedConnection, with_metrics, with_proxy_header
+from .drain import PacedClose
 from .sockets import sock_address
 
 Handler = Callable[[ServerConnection], Awaitable[None]]
@@ -262,30 +262,35 @@ def run(config: Config, main: Awaitable[int]) -> int:
                 raise AppError("--loop uvloop: uvloop is not installed") from None
         else:
             factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
+    runner = asyncio.Runner(loop_factory=factory)
+    try:
         return runner.run(main)  # type: ignore[arg-type]
+    finally:
+        if _cancel_tasks(runner.get_loop(), HURRY_CLOSE):
+            runner.close()
+
+
+def _cancel_tasks(loop: asyncio.AbstractEventLoop, bound: float) -> bool:
+    """Cancel what still runs (handlers a drain aborted) and wait for it at most ``bound``
+    seconds; False if some task ignored its cancellation. asyncio.Runner would wait for
+    such a task forever, and a worker whose master is gone must not linger as an orphan:
+    it leaves without it."""
+    tasks = asyncio.all_tasks(loop)
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        _, pending = loop.run_until_complete(asyncio.wait(tasks, timeout=bound))
+        if pending:
+            log.warning(
+                "%d tasks did not end %gs after their cancellation: exiting without them",
+                len(pending),
+                bound,
+            )
+            return False
+    return True
 
 
 FD_LIMIT_WARNING = 10_000  # connections a single worker is expected to hold (see docs)
-
-
-def send_close_now(websocket: ServerConnection, code: int, reason: str) -> bool:
-    """Start the closing handshake at once, through the Sans-I/O protocol; False if the
-    connection is left to websockets' close() (it is mid-way through a fragmented message,
-    which close() fails properly, or not open).
-
-    websockets' close() sends its frame from a task of its own and then guards the answer
-    with a close_timeout: a task, a timer and a shield per connection. With 10,000
-    connections that made the last client wait 2.2 s on asyncio (1.6 s on uvloop) for the
-    end of its connection; written here in one pass, 1.0 s on both. websockets still closes
-    each TCP connection when the client's answer arrives; a client that never answers is
-    dropped at the graceful timeout, which bounds the whole drain.
-    """
-    if websocket.protocol.state is State.OPEN and getattr(websocket, "send_in_progress", 1) is None:
-        websocket.protocol.send_close(code, reason)
-        websocket.send_data()
-        return True
-    return False
 
 
 class Worker:
@@ -325,6 +330,9 @@ class Worker:
         self.borrowed: dict[int, list[Server]] = {}  # lent slot number -> its servers
         self._drain_task: asyncio.Task[None] | None = None
         self._stopped: asyncio.Future[int] | None = None
+        self._closer: PacedClose | None = None  # the drain's closes, once it sends them
+        self._hurry: asyncio.TimerHandle | None = None  # ending now: when to drop the rest
+        self._status = 0  # the exit status once the drain is over (1: a lone worker's 2nd TERM)
         self._tasks: set[asyncio.Task[Any]] = set()  # the loop holds tasks only weakly
         self._inbox: list[tuple[channel.Message, list[int]]] = []
         self._accept_failures = 0
@@ -516,9 +524,8 @@ class Worker:
                 return
             if message is None:
                 asyncio.get_running_loop().remove_reader(self.channel)
-                if self.phase is not Phase.DRAINING:
-                    log.warning("the master is gone: draining with code 1001")
-                    self.start_drain(CloseCode.GOING_AWAY)
+                log.warning("the master is gone: closing every connection now (1001)")
+                self.hurry()
                 return
             # In order, one at a time: a release must not overtake the adopt before it.
             self._inbox.append((message, fds))
@@ -533,6 +540,9 @@ class Worker:
                 if kind == "drain":
                     log.info("the master asks for a drain with code %d", message["code"])
                     self.start_drain(int(message["code"]), str(message.get("reason", "")))
+                elif kind == "hurry":
+                    log.info("the master asks to stop now: closing every connection (1001)")
+                    self.hurry()
                 elif kind == "hold":
                     await self.hold()
                 elif kind == "adopt" and fds:
@@ -575,9 +585,9 @@ class Worker:
         elif self.channel is None:
             # Alone, a second TERM/INT means "now". Under a master it does not: systemd and
             # supervisord may signal the whole group besides the master's own TERM, and the
-            # master says "now" with QUIT.
-            log.warning("received %s again: closing every connection now", sig.name)
-            self.abort(status=1)
+            # master says "now" on the channel.
+            log.warning("received %s again: closing every connection now (1001)", sig.name)
+            self.hurry(status=1)
 
     def _on_quit_signal(self) -> None:
         log.warning("received SIGQUIT: closing every connection now")
@@ -602,22 +612,30 @@ class Worker:
 
     async def drain(self, code: int, reason: str = "") -> None:
         self.phase = Phase.DRAINING
-        if self.channel is not None:
-            self._send({"t": "draining"})  # the master may not know: a TERM from outside
-        self.drain_code, self.drain_reason = code, reason
+        if self._hurry is None:  # else it is 1001, whatever was asked before
+            self.drain_code, self.drain_reason = code, reason
+        code, reason = self.drain_code, self.drain_reason
         # Stop accepting now rather than when websockets' close task first runs. In-flight
         # handshakes go on and succeed (see _DrainingServer), then _handle closes them.
         await stop_accepting(self.servers)
         for server in self.servers:
             server.close(close_connections=False)
-        window = self.config.drain_window
+        count = len(self.connections)
+        paced = 0.0 if self._hurry is not None else drain_duration(self.config, count)
+        if self.channel is not None:
+            # The master may not know (a TERM from outside), and it kills a draining worker
+            # at a deadline that counts the closes' duration: say how long they take.
+            self._send({"t": "draining", "over": paced})
         log.info(
-            "stopped accepting; closing %d connections with code %d over %gs",
-            len(self.connections),
+            "stopped accepting; closing %d connections with code %d over %.3gs",
+            count,
             code,
-            window,
+            paced,
         )
-        await self._close_over(window, code, reason)
+        self._closer = PacedClose(self.connections, paced, code, reason, self._spawn)
+        if self._hurry is not None:
+            self._closer.hurry(self.drain_code, self.drain_reason)
+        await self._closer.done
         # What close() would do per connection, once for all: a peer that has not ended its
         # connection close_timeout after the (last) close frame is dropped.
         lingering = asyncio.get_running_loop().call_later(
@@ -638,50 +656,30 @@ class Worker:
             log.warning(
                 "graceful timeout (%gs) reached: aborting %d connections",
                 self.config.graceful_timeout,
-                sum(len(server.all_connections) for server in self.servers),
+                sum(len(s.all_connections) for s in self.servers),
             )
             self.abort(status=0)
             return
         finally:
             lingering.cancel()
         log.info("all connections closed; worker %d exiting", os.getpid())
-        self._finish(0)
+        self._finish(self._status)
 
-    def _close_over(self, window: float, code: int, reason: str) -> asyncio.Future[None]:
-        """Close the connections in random order, evenly spread over window seconds (the
-        first at once), from one timer re-armed for the next due close: no task per
-        connection, as in a drain without a window. Resolves after the last."""
+    def hurry(self, status: int = 0) -> None:
+        """End now: every remaining connection gets its close frame at once (1001), and
+        whatever has not closed HURRY_CLOSE seconds later is dropped. For a master that died
+        and for a second TERM: the operator wants the process gone, not a paced drain, but
+        a client still deserves a close frame rather than a reset."""
+        if self._hurry is not None:
+            return
+        self._status = status
+        self.drain_code, self.drain_reason = CloseCode.GOING_AWAY, ""
         loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-        order = list(self.connections)
-        random.shuffle(order)
-        start, count, closed = loop.time(), len(order), 0
-
-        def close_due() -> None:
-            nonlocal closed
-            elapsed = loop.time() - start
-            # At least one per firing: uvloop's millisecond clock can fire a timer a little
-            # before its time, and a firing that closed nothing would re-arm for the same
-            # instant, again and again until the clock ticks.
-            due = count if window <= 0 else min(count, int(elapsed * count / window) + 1)
-            due = max(due, closed + 1)
-            for websocket in order[closed:due]:
-                # (One whose handler has ended is gone from self.connections already.)
-                try:
-                    if websocket in self.connections and not send_close_now(
-                        websocket, code, reason
-                    ):
-                        self._spawn(websocket.close(code, reason))
-                except Exception:  # one connection's error must not stop the others' closes
-                    log.exception("error while closing a connection during a drain")
-            closed = due
-            if closed < count and self.connections:
-                loop.call_at(start + window * closed / count, close_due)
-            elif not done.done():
-                done.set_result(None)
-
-        close_due()
-        return done
+        self._hurry = loop.call_later(HURRY_CLOSE, self.abort, status)
+        if self._drain_task is None:
+            self.start_drain(CloseCode.GOING_AWAY)  # its closer starts hurried
+        elif self._closer is not None:
+            self._closer.hurry(self.drain_code, self.drain_reason)
 
     def abort(self, status: int) -> None:
         """Drop every connection without a closing handshake and stop."""
