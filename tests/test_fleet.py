@@ -468,13 +468,57 @@ def test_graceful_stop_drains_everyone_closes_the_sockets_and_restarts_nothing()
     assert terms == set(h.fleet.workers)
     h.advance(BACKOFF_MAX)
     assert len(h.procs.forked) == 4  # 3, and slot 2's first replacement: none since
-    h.fleet.stop(graceful=False)  # a second TERM: now
+    h.fleet.stop(graceful=False)  # QUIT: now
     h.settle()
     quits = {pid for pid, sig in h.procs.signals if sig == signal.SIGQUIT}
     assert quits == set(h.fleet.workers)
     h.advance(KILL_GRACE + 0.1)
     kills = {pid for pid, sig in h.procs.signals if sig == signal.SIGKILL}
     assert kills == set(h.fleet.workers)
+
+
+def test_a_second_term_hurries_every_worker_and_kills_at_the_short_bound() -> None:
+    """The first TERM drains (paced); the second tells every worker to close the rest now,
+    and one still there hurry_limit later is killed, whatever its drain limit was."""
+    h = Harness(2, graceful_timeout=60)
+    h.boot()
+    h.fleet.stop(graceful=True)
+    h.settle()
+    h.advance(2)
+    h.fleet.hurry()
+    h.settle()
+    assert all(h.procs.sent_to(w)[-1] == {"t": "hurry"} for w in h.fleet.workers.values())
+    assert not any(sig == signal.SIGKILL for _, sig in h.procs.signals)
+    h.advance(cfg.hurry_limit() + 0.1)
+    kills = {pid for pid, sig in h.procs.signals if sig == signal.SIGKILL}
+    assert kills == set(h.fleet.workers)
+
+
+def test_the_drain_deadline_counts_the_closes_duration_the_worker_reports() -> None:
+    """A worker that sends its closes over 0.5 s (few connections) is killed 0.5 s +
+    graceful timeout + close timeout + 1 s after its drain began, not after the whole drain
+    window; one that reports nothing keeps the window; a longer report cannot extend it."""
+    h = Harness(3, graceful_timeout=3)
+    h.boot()
+    h.fleet.stop(graceful=True)
+    h.settle()
+    few, silent, long = (h.worker(i) for i in range(3))
+    h.fleet.on_message(few, channel.validate({"t": "draining", "over": 0.5}))
+    h.fleet.on_message(long, channel.validate({"t": "draining", "over": 1e6}))
+    short = 0.5 + 3 + h.config.close_timeout + 1
+    h.advance(short - 0.1, silent=(silent,))
+    assert not any(sig == signal.SIGKILL for _, sig in h.procs.signals)
+    h.advance(0.2, silent=(silent,))
+    assert [pid for pid, sig in h.procs.signals if sig == signal.SIGKILL] == [few.pid]
+    h.advance(cfg.drain_limit(h.config) - short, silent=(silent,))
+    kills = {pid for pid, sig in h.procs.signals if sig == signal.SIGKILL}
+    assert kills == {few.pid, silent.pid, long.pid}
+
+
+@pytest.mark.parametrize("over", [-1, "1", True, float("nan")])
+def test_a_bad_drain_duration_is_refused(over: object) -> None:
+    with pytest.raises(channel.BadMessage):
+        channel.validate({"t": "draining", "over": over})
 
 
 def test_heartbeats_update_connections_and_liveness() -> None:

@@ -187,16 +187,6 @@ def test_sigterm_drains_with_1001_removes_pidfile_and_exits_0(spawn, tmp_path: P
         socket.create_connection(("127.0.0.1", master.port), timeout=5).close()
 
 
-def test_second_sigterm_stops_at_once(spawn, tmp_path: Path) -> None:
-    master = Master(spawn, tmp_path, "-w", "1", "--graceful-timeout", "60")
-    with stuck_client(master.port):  # never answers the close frame
-        master.proc.signal(signal.SIGTERM)
-        master.proc.wait_line("stopped accepting; closing 1 connections")
-        master.proc.signal(signal.SIGTERM)
-        assert master.proc.wait(timeout=10) == 0
-    master.proc.wait_line("received SIGTERM again: stopping now")
-
-
 def test_sigquit_stops_at_once(spawn, tmp_path: Path) -> None:
     master = Master(spawn, tmp_path, "-w", "2", "--graceful-timeout", "60")
     workers = master.worker_pids()

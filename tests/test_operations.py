@@ -7,7 +7,10 @@ the server closed it, measured from the signal that caused it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -17,7 +20,9 @@ from pathlib import Path
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from .helpers import run_wsfleet
+from wsfleet import config as cfg
+
+from .helpers import close_code, gone, recv_frame, run_wsfleet, stuck_client
 from .test_master import Master, app_master
 from .test_worker import start_worker
 
@@ -75,11 +80,11 @@ def spread(closes: list[Closed], since: float, window: float) -> list[int]:
     return quarters
 
 
-def test_term_spreads_the_closes_over_the_drain_window_in_random_order(spawn) -> None:
-    """40 connections, window 2 s: ~10 closes in each half second, in an order unrelated to
-    the connections' own; the graceful timeout (0.5 s) counts from the window's end, so the
-    last connections still get their 1001 instead of being aborted."""
-    proc, port = start_worker(spawn, "--drain-window", "2", "--graceful-timeout", "0.5")
+def test_term_paces_the_closes_by_the_drain_rate_in_random_order(spawn) -> None:
+    """40 connections at 20 closes a second: ~10 closes in each half second for 2 s, in an
+    order unrelated to the connections' own; the graceful timeout (0.5 s) counts from the
+    last close, so the last connections still get their 1001 instead of being aborted."""
+    proc, port = start_worker(spawn, "--drain-rate", "20", "--graceful-timeout", "0.5")
 
     async def scenario() -> tuple[float, list[Closed]]:
         connections = await open_all(f"ws://127.0.0.1:{port}/", 40)
@@ -96,7 +101,10 @@ def test_term_spreads_the_closes_over_the_drain_window_in_random_order(spawn) ->
 
 
 def test_a_reload_spreads_its_closes_over_the_drain_window(spawn, tmp_path: Path) -> None:
-    master = Master(spawn, tmp_path, "-w", "2", "--drain-window", "2")
+    """40 connections at 10 closes a second per worker would take 2 s or more: the 2 s
+    window bounds it, and the closes are spread evenly over the window instead."""
+    options = ("--drain-window", "2", "--drain-rate", "5")
+    master = Master(spawn, tmp_path, "-w", "2", *options)
 
     async def scenario() -> tuple[float, list[Closed]]:
         connections = await open_all(master.url, 40)
@@ -260,18 +268,22 @@ def test_max_connection_age_closes_each_connection_with_jitter(spawn) -> None:
     assert proc.popen.poll() is None  # the worker goes on serving
 
 
-def test_bad_drain_window_or_age_is_exit_2() -> None:
+def test_bad_drain_window_rate_or_age_is_exit_2() -> None:
     for option in ("--drain-window", "--max-connection-age"):
         result = run_wsfleet(["worker", option, "-1"])
         assert result.returncode == 2 and f"argument {option}: expected a non-negative" in (
             result.stderr
         )
+    for value in ("0", "-3", "fast"):
+        result = run_wsfleet(["worker", "--drain-rate", value])
+        assert result.returncode == 2
+        assert f"argument --drain-rate: expected a positive number, got '{value}'" in result.stderr
 
 
 def test_scaling_down_spreads_the_removed_workers_closes(spawn, tmp_path: Path) -> None:
-    """TTOU: the removed slot's worker closes its connections (1001) over the window; the
-    other worker's stay open."""
-    master = Master(spawn, tmp_path, "-w", "2", "--drain-window", "1")
+    """TTOU: the removed slot's worker closes its connections (1001) over the window (at 10
+    a second, its 10 or more take the whole window); the other worker's stay open."""
+    master = Master(spawn, tmp_path, "-w", "2", "--drain-window", "1", "--drain-rate", "10")
 
     async def run() -> tuple[float, list[Closed], int]:
         """Watch every connection; stop once the removed worker has exited."""
@@ -304,3 +316,176 @@ def test_scaling_down_spreads_the_removed_workers_closes(spawn, tmp_path: Path) 
     assert {c.code for c in closed} == {1001}
     times = sorted(c.at - started for c in closed)
     assert times[0] < 0.3 and 0.6 < times[-1] < 1.5, times
+
+
+def test_stop_closes_a_few_idle_connections_at_once(spawn, tmp_path: Path) -> None:
+    """4 idle clients over 4 workers: at 250 closes a second each is closed at once (1001),
+    and `wsfleet stop` returns once the master has exited: well under a second, where a
+    drain spread over the whole 10 s window took 6.9 s."""
+    master = Master(spawn, tmp_path, "-w", "4")
+    stop = [sys.executable, "-m", "wsfleet", "stop", "--pidfile", master.pidfile]
+
+    async def scenario() -> tuple[float, list[Closed], float]:
+        connections = await open_all(master.url, 4)
+        stopping: list[asyncio.Task[int]] = []
+
+        async def run_stop() -> int:
+            process = await asyncio.create_subprocess_exec(*stop)
+            return await process.wait()
+
+        started, closes = await closes_of(
+            connections, lambda: stopping.append(asyncio.create_task(run_stop()))
+        )
+        assert await stopping[0] == 0
+        return started, closes, time.monotonic()
+
+    started, closes, stopped = asyncio.run(scenario())
+    assert [c.code for c in closes] == [1001] * 4
+    assert max(c.at for c in closes) - started < 1.0
+    assert stopped - started < 2.0  # the command's own start-up included
+    assert master.proc.wait() == 0
+
+
+def test_a_second_term_closes_every_remaining_connection_at_once(spawn, tmp_path: Path) -> None:
+    """A drain paced at 1 close a second, one client that never answers a close: the second
+    TERM sends every remaining connection its close frame (1001, not a reset) at once, and
+    the master exits without waiting for the silent client beyond the short bound."""
+    options = ("--drain-rate", "1", "--graceful-timeout", "60")
+    master = Master(spawn, tmp_path, "-w", "1", *options)
+
+    async def scenario() -> tuple[float, list[Closed], int]:
+        connections = await open_all(master.url, 6)
+        with stuck_client(master.port) as silent:
+            silent_close = asyncio.create_task(asyncio.to_thread(close_frame, silent))
+            closed: list[Closed] = []
+            master.proc.signal(signal.SIGTERM)
+            second: list[float] = []
+
+            def again() -> None:  # once the first close is out: the rest are paced
+                master.proc.signal(signal.SIGTERM)
+                second.append(time.monotonic())
+
+            async with asyncio.timeout(10):
+                while not any(ws.close_code for ws in connections) and not silent_close.done():
+                    await asyncio.sleep(0.01)
+                _, closed = await closes_of(
+                    [ws for ws in connections if ws.close_code is None], again
+                )
+                code = await silent_close
+            exit_status = await asyncio.to_thread(master.proc.wait, 10)
+            assert time.monotonic() - second[0] < cfg.hurry_limit()
+        return second[0], closed, code if exit_status == 0 else -1
+
+    hurried, closed, silent_code = asyncio.run(scenario())
+    assert len(closed) >= 5 and {c.code for c in closed} == {1001}
+    assert max(c.at for c in closed) - hurried < 0.5
+    assert silent_code == 1001
+
+
+def close_frame(sock: socket.socket) -> int:
+    """The close code of the next frame a raw client receives (it must be a close frame)."""
+    opcode, payload = recv_frame(sock, bytearray())
+    assert opcode == 8, f"expected a close frame, got opcode {opcode}"
+    return close_code(payload)
+
+
+def test_workers_close_at_once_when_the_master_is_killed(spawn, tmp_path: Path) -> None:
+    """600 connections over 2 workers and one client that never answers; kill -9 of the
+    master: every connection gets 1001 at once, not paced (300 at 250 a second would take
+    over a second each), and both workers are gone within 2 s."""
+    master = Master(spawn, tmp_path, "-w", "2")
+    workers = master.worker_pids()
+
+    async def scenario() -> tuple[float, list[Closed], float]:
+        connections = await open_all(master.url, 600)
+        with stuck_client(master.port):
+            started, closes = await closes_of(connections, master.proc.popen.kill)
+            while not all(gone(pid) for pid in workers) and time.monotonic() - started < 10:
+                await asyncio.sleep(0.01)
+            return started, closes, time.monotonic()
+
+    try:
+        started, closes, ended = asyncio.run(scenario())
+        assert {c.code for c in closes} == {1001}
+        assert max(c.at for c in closes) - started < 1.0
+        assert ended - started < 2.0
+    finally:
+        for pid in workers:  # orphans are nobody's children: end them by pid
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+LINGERING_APP = """
+import asyncio
+import os
+
+
+async def handler(websocket):
+    try:
+        async for message in websocket:
+            await websocket.send(str(os.getpid()) if message == "pid?" else message)
+    finally:
+        while True:  # ignores its cancellation: only the process's end stops it
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                pass
+"""
+
+
+def test_twenty_hups_with_lingering_handlers_settle(spawn, tmp_path: Path) -> None:
+    """20 SIGHUPs 50 ms apart with 40 reconnecting clients, on an app whose handlers ignore
+    their cancellation: the fleet settles (two ready workers of the last generation, every
+    other worker gone) within graceful timeout + close timeout + 10 s of the last HUP."""
+    graceful, close = 2.0, 1.0
+    options = ("--graceful-timeout", str(graceful), "--close-timeout", str(close))
+    master = app_master(spawn, tmp_path, LINGERING_APP, "-w", "2", *options)
+    seen: set[int] = set()
+    codes: list[int | None] = []
+
+    def settled() -> bool:
+        status = master.status()
+        workers = status["workers"]
+        seen.update(w["pid"] for w in workers)
+        return (
+            status["master"]["last_restart"] == "done"
+            and [w["state"] for w in workers] == ["ready", "ready"]
+            and all(gone(pid) for pid in seen - {w["pid"] for w in workers})
+        )
+
+    async def client(stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                async with connect(master.url, open_timeout=10) as ws:
+                    await ws.send("pid?")
+                    await ws.recv()
+                    await asyncio.wait(
+                        [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(ws.recv())],
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+            except ConnectionClosed as exc:
+                codes.append(exc.rcvd.code if exc.rcvd else None)
+
+    async def scenario() -> float:
+        stop = asyncio.Event()
+        clients = [asyncio.create_task(client(stop)) for _ in range(40)]
+        try:
+            async with asyncio.timeout(60):
+                while sum(w["connections"] for w in master.status()["workers"]) < 40:
+                    await asyncio.sleep(0.05)
+                for _ in range(20):
+                    master.proc.signal(signal.SIGHUP)
+                    await asyncio.sleep(0.05)
+                last = time.monotonic()
+                while not settled():
+                    await asyncio.sleep(0.1)
+                return time.monotonic() - last
+        finally:
+            stop.set()
+            for task in clients:
+                task.cancel()
+            await asyncio.gather(*clients, return_exceptions=True)
+
+    took = asyncio.run(scenario())
+    assert took < graceful + close + 10, took
+    assert len(seen) > 2 and codes and set(codes) == {1012}, (seen, codes)
