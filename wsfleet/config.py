@@ -423,7 +423,7 @@ class Config:
         False,
         "every connection starts with a PROXY protocol v1 or v2 header (HAProxy send-proxy, "
         "L4 load balancers): its source is the client address; a connection without a valid "
-        "header is closed",
+        "header is closed, the worker untouched",
         parse=_boolean,
     )
     open_timeout: float = option(
@@ -534,9 +534,9 @@ class Config:
     )
     access_log: bool = option(
         False,
-        "log each handshake (client, path, HTTP status) and each closed connection (close "
-        "code, duration, messages in and out) to the logger wsfleet.access; counting messages "
-        "costs a coroutine per message, hence off by default",
+        "log each handshake ('CLIENT \"GET PATH\" STATUS') and each closed connection "
+        "('CLIENT PATH closed CODE after S, N in, M out') to the logger wsfleet.access; "
+        "counting messages costs a coroutine per message, hence off by default",
         parse=_boolean,
     )
     log_level: str = option(
