@@ -1,6 +1,6 @@
-"""SPEC, "systemd, upgrades and Kubernetes": socket activation (LISTEN_FDS, LISTEN_PID), with
-the real systemd-socket-activate (Debian's systemd package) binding the address and starting
-wsfleet as systemd would, and the sockets seen in the kernel's tables."""
+"""Socket activation (LISTEN_FDS, LISTEN_PID; docs/deployment.md, systemd), with the real
+systemd-socket-activate (Debian's systemd package) binding the address and starting wsfleet as
+systemd would, and the sockets seen in the kernel's tables."""
 
 from __future__ import annotations
 

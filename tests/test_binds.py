@@ -1,5 +1,5 @@
-"""SPEC, "At the edge": --bind (TCP over IPv4 and IPv6, and Unix sockets) and --umask, with
-real masters and workers, real clients, and the sockets seen in the kernel's tables."""
+"""--bind (TCP over IPv4 and IPv6, and Unix sockets) and --umask (docs/options.md), with real
+masters and workers, real clients, and the sockets seen in the kernel's tables."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""SPEC, "At the edge": the options an operator sets where nginx or gunicorn stood, with real
-worker processes and real clients on 127.0.0.1."""
+"""The options an operator sets where nginx or gunicorn stood (docs/options.md,
+docs/security.md), with real worker processes and real clients on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -266,7 +266,7 @@ def test_a_connection_without_a_valid_proxy_header_is_closed(spawn, header: byte
 
 # The interpreter lives in root's home (mode 0700) on these machines: a worker that became
 # nobody could not import what it has not loaded yet. The master runs in a private mount
-# namespace where a 0711 directory showing only the pyenv tree covers that home (field notes);
+# namespace where a 0711 directory showing only the pyenv tree covers that home;
 # on a host where Python is readable by everyone, the plain command works the same.
 UNSHARED = """
 set -e

@@ -1,4 +1,4 @@
-"""SPEC, "Crashes and faults: the master never makes things worse", with real processes.
+"""Crashes and faults, with real processes: the master never makes things worse.
 
 The decisions behind these (crash classification, deadlines, fork retries) are also unit-tested
 against a fake process layer in test_fleet.py; here each behaviour is checked end to end."""

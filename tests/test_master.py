@@ -248,8 +248,8 @@ async def handler(websocket):
 
 
 def test_a_message_sent_before_a_worker_hangs_survives_its_kill(spawn, tmp_path, loop) -> None:
-    """SPEC, Delivery: what a handler sent before blocking its loop is on the wire, so the
-    master's kill of the hung worker does not take it along."""
+    """No later than under websockets alone: what a handler sent before blocking its loop is
+    on the wire, so the master's kill of the hung worker does not take it along."""
     master = app_master(
         spawn, tmp_path, SEND_THEN_HANG_APP, "-w", "1", "--timeout", "2", "--loop", loop
     )

@@ -1,6 +1,6 @@
-"""SPEC, "Observability": --metrics serves Prometheus metrics whose values follow what the test
-did, a status page that a real browser shows and that updates itself, and a port that a
-hostile client cannot use to stall the master."""
+"""Observability (docs/observability.md): --metrics serves Prometheus metrics whose values
+follow what the test did, a status page that a real browser shows and that updates itself, and
+a port that a hostile client cannot use to stall the master."""
 
 from __future__ import annotations
 

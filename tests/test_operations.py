@@ -1,5 +1,6 @@
-"""SPEC, "WebSocket-aware operations": drains spread over a window, one close per client per
-reload, and connection age, with real masters and workers and real clients.
+"""WebSocket-aware operations (docs/operations.md, docs/restart.md): drains spread over a
+window, one close per client per reload, and connection age, with real masters and workers and
+real clients.
 
 Each scenario runs its clients in one asyncio loop and records, per connection, when and how
 the server closed it, measured from the signal that caused it."""

@@ -155,7 +155,7 @@ def test_tls_on_uvloop_when_asked_for(spawn, certs: Certs) -> None:
 
 
 def test_rotating_certificates_under_load_fails_nothing(spawn, tmp_path: Path, certs: Certs):
-    """SPEC: rotating the files and reloading serves the new certificate without a failed
+    """Rotating the files and reloading serves the new certificate without a failed
     connection attempt (200 new connections/s and 100 long-lived, over wss://)."""
     tls = ["--certfile", str(certs.certfile), "--keyfile", str(certs.keyfile)]
     master = Master(spawn, tmp_path, "-w", "2", *tls)

@@ -1,7 +1,7 @@
-"""SPEC, "systemd, upgrades and Kubernetes": upgrading wsfleet itself (SIGUSR2, `wsfleet
-upgrade`). The master runs from a copy of the package put first on PYTHONPATH, as an
-installed wsfleet would be; the test changes that copy (a new version, a broken build) the way
-`pip install -U` would, and the new master must run what is on disk then."""
+"""Upgrading wsfleet itself (SIGUSR2, `wsfleet upgrade`; docs/operations.md). The master
+runs from a copy of the package put first on PYTHONPATH, as an installed wsfleet would be; the
+test changes that copy (a new version, a broken build) the way installing a new version would,
+and the new master must run what is on disk then."""
 
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def test_upgrade_under_load_fails_nothing(spawn, tmp_path: Path, loop: str) -> N
     site = installed(tmp_path)
     master = start(spawn, tmp_path, site, "-w", "2", "--loop", loop, "--drain-window", "2")
     old_workers = master.worker_pids()
-    set_version(site, "0.1.0+upgraded")  # what `pip install -U` leaves on disk
+    set_version(site, "0.1.0+upgraded")  # what installing a new version leaves on disk
     with new_masters(master):
         load = Load(master.url, rate=150, long_lived=50, duration=60).start()
         try:

@@ -455,7 +455,7 @@ def lateness(message: str | bytes) -> float:
 
 def test_progress_updates_leave_as_they_are_sent(spawn, tmp_path, loop) -> None:
     """Sends between pieces of blocking work are each on the wire before the next piece, as
-    under websockets alone (SPEC: Delivery)."""
+    under websockets alone (docs/how-it-works.md)."""
     (tmp_path / "blocking.py").write_text(BLOCKING_APP)
     _, port = start_worker(spawn, "--app", "blocking:handler", "--loop", loop, cwd=tmp_path)
     with connect(f"ws://127.0.0.1:{port}/") as ws:

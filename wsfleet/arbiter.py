@@ -1157,7 +1157,7 @@ class Arbiter:
             log.error("reload: configuration not reloaded: %s", exc)
             return self.fleet.config, str(exc)
         self.tls = tls
-        for name in ("host", "port", "bind", "umask", "backlog", "metrics"):
+        for name in cfg.RELOAD_IGNORES:
             if getattr(new, name) != getattr(self.fleet.config, name):
                 log.warning("reload: a change of %s needs a full restart; ignored", name)
                 new = cfg.dataclasses.replace(new, **{name: getattr(self.fleet.config, name)})

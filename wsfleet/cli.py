@@ -1,8 +1,6 @@
-"""The command line: ``wsfleet start|worker|stop|reload|upgrade|status``.
+"""The command line: ``wsfleet start|worker|stop|reload|upgrade|status|bench|rolling-restart``.
 
-Exit statuses: 0 success; 1 runtime failure (a port held by another program, a missing or
-stale pidfile, a master that did not stop in time); 2 bad input (unknown option, bad value,
-bad config file); 4 the app cannot be loaded.
+Exit statuses are :data:`EXIT_STATUSES` (docs/options.md shows them, from there).
 """
 
 from __future__ import annotations
@@ -26,6 +24,23 @@ from . import config as cfg
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
 EXIT_APP = 4
+# What each exit status means, for every command (scripts/gen-docs writes it to docs/options.md).
+EXIT_STATUSES: dict[int, str] = {
+    0: "success; for start and worker, a graceful stop",
+    EXIT_RUNTIME: "runtime failure, with the reason: an address already in use (by a program "
+    "that does not share it or, for start, by anything listening there, such as another "
+    "master or a forgotten wsfleet worker: the message names the address); a pidfile held by "
+    "a running master (named) or that is a symbolic link; no running master found (stop, "
+    "reload, upgrade, status: a missing or stale pidfile); a master that did not stop in time "
+    "(stop); a rolling restart that stopped (reload --wait); a new master that could not "
+    "start, the old one serving on (upgrade); a lone worker stopped by a second TERM or INT, "
+    "its connections dropped",
+    EXIT_USAGE: "bad input: an unknown option (the closest valid one suggested), a bad value, "
+    "an unreadable or invalid config file; one line names the option, the environment "
+    "variable, or the file and line",
+    EXIT_APP: "the app cannot be loaded: the message says why; start gives up rather than "
+    "restart workers that cannot load it",
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -86,10 +101,7 @@ def _add_serving_options(parser: argparse.ArgumentParser, command: str) -> None:
     for field in cfg.fields_for(command):
         meta = field.metadata
         flags = [cfg.flag(field.name)] + ([meta["short"]] if meta["short"] else [])
-        default = "none" if field.default is None else field.default
-        if field.default is cfg.dataclasses.MISSING:  # computed, as the number of CPUs
-            default = "see above"
-        default = meta["shown"] or default
+        default = cfg.shown_default(field)
         kind: dict[str, Any] = {"type": _option_type(field.name), "metavar": meta["metavar"]}
         if field.type == "bool":
             kind = {"action": "store_const", "const": True}
@@ -206,13 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
             type=kind,
             default=argparse.SUPPRESS,  # given or not: bench memory refuses them
             metavar=metavar,
-            help=f"{text} (default: {default})",
+            help=text if default is None else f"{text} (default: {default})",
         )
     url.add_argument(
         "--compression",
         choices=("none", "deflate"),
         default=argparse.SUPPRESS,
-        help="(default: none)",
+        help="none, or permessage-deflate as websockets' client offers it (default: none)",
     )
     url.add_argument(
         "--cafile",
@@ -517,7 +529,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if config.loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
         fail("--loop uvloop: uvloop is not installed (pip install uvloop)", EXIT_USAGE)
     if config.metrics and importlib.util.find_spec("prometheus_client") is None:
-        fail("--metrics needs prometheus-client: pip install 'wsfleet[metrics]'", EXIT_USAGE)
+        fail(
+            "--metrics needs prometheus-client: pip install prometheus-client (from wsfleet's "
+            "checkout: pip install '.[metrics]')",
+            EXIT_USAGE,
+        )
     setup_logging(config)
     if args.command == "worker":
         return run_worker(config)

@@ -279,25 +279,39 @@ def option(
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """The serving options of ``wsfleet start`` and ``wsfleet worker`` (see SPEC.md)."""
+    """The serving options of ``wsfleet start`` and ``wsfleet worker``.
+
+    Each field's help text is what ``--help`` prints and what docs/options.md says
+    (``scripts/gen-docs`` writes that page from these fields): say everything an operator
+    needs there, once.
+    """
 
     workers: int = option(
-        help="number of workers the master keeps running (default: number of CPUs)",
+        help="number of workers the master keeps running",
         parse=_integer(1, 1024),
         short="-w",
         commands=frozenset({"start"}),
         metavar="N",
         default_factory=lambda: os.cpu_count() or 1,
+        shown="the number of CPUs",
     )
     host: str = option("127.0.0.1", "address to listen on", parse=_text, metavar="HOST")
     port: int = option(
-        8765, "port to listen on; 0 picks any free port", parse=_integer(0, 65535), metavar="PORT"
+        8765,
+        "port to listen on; 0 picks any free port, shared by all workers (the listening line "
+        "names it)",
+        parse=_integer(0, 65535),
+        metavar="PORT",
     )
     bind: tuple[str, ...] = option(
         (),
         "listen on HOST:PORT, [V6ADDR]:PORT or unix:PATH instead of --host/--port; repeat it "
-        "for more addresses (each TCP address gets a socket per worker, a Unix socket is "
-        "shared by the fleet and removed at exit)",
+        "for more addresses (comma-separated in the environment, a list in TOML). Each TCP "
+        "address gets one SO_REUSEPORT socket per worker; [::] is IPv6 only, so 0.0.0.0:P "
+        "and [::]:P can both be bound. A Unix socket is one for the fleet (the kernel does "
+        "not spread connections over Unix sockets), every worker accepts on it; a file left "
+        "by a server that is gone is replaced, one a server answers on is exit 1; it is "
+        "removed at exit. One listening line per address",
         parse=_binds,
         metavar="ADDR",
     )
@@ -318,13 +332,17 @@ class Config:
     )
     app: str = option(
         "wsfleet.echo:echo",
-        "connection handler, an 'async def handler(websocket)', as MODULE:ATTR",
+        "connection handler, an 'async def handler(websocket)', as MODULE:ATTR; imported by "
+        "each worker after fork (the module looked up from the current directory first), so "
+        "a reload serves the code on disk then",
         parse=_app,
         metavar="MODULE:ATTR",
     )
     graceful_timeout: float = option(
         30.0,
-        "seconds a draining worker may take to close its connections before it is killed",
+        "seconds a draining worker may take to close its connections, counted from the end "
+        "of its drain; then it aborts the rest, and the master kills it if it is still there "
+        "--close-timeout + 1 s later",
         parse=_seconds,
         metavar="S",
     )
@@ -340,20 +358,22 @@ class Config:
         DRAIN_RATE,
         "connections a draining worker closes per second at most, in random order, so that "
         "clients do not all reconnect at once: a few close at once, 10,000 over 4 workers are "
-        "spread over 10 s (bounded by --drain-window)",
+        "spread over 10 s (bounded by --drain-window; docs/restart.md measures the default)",
         parse=_positive_number,
         metavar="N",
     )
     max_connection_age: float = option(
         0.0,
-        "close a connection with 1012 (reason 'max connection age') this many seconds (+-10%, "
-        "random) after it opened, to rebalance long-lived connections; 0: never",
+        "close a connection with 1012 (reason 'max connection age') this many seconds, plus "
+        "or minus 10 percent at random, after it opened: long-lived connections move to new "
+        "workers after a scale-up, and none lives forever; 0: never",
         parse=_seconds,
         metavar="S",
     )
     timeout: float = option(
         30.0,
-        "seconds a worker's event loop may go without answering the master before it is killed",
+        "seconds a worker's event loop may go without answering the master before it is "
+        "killed and replaced; also the most a new worker may take to become ready",
         parse=_positive_seconds,
         commands=frozenset({"start"}),
         metavar="S",
@@ -361,14 +381,19 @@ class Config:
     start_seconds: float = option(
         1.0,
         "a worker that exits before it is ready, or within S seconds after, is crashing at "
-        "start: only consecutive such exits back off",
+        "start: only a run of such exits is restarted with a backoff (0.5 s doubling to 30 "
+        "s); any other exit is replaced at once",
         parse=_seconds,
         commands=frozenset({"start"}),
         metavar="S",
     )
     certfile: str | None = option(
         None,
-        "serve TLS (wss://) with this certificate chain (PEM); a HUP re-reads it",
+        "serve TLS (wss://, the listening line and the health path too) with this "
+        "certificate chain (PEM). The master loads it and its workers inherit it; a HUP "
+        "re-reads it, so rotating the files and reloading serves the new certificate, and "
+        "files that do not load keep the old one (reload --wait says so). A missing, "
+        "unreadable or mismatched file: exit 2 naming it",
         parse=_optional_path,
         metavar="FILE",
     )
@@ -381,7 +406,8 @@ class Config:
     user: str | None = option(
         None,
         "workers switch to this user (name or uid) once the sockets are bound, before the app "
-        "is imported; the master keeps its identity, to bind new slots",
+        "is imported; the master keeps its identity, to bind new slots. Unknown, or not "
+        "permitted: exit 2",
         parse=_optional_path,
         metavar="USER",
     )
@@ -409,7 +435,7 @@ class Config:
         ("127.0.0.1",),
         "peers trusted to set X-Forwarded-For (IPs or networks, comma-separated; * for any); "
         "from them the client address is the header's last entry (access log, "
-        "wsfleet.client_address)",
+        "wsfleet.client_address); a peer on a Unix socket is always trusted",
         parse=_networks,
         metavar="LIST",
     )
@@ -417,7 +443,7 @@ class Config:
         False,
         "every connection starts with a PROXY protocol v1 or v2 header (HAProxy send-proxy, "
         "L4 load balancers): its source is the client address; a connection without a valid "
-        "header is closed",
+        "header is closed, the worker untouched",
         parse=_boolean,
     )
     open_timeout: float = option(
@@ -446,7 +472,8 @@ class Config:
     )
     health_path: str = option(
         "/health/",
-        "plain HTTP GET path answering 200 while serving and 503 while draining; '' disables",
+        "plain HTTP GET path on the serving port(s), answering 200 while serving and 503 "
+        "while draining; '' disables",
         parse=_health_path,
         metavar="PATH",
     )
@@ -458,13 +485,15 @@ class Config:
     )
     window_bits: int = option(
         12,
-        "permessage-deflate window bits (9-15); more compresses better and costs memory",
+        "permessage-deflate window bits (9-15); more compresses better and costs memory "
+        "(12 is websockets' default; docs/memory.md measures each setting)",
         parse=_integer(9, 15),
         metavar="N",
     )
     memory_level: int = option(
         5,
-        "permessage-deflate memory level (1-9); more is faster and costs memory",
+        "permessage-deflate memory level (1-9); more is faster and costs memory (5 is "
+        "websockets' default; docs/memory.md)",
         parse=_integer(1, 9),
         metavar="N",
     )
@@ -501,7 +530,10 @@ class Config:
     )
     metrics: str | None = option(
         None,
-        "serve /metrics (Prometheus), /status.json and a status page (/) on HOST:PORT",
+        "serve /metrics (Prometheus), /status.json and a status page (/) on HOST:PORT, from "
+        "the master's own loop; workers count handshakes, closes and messages only with it. "
+        "Needs prometheus-client: pip install '.[metrics]' from the checkout "
+        "(docs/observability.md)",
         parse=_metrics_address,
         commands=frozenset({"start"}),
         metavar="HOST:PORT",
@@ -515,14 +547,16 @@ class Config:
     )
     daemon: bool = option(
         False,
-        "detach from the terminal once every worker is ready",
+        "detach from the terminal once every worker is ready: the command prints the "
+        "listening line, or fails with the master's reason and exit status",
         parse=_boolean,
         commands=frozenset({"start"}),
     )
     access_log: bool = option(
         False,
-        "log each handshake (client, path, HTTP status) and each closed connection (close "
-        "code, duration, messages in and out) to the logger wsfleet.access",
+        "log each handshake ('CLIENT \"GET PATH\" STATUS') and each closed connection "
+        "('CLIENT PATH closed CODE after S, N in, M out') to the logger wsfleet.access; "
+        "counting messages costs a coroutine per message, hence off by default",
         parse=_boolean,
     )
     log_level: str = option(
@@ -533,13 +567,18 @@ class Config:
     )
     log_file: str | None = option(
         None,
-        "append logs to this file instead of stderr; USR1 reopens it",
+        "append logs to this file instead of stderr; USR1 reopens it (logrotate)",
         parse=_optional_path,
         metavar="FILE",
     )
 
 
 KILL_MARGIN = 1.0  # what the master adds to a worker's own deadlines before it kills
+
+# What a running master cannot change: its sockets stay those it opened at start, so a SIGHUP
+# that finds one of these changed logs a warning and keeps the old value (docs/options.md
+# lists them, from here).
+RELOAD_IGNORES = ("host", "port", "bind", "umask", "backlog", "metrics")
 
 
 def uses_uvloop(config: Config) -> bool:
@@ -604,6 +643,25 @@ FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fiel
 def fields_for(command: str) -> list[dataclasses.Field[Any]]:
     """The options a command takes, in declaration order."""
     return [f for f in FIELDS.values() if command in f.metadata["commands"]]
+
+
+def shown_default(field: dataclasses.Field[Any]) -> str:
+    """An option's default as --help and docs/options.md show it: 30 rather than 30.0,
+    none, off, a list comma-separated."""
+    if field.metadata["shown"]:
+        return str(field.metadata["shown"])
+    value = field.default
+    if value is None or value == ():
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, tuple):
+        return ",".join(value)
+    if value == "":
+        return "''"
+    return str(value)
 
 
 def flag(name: str) -> str:

@@ -21,11 +21,12 @@ What stays as in websockets:
 - Everything outside the OPEN state (a refused handshake's response, closing frames, the end
   of the TCP stream) is written at once; the 101 response before the handler starts.
 
-What an app can notice, both only while more of its client's messages are buffered unread:
-one that sends and then blocks the loop before reading them (or sends from another task that
-blocks) delays that send until it yields or answers the batch, as SPEC's exception allows;
-one that closes or aborts the *transport* itself right after a send loses that send unless it
-calls ``write_waiting()`` first (``close()`` on the connection needs no help).
+What an app can notice, both only while more of its client's messages are buffered unread: one
+that sends and then blocks the loop before reading them (or sends from another task that
+blocks) delays that send until it yields or answers the batch (the one liberty wsfleet takes
+with timing, docs/how-it-works.md); one that closes or aborts the *transport* itself right
+after a send loses that send unless it calls ``write_waiting()`` first (``close()`` on the
+connection needs no help).
 """
 
 from __future__ import annotations

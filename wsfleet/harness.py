@@ -88,6 +88,16 @@ def end(pid: int) -> None:
     wait_for(lambda: all(gone(p.pid) for p in procs), 10, f"process {pid} and its children")
 
 
+def _group_members(group: int | None) -> list[int]:
+    """The live (not zombie) processes of a process group."""
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+            if os.getpgid(proc.pid) == group and not gone(proc.pid):
+                found.append(proc.pid)
+    return found
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -103,7 +113,13 @@ def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 class Process:
-    """A wsfleet process whose stderr (and stdout) a thread reads into a line list."""
+    """A wsfleet process whose stderr (and stdout) a thread reads into a line list.
+
+    ``new_session``: in a session and process group of its own, as a command typed in a
+    terminal is, so that :meth:`interrupt` is a Ctrl-C (SIGINT to the whole group) and
+    :meth:`kill` also ends what left the process tree (an upgrade's new master).
+    ``interactive``: its stdin is a pipe that :meth:`type` writes lines to.
+    """
 
     def __init__(
         self,
@@ -113,18 +129,22 @@ class Process:
         cwd: str | os.PathLike[str] | None = None,
         pass_fds: Sequence[int] = (),
         program: Sequence[str] = (sys.executable, "-m", "wsfleet"),
+        new_session: bool = False,
+        interactive: bool = False,
     ) -> None:
         self.args = [*program, *args]
         self.popen = subprocess.Popen(
             self.args,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE if interactive else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=clean_env(env),
             cwd=cwd,
             pass_fds=pass_fds,
             text=True,
+            start_new_session=new_session,
         )
+        self.group = self.popen.pid if new_session else None
         self.pid = self.popen.pid
         self.lines: list[str] = []
         self._new = threading.Condition()
@@ -173,6 +193,22 @@ class Process:
     def signal(self, sig: signal.Signals) -> None:
         os.kill(self.pid, sig)
 
+    def interrupt(self) -> None:
+        """Ctrl-C: SIGINT to every process of its group (``new_session`` only)."""
+        assert self.group is not None, "interrupt() needs new_session=True"
+        os.killpg(self.group, signal.SIGINT)
+
+    def type(self, line: str) -> None:
+        """Write a line to its stdin (``interactive`` only)."""
+        assert self.popen.stdin is not None, "type() needs interactive=True"
+        self.popen.stdin.write(line + "\n")
+        self.popen.stdin.flush()
+
+    def end_input(self) -> None:
+        """Ctrl-D: close its stdin (``interactive`` only)."""
+        assert self.popen.stdin is not None, "end_input() needs interactive=True"
+        self.popen.stdin.close()
+
     def wait(self, timeout: float = 15) -> int:
         status = self.popen.wait(timeout)
         self._reader.join(timeout)
@@ -195,6 +231,13 @@ class Process:
             self.popen.kill()
         self.popen.wait(10)
         psutil.wait_procs(children, timeout=10)
+        if self.group is not None:  # its own group: whatever is left in it, by the group's id
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.group, signal.SIGKILL)
+            wait_for(lambda: not _group_members(self.group), 10, f"process group {self.group}")
+        if self.popen.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.popen.stdin.close()
         self._reader.join(5)
 
 

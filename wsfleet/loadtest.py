@@ -6,7 +6,7 @@ Every connection attempt is recorded with its start time and outcome. An attempt
 the TCP connection is refused or reset, the handshake gets anything but 101 (websockets'
 503 for one that completes while a server closes, say), or the echo never comes back. An
 attempt whose connection is closed with 1012 (service restart) after its handshake is not a
-failure: the server told the client to reconnect, as the contract allows.
+failure: the server told the client to reconnect, which is what 1012 means.
 """
 
 from __future__ import annotations

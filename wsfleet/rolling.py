@@ -9,7 +9,7 @@ message naming the process if one does not come back in time, so that a deployme
 before it takes down the rest.
 
 The port defaults to WSFLEET_PORT, else 8765, as the workers themselves read it. Needs
-supervisor in the same environment (pip install 'wsfleet[supervisor]').
+supervisor in the same environment (pip install '.[supervisor]' from wsfleet's checkout).
 """
 
 from __future__ import annotations
@@ -116,22 +116,42 @@ def restart(conf: str, name: str, args: argparse.Namespace) -> str | None:
     return None
 
 
-def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The command line (docs/options.md is written from it)."""
     parser = argparse.ArgumentParser(
-        prog=prog, description="Restart supervisord's wsfleet workers one by one."
+        prog=prog,
+        description="Restart supervisord's wsfleet workers one at a time: each must be "
+        "running again, listening and healthy before the next.",
     )
     parser.add_argument("conf", help="the supervisord configuration file")
     parser.add_argument("--host", default="127.0.0.1", help="where to probe the health path")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("WSFLEET_PORT", 8765)))
-    parser.add_argument("--health-path", default="/health/")
     parser.add_argument(
-        "--timeout", type=float, default=60.0, help="seconds each process may take to come back"
+        "--port",
+        type=int,
+        default=None,
+        help="the workers' port (default: $WSFLEET_PORT, else 8765, as the workers read it)",
     )
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--health-path", default="/health/", metavar="PATH", help="the workers' health path"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="seconds each process may take to come back",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    args = build_parser(prog).parse_args(argv)
+    if args.port is None:
+        args.port = int(os.environ.get("WSFLEET_PORT", 8765))
     if importlib.util.find_spec("supervisor") is None:
         print(
             "rolling-restart: needs supervisor in this environment: "
-            "pip install 'wsfleet[supervisor]'",
+            "pip install supervisor (from wsfleet's checkout: pip install '.[supervisor]')",
             file=sys.stderr,
         )
         return 2
