@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -103,7 +104,7 @@ def test_port_0_several_binds_and_a_unix_socket(spawn, tmp_path: Path) -> None:
     result = run_wsfleet(["status", "--port", "0"])
     assert result.returncode == 1
     (line,) = result.stderr.splitlines()
-    assert "listens on 127.0.0.1:0 (running: pid " in line
+    assert "listens on 127.0.0.1:0 (its masters: pid " in line
     assert "give the address the master listens on" in line and "--pidfile" in line
     # A pidfile given wins over the address.
     result = run_wsfleet(["status", "--port", str(port), "--pidfile", str(tmp_path / "x.pid")])
@@ -242,6 +243,11 @@ def test_upgrade_and_stop_find_the_new_master_by_address(spawn, tmp_path: Path) 
             harness.end(new)
 
 
+def streams(pid: int) -> list[str]:
+    """What a process's standard output and error are."""
+    return [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in (1, 2)]
+
+
 def test_daemon_without_a_log_file_logs_to_wsfleet_log_and_says_so(tmp_path: Path) -> None:
     port = free_port()
     result = run_wsfleet(["start", "--daemon", "-w", "1", "--port", str(port)], cwd=tmp_path)
@@ -258,13 +264,20 @@ def test_daemon_without_a_log_file_logs_to_wsfleet_log_and_says_so(tmp_path: Pat
         assert pid is not None
         text = run_wsfleet(["status", "--port", str(port)]).stdout
         assert f"\nlog: {log}" in text
+        # Its standard output and error are the log file (the kernel says so), and follow
+        # it when USR1 reopens it after a rotation.
+        pids = [pid, *(w["pid"] for w in status("--port", str(port))["workers"])]
+        assert all(streams(p) == [str(log)] * 2 for p in pids)
+        log.rename(tmp_path / "wsfleet.log.1")
+        os.kill(pid, signal.SIGUSR1)
+        wait_for(lambda: log.exists() and log.read_text().count("reopened log file") == 2)
+        assert all(streams(p) == [str(log)] * 2 for p in pids)
         result = run_wsfleet(["stop", "--port", str(port)])
         assert result.returncode == 0, result.stderr
         assert gone(pid)
-        logged = log.read_text()
-        assert f"master {pid} exiting" in logged
-        # What the detached master writes to its standard error lands there too.
-        assert f"listening on ws://127.0.0.1:{port}" in logged
+        assert f"master {pid} exiting" in log.read_text()
+        # What the detached master wrote to its standard error is in the log too.
+        assert f"listening on ws://127.0.0.1:{port}" in (tmp_path / "wsfleet.log.1").read_text()
     finally:
         if pid is not None:
             harness.end(pid)

@@ -1,14 +1,14 @@
 """The command line: ``wsfleet start|worker|stop|reload|upgrade|status``.
 
-Exit statuses: 0 success; 1 runtime failure (a port held by another program, a missing or
-stale pidfile, a master that did not stop in time); 2 bad input (unknown option, bad value,
+Exit statuses: 0 success; 1 runtime failure (a port held by another program, no master
+found: a missing or stale pidfile, or none listening on the address; a master that did not
+stop in time); 2 bad input (unknown option, bad value,
 bad config file); 4 the app cannot be loaded.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import importlib.util
 import json
@@ -482,14 +482,10 @@ def daemonize(log_file: str | None) -> None:
         os._exit(0)
     control.set_ready_fd(write_end)
     devnull = os.open(os.devnull, os.O_RDWR)
-    output = devnull
-    if log_file:
-        with contextlib.suppress(OSError):  # (opened already by logging: it can be)
-            output = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-    for fd, target in ((0, devnull), (1, output), (2, output)):
-        os.dup2(target, fd)
-    for fd in {devnull, output}:
-        os.close(fd)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    logs.redirect_std_streams()  # stdout and stderr: to the log file, when there is one
 
 
 def find_master(args: argparse.Namespace) -> control.Locator:

@@ -488,14 +488,16 @@ class Config:
     )
     pidfile: str | None = option(
         None,
-        "file where the master writes its pid",
+        "file where the master writes its pid; `wsfleet status|reload|stop|upgrade` find a "
+        "master without one, by the address it listens on",
         parse=_optional_path,
         commands=frozenset({"start"}),
         metavar="FILE",
     )
     daemon: bool = option(
         False,
-        "detach from the terminal once every worker is ready",
+        "detach from the terminal once every worker is ready; logs go to --log-file, by "
+        "default wsfleet.log in the current directory (the command prints where)",
         parse=_boolean,
         commands=frozenset({"start"}),
     )
@@ -516,6 +518,7 @@ class Config:
         "append logs to this file instead of stderr; USR1 reopens it",
         parse=_optional_path,
         metavar="FILE",
+        shown="stderr; with --daemon, wsfleet.log",
     )
 
 

@@ -309,7 +309,7 @@ def _hint(masters: list[tuple[int, list[Address]]]) -> str:
     listed = [f"pid {pid} on {', '.join(map(str, addrs)) or '?'}" for pid, addrs in masters]
     running = "; ".join(listed[:5]) + (f"; {len(listed) - 5} more" if len(listed) > 5 else "")
     return (
-        f" ({'running: ' + running if masters else 'none of its masters runs'}); give the "
+        f" ({'its masters: ' + running if masters else 'it runs none'}); give the "
         "address the master listens on, as given to `wsfleet start` (--host/--port or "
         "--bind; WSFLEET_HOST, WSFLEET_PORT, WSFLEET_BIND; or --config FILE) with the port "
         "its 'listening on' line shows, or its --pidfile"
