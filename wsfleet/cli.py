@@ -2,8 +2,8 @@
 
 Exit statuses: 0 success; 1 runtime failure (a port held by another program, no master
 found: a missing or stale pidfile, or none listening on the address; a master that did not
-stop in time); 2 bad input (unknown option, bad value,
-bad config file); 4 the app cannot be loaded.
+stop in time); 2 bad input (unknown option, bad value, bad config file); 4 the app cannot be
+loaded.
 """
 
 from __future__ import annotations

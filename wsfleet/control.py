@@ -296,8 +296,8 @@ class Locator:
         where = ", ".join(map(str, self.addresses))
         if found:
             raise ControlError(
-                f"several wsfleet masters listen on {where}: pids "
-                f"{', '.join(map(str, found))}; give the pidfile of the one you mean (--pidfile)"
+                f"several wsfleet masters listen on {where}: pids {', '.join(map(str, found))}; "
+                "give the one you mean by its --pidfile, or signal it"
             )
         user = _user()
         raise ControlError(f"no wsfleet master of user {user} listens on {where}{_hint(masters)}")
