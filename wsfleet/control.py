@@ -300,16 +300,17 @@ class Locator:
                 "give the one you mean by its --pidfile, or signal it"
             )
         user = _user()
-        raise ControlError(f"no wsfleet master of user {user} listens on {where}{_hint(masters)}")
+        hint = _hint(masters, user)
+        raise ControlError(f"no wsfleet master of user {user} listens on {where}{hint}")
 
 
-def _hint(masters: list[tuple[int, list[Address]]]) -> str:
+def _hint(masters: list[tuple[int, list[Address]]], user: str) -> str:
     """What the error says after "no master listens on ...": which ones run, and how to
     point at one."""
     listed = [f"pid {pid} on {', '.join(map(str, addrs)) or '?'}" for pid, addrs in masters]
     running = "; ".join(listed[:5]) + (f"; {len(listed) - 5} more" if len(listed) > 5 else "")
     return (
-        f" ({'its masters: ' + running if masters else 'it runs none'}); give the "
+        f" ({'its masters: ' + running if masters else user + ' runs none'}); give the "
         "address the master listens on, as given to `wsfleet start` (--host/--port or "
         "--bind; WSFLEET_HOST, WSFLEET_PORT, WSFLEET_BIND; or --config FILE) with the port "
         "its 'listening on' line shows, or its --pidfile"
