@@ -4,6 +4,7 @@ broken code, and the `wsfleet.run()` API."""
 from __future__ import annotations
 
 import os
+import pwd
 import signal
 import socket
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 import psutil
 
 from wsfleet.control import READY
+from wsfleet.harness import free_port
 
 from .helpers import Proc, gone, run_wsfleet
 from .test_master import VERSIONED_APP, Master, app_master, echo_once, write_app
@@ -53,9 +55,12 @@ def test_status_and_stop_without_a_master_exit_1(tmp_path: Path) -> None:
     result = run_wsfleet(["status", "--pidfile", str(stale)])
     assert result.returncode == 1
     assert "stale pidfile" in result.stderr
-    result = run_wsfleet(["status"])
-    assert result.returncode == 2
-    assert "no pidfile: give --pidfile" in result.stderr
+    # Without a pidfile, the master listening on the address: none on a free port.
+    port = free_port()
+    result = run_wsfleet(["status", "--port", str(port)])
+    assert result.returncode == 1
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    assert f"no wsfleet master of user {user} listens on 127.0.0.1:{port}" in result.stderr
 
 
 def test_a_second_master_on_the_same_pidfile_is_refused(spawn, tmp_path: Path) -> None:
@@ -153,8 +158,12 @@ def test_daemon_detaches_and_stops(tmp_path: Path) -> None:
         assert result.returncode == 0, result.stderr
         match = READY.search(result.stderr)
         assert match and match.group(1) == "127.0.0.1", result.stderr
-        # The command prints what the master printed: one line per address.
-        assert result.stderr.splitlines() == [match.group(0), f"listening on unix:{unix}"]
+        # The command prints what the master printed: one line per address; and its log.
+        assert result.stderr.splitlines() == [
+            match.group(0),
+            f"listening on unix:{unix}",
+            f"logging to {log}",
+        ]
         assert pid is not None and psutil.Process(pid).ppid() != os.getpid()
         assert echo_once(f"ws://127.0.0.1:{match.group(2)}/") == "hi"
         stop = run_wsfleet(["stop", "--pidfile", str(pidfile)])
@@ -198,9 +207,11 @@ def test_daemon_reports_why_without_a_log_file(tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = run_wsfleet(["start", "--daemon", "-w", "1", "--port", str(port)])
+        result = run_wsfleet(["start", "--daemon", "-w", "1", "--port", str(port)], cwd=tmp_path)
     assert result.returncode == 1, result.stderr
     assert f"address 127.0.0.1:{port} is already in use" in result.stderr
+    # Its default log file (tests/test_commands.py) says it too.
+    assert f"address 127.0.0.1:{port} is already in use" in (tmp_path / "wsfleet.log").read_text()
 
 
 RUN_SCRIPT = """

@@ -190,6 +190,20 @@ class RollingRestart:
     step: Worker | None = None
 
 
+@dataclass
+class RestartOutcome:
+    """How the last rolling restart went, as data (the status's "reload"): ``kind`` none,
+    in_progress, done (every slot serves the new code), failed, refused or stopped;
+    ``detail`` why it failed, was refused or stopped (by what), or, when done, why the
+    configuration file could not be re-read (the old one was kept). ``began``: when it was
+    asked for; the workers forked before it run the old code, and the status counts those
+    still running (control.reload waits for them)."""
+
+    kind: str = "none"
+    detail: str | None = None
+    began: float | None = None
+
+
 class BootError(Exception):
     """No worker could start (the app does not import, say): start gives up."""
 
@@ -227,7 +241,7 @@ class Fleet:
         self.restart: RollingRestart | None = None
         self.restarts = 0  # rolling restarts asked for (SIGHUP), so a waiter knows its own
         self.restart_problem: str | None = None
-        self.last_restart = "none yet"
+        self.outcome = RestartOutcome()
         # Workers replaced, or started and stopped, by reason (metrics.RESTART_REASONS).
         self.restart_reasons: collections.Counter[str] = collections.Counter()
         self.tally = metrics.Tally()  # the workers' counts (--metrics)
@@ -391,8 +405,9 @@ class Fleet:
                 how,
                 reason,
             )
-            self.last_restart = f"failed: worker {pid} for slot {slot.index} exited ({how}){reason}"
             self.restart = None
+            why = f"worker {pid} for slot {slot.index} exited ({how}){reason}"
+            self.restart_ended("failed", why)
         if worker.state is WorkerState.DRAINING or self.state is MasterState.STOPPING:
             log.info("worker %d (slot %d) exited (%s)", pid, slot.index, how)
             return
@@ -567,11 +582,11 @@ class Fleet:
         self.restarts += 1
         self.restart_problem = problem
         if self.state is MasterState.STOPPING:
-            self.last_restart = "refused: the master is stopping"
+            self.outcome = RestartOutcome("refused", "the master is stopping", self.clock())
             return
         self.config = config
         log.info("rolling restart of %d workers", len(self.slots))
-        self.last_restart = "in progress"
+        self.outcome = RestartOutcome("in_progress", None, self.clock())
         if self.restart is None:
             self.restart = RollingRestart(list(self.slots))
             self.advance_restart()
@@ -587,16 +602,36 @@ class Fleet:
             restart.todo.pop(0)  # scaled away meanwhile
         if not restart.todo:
             log.info("rolling restart done")
-            self.restart, self.last_restart = None, "done"
-            if self.restart_problem:
-                self.last_restart = f"done with the old configuration: {self.restart_problem}"
+            self.restart = None
+            self.restart_ended("done", self.restart_problem)
             self.scale(self.config.workers)
             return
         slot = restart.todo[0]
         restart.step = self.spawn(slot, replacement=slot.worker is not None)
         if restart.step is None:
             log.error("rolling restart stopped: no worker could be started for slot %d", slot.index)
-            self.restart, self.last_restart = None, f"failed: cannot start slot {slot.index}"
+            self.restart = None
+            self.restart_ended("failed", f"cannot start slot {slot.index}")
+
+    def restart_ended(self, kind: str, detail: str | None) -> None:
+        self.outcome = RestartOutcome(kind, detail, self.outcome.began)
+
+    @property
+    def last_restart(self) -> str:
+        """The outcome in words, as `wsfleet status` shows it."""
+        return control.outcome_text({"kind": self.outcome.kind, "detail": self.outcome.detail})
+
+    def reload_status(self) -> dict[str, Any]:
+        """The outcome as data, with the old workers (forked before that reload was asked
+        for) still running and their connections: "done" and none left is a reload over."""
+        began = self.outcome.began
+        old = [w for w in self.workers.values() if began is not None and w.born < began]
+        return {
+            "kind": self.outcome.kind,
+            "detail": self.outcome.detail,
+            "old_workers": len(old),
+            "old_connections": sum(w.connections for w in old),
+        }
 
     def scale(self, count: int) -> None:
         count = max(1, count)
@@ -676,7 +711,8 @@ class Fleet:
         """No new worker, no restart from now on."""
         self.state = MasterState.STOPPING
         if self.restart is not None:
-            self.restart, self.last_restart = None, f"stopped by {why}"
+            self.restart = None
+            self.restart_ended("stopped", why)
 
     def close_listeners(self) -> None:
         """This master's copies of the sockets (a new master's, after an upgrade, stay)."""
@@ -806,7 +842,8 @@ class Fleet:
                 "workers": len(self.slots),
                 "restarts": self.restarts,
                 "restarts_by_reason": {r: self.restart_reasons[r] for r in metrics.RESTART_REASONS},
-                "last_restart": self.last_restart,
+                "last_restart": self.last_restart,  # in words; "reload" as data
+                "reload": self.reload_status(),
                 "upgrades": self.upgrades,
                 "last_upgrade": self.last_upgrade,
                 "heartbeat_interval": cfg.heartbeat_interval(self.config),
@@ -1500,6 +1537,8 @@ class Arbiter:
         status["master"]["age"] = round(time.time() - self.started, 1)
         status["master"]["version"] = __version__
         status["master"]["addresses"] = self.urls()
+        log_file = self.config.log_file
+        status["master"]["log_file"] = os.path.abspath(log_file) if log_file else None
         if self.metrics_url is not None:
             status["master"]["metrics"] = self.metrics_url
         status["events"] = list(self.events)

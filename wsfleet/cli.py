@@ -6,6 +6,7 @@ Exit statuses are :data:`EXIT_STATUSES` (docs/options.md shows them, from there)
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import logging
@@ -31,10 +32,10 @@ EXIT_STATUSES: dict[int, str] = {
     "that does not share it or, for start, by anything listening there, such as another "
     "master or a forgotten wsfleet worker: the message names the address); a pidfile held by "
     "a running master (named) or that is a symbolic link; no running master found (stop, "
-    "reload, upgrade, status: a missing or stale pidfile); a master that did not stop in time "
-    "(stop); a rolling restart that stopped (reload --wait); a new master that could not "
-    "start, the old one serving on (upgrade); a lone worker stopped by a second TERM or INT, "
-    "its connections dropped",
+    "reload, upgrade, status: a missing or stale pidfile, or none listening on the "
+    "address); a master that did not stop in time (stop); a rolling restart that stopped "
+    "(reload --wait); a new master that could not start, the old one serving on (upgrade); a lone worker stopped by a second TERM or INT, "
+    "its connections closed at once",
     EXIT_USAGE: "bad input: an unknown option (the closest valid one suggested), a bad value, "
     "an unreadable or invalid config file; one line names the option, the environment "
     "variable, or the file and line",
@@ -85,6 +86,38 @@ def _address(text: str) -> str:
     return text
 
 
+def help_text(text: str) -> str:
+    """A help text as argparse must be given it: argparse %-formats every help string (for
+    its ``%(default)s``), so a literal ``%`` ("+-10%") would crash ``--help``. Every help
+    text that comes from the option table goes through here."""
+    return text.replace("%", "%%")
+
+
+def _add_option(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    field: cfg.dataclasses.Field[Any],
+    text: str | None = None,
+) -> None:
+    """One option of the table (wsfleet/config.py) on a command: its flags, how its value is
+    read, and its help (``text`` instead of the table's, for a control command), with the
+    environment variable and the default."""
+    meta = field.metadata
+    flags = [cfg.flag(field.name)] + ([meta["short"]] if meta["short"] else [])
+    default = cfg.shown_default(field)
+    kind: dict[str, Any] = {"type": _option_type(field.name), "metavar": meta["metavar"]}
+    if field.type == "bool":
+        kind = {"action": "store_const", "const": True}
+    elif field.name == "bind":  # repeated, one address each time (a path may hold a comma)
+        kind = {"type": _address, "metavar": meta["metavar"], "action": "append"}
+    parser.add_argument(
+        *flags,
+        dest=field.name,
+        default=argparse.SUPPRESS,  # absent stays absent, so env and file can apply
+        help=help_text(f"{text or meta['help']} [{cfg.env_name(field.name)}; default: {default}]"),
+        **kind,
+    )
+
+
 def _add_serving_options(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument(
         "app_argument",
@@ -96,33 +129,43 @@ def _add_serving_options(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument(
         "--config",
         metavar="FILE",
-        help=f"TOML file of options (default: ${cfg.ENV_PREFIX}CONFIG)",
+        help=help_text(f"TOML file of options (default: ${cfg.ENV_PREFIX}CONFIG)"),
     )
     for field in cfg.fields_for(command):
-        meta = field.metadata
-        flags = [cfg.flag(field.name)] + ([meta["short"]] if meta["short"] else [])
-        default = cfg.shown_default(field)
-        kind: dict[str, Any] = {"type": _option_type(field.name), "metavar": meta["metavar"]}
-        if field.type == "bool":
-            kind = {"action": "store_const", "const": True}
-        elif field.name == "bind":  # repeated, one address each time (a path may hold a comma)
-            kind = {"type": _address, "metavar": meta["metavar"], "action": "append"}
-        parser.add_argument(
-            *flags,
-            dest=field.name,
-            default=argparse.SUPPRESS,  # absent stays absent, so env and file can apply
-            help=f"{meta['help']} [{cfg.env_name(field.name)}; default: {default}]",
-            **kind,
-        )
+        _add_option(parser, field)
 
 
 def _add_control_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+    """How a control command finds its master: the pidfile when one is given, else the
+    address the master listens on, from the same options, variables and file as ``wsfleet
+    start`` (control.Locator says how)."""
+    where = parser.add_argument_group(
+        "finding the master",
+        "The master is the one its pidfile names, when one is given (--pidfile, "
+        f"{cfg.env_name('pidfile')}, or pidfile in --config); otherwise the master of this "
+        "user that listens on the address given as to `wsfleet start` (--host/--port, "
+        "--bind, their WSFLEET_* variables, or --config).",
+    )
+    where.add_argument(
         "--pidfile",
         metavar="FILE",
-        help=f"the master's pidfile [{cfg.env_name('pidfile')}, or pidfile in --config]",
+        help=help_text(f"the master's pidfile [{cfg.env_name('pidfile')}; default: none]"),
     )
-    parser.add_argument("--config", metavar="FILE", help="TOML file whose pidfile to use")
+    where.add_argument(
+        "--config",
+        metavar="FILE",
+        help=help_text(
+            f"the TOML file given to `wsfleet start`: its pidfile, or its address "
+            f"(default: ${cfg.ENV_PREFIX}CONFIG)"
+        ),
+    )
+    _add_option(where, cfg.FIELDS["host"], "the address the master listens on")
+    _add_option(where, cfg.FIELDS["port"], "the port the master listens on (the one it printed)")
+    _add_option(
+        where,
+        cfg.FIELDS["bind"],
+        "an address the master listens on: HOST:PORT, [V6ADDR]:PORT or unix:PATH",
+    )
 
 
 def _add_timeout(
@@ -256,9 +299,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_control_options(reload)
     reload.add_argument(
         "--wait",
-        action="store_true",
-        help="return once the rolling restart is over: exit 0 when every worker runs the new "
-        "code, 1 with the reason when it stopped",
+        nargs="?",
+        const="drained",
+        choices=control.WAIT_UNTIL,
+        metavar="drained|serving",
+        help="follow the rolling restart and say when every slot serves the new code, then "
+        "when the old workers have closed their connections and exited. --wait (or "
+        "--wait=drained) returns at that second moment: exit 0 once no process runs the old "
+        "code; --wait=serving returns at the first, while old workers may still close "
+        "their connections. Exit 1 with the reason when the restart failed or stopped",
     )
     _add_timeout(reload, 300.0, "with --wait, how long to wait")
     upgrading = commands.add_parser(
@@ -319,10 +368,33 @@ def load_config(command: str, args: argparse.Namespace) -> cfg.Config:
         fail(str(exc), EXIT_USAGE)
 
 
-def setup_logging(config: cfg.Config) -> None:
+DAEMON_LOG = "wsfleet.log"  # --daemon's log file when --log-file is not given
+
+
+def daemon_log(config: cfg.Config) -> cfg.Config:
+    """--daemon without --log-file logs to wsfleet.log in the current directory (as
+    supervisord's supervisord.log), made absolute: a detached master's stderr is nobody's,
+    and a log thrown away without a word is the worst default. An upgrade's new master
+    (started with the same arguments, in the same directory) logs to the same file."""
+    if config.daemon and not config.log_file:
+        try:
+            path = os.path.abspath(DAEMON_LOG)
+        except OSError:  # a working directory removed: opening it will say so
+            path = DAEMON_LOG
+        return cfg.dataclasses.replace(config, log_file=path)
+    return config
+
+
+def setup_logging(config: cfg.Config, defaulted: bool = False) -> None:
     try:
         logs.setup(config.log_level, config.log_file)
     except OSError as exc:
+        if defaulted:
+            fail(
+                f"--daemon logs to {config.log_file} when no --log-file is given: cannot open "
+                f"it: {exc.strerror}; give --log-file FILE",
+                EXIT_USAGE,
+            )
         fail(f"--log-file {config.log_file}: cannot open: {exc.strerror}", EXIT_USAGE)
 
 
@@ -380,11 +452,11 @@ def run_master(config: cfg.Config, args: argparse.Namespace) -> int:
     from .arbiter import Arbiter, BootError
 
     def reload_config() -> cfg.Config:
-        return cfg.load("start", given_options(args), args.config)
+        return daemon_log(cfg.load("start", given_options(args), args.config))
 
     sockets.raise_fd_limit()  # before forking: the workers inherit it
     if config.daemon and upgrade.ENV not in os.environ:  # (an upgrade's: detached already)
-        daemonize()
+        daemonize(config.log_file)
     try:
         return Arbiter(config, reload_config).run()
     except BootError as exc:
@@ -397,9 +469,11 @@ def run_master(config: cfg.Config, args: argparse.Namespace) -> int:
         fail(f"cannot start: {exc}", EXIT_RUNTIME)
 
 
-def daemonize() -> None:
-    """Detach: the command returns once the master is ready (printing its listening line),
-    or fails with the master's exit status if it could not start."""
+def daemonize(log_file: str | None) -> None:
+    """Detach: the command returns once the master is ready (printing its listening lines
+    and where it logs), or fails with the master's exit status if it could not start. The
+    detached master's standard output and error go to its log file too, so that nothing
+    written there (a traceback from a forked child, a warning) is lost."""
     read_end, write_end = os.pipe()
     if os.fork() > 0:
         os.close(write_end)
@@ -408,10 +482,11 @@ def daemonize() -> None:
         line = text.partition("\n")[0]
         if control.LISTENING.match(line):
             print(text, end="", file=sys.stderr)  # one line per address
+            print(f"logging to {log_file or os.devnull}", file=sys.stderr)
             raise SystemExit(0)
         if failed := control.FAILED.match(line):  # the master's own reason and status
             fail(failed.group(2), int(failed.group(1)))
-        fail("the master exited before it was ready; see its log (--log-file)", EXIT_RUNTIME)
+        fail(f"the master exited before it was ready; see its log {log_file}", EXIT_RUNTIME)
     os.close(read_end)
     os.setsid()
     if os.fork() > 0:
@@ -421,24 +496,33 @@ def daemonize() -> None:
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
     os.close(devnull)
+    logs.redirect_std_streams()  # stdout and stderr: to the log file, when there is one
+
+
+def find_master(args: argparse.Namespace) -> control.Locator:
+    """Which master a control command means: the pidfile's when one is given (--pidfile, or
+    from the environment or --config), else the one listening on the address read as
+    `wsfleet start` reads it (--host/--port/--bind, WSFLEET_*, --config): control.Locator."""
+    config = cfg.load("start", given_options(args), args.config)
+    pidfile = args.pidfile or config.pidfile
+    if pidfile:
+        return control.Locator(pidfile=pidfile)
+    return control.Locator(addresses=tuple(cfg.addresses(config)))
 
 
 def run_control(args: argparse.Namespace) -> int:
     """``wsfleet stop|reload|upgrade|status``."""
-    pidfile = args.pidfile
-    if not pidfile:
-        pidfile = cfg.load("start", {}, args.config).pidfile
-    if not pidfile:
-        fail(f"no pidfile: give --pidfile or set {cfg.env_name('pidfile')}", EXIT_USAGE)
+    master = find_master(args)
     try:
         if args.command == "stop":
-            print(control.stop(pidfile, args.timeout))
+            print(control.stop(master, args.timeout))
         elif args.command == "reload":
-            print(control.reload(pidfile, args.wait, args.timeout))
+            say = functools.partial(print, flush=True)
+            print(control.reload(master, args.wait, args.timeout, say))
         elif args.command == "upgrade":
-            print(control.upgrade(pidfile, args.timeout))
+            print(control.upgrade(master, args.timeout))
         else:
-            status = control.query_status(control.master_pid(pidfile))
+            status = control.query_status(master.pid())
             if args.json:
                 print(json.dumps(status, indent=2))
             else:
@@ -516,6 +600,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "start":
         control.set_ready_fd(upgrade.ready_fd())  # an upgrade's new master: tell the old one
     config = load_config(args.command, args)
+    defaulted = args.command == "start" and config.daemon and not config.log_file
+    if args.command == "start":
+        config = daemon_log(config)
     if args.command == "worker" and config.fd is not None and config.bind:
         fail("--fd and --bind: give one (--fd serves an inherited socket)", EXIT_USAGE)
     try:
@@ -534,7 +621,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "checkout: pip install '.[metrics]')",
             EXIT_USAGE,
         )
-    setup_logging(config)
+    setup_logging(config, defaulted)
     if args.command == "worker":
         return run_worker(config)
     return run_master(config, args)

@@ -540,7 +540,8 @@ class Config:
     )
     pidfile: str | None = option(
         None,
-        "file where the master writes its pid",
+        "file where the master writes its pid; `wsfleet status|reload|stop|upgrade` find a "
+        "master without one, by the address it listens on",
         parse=_optional_path,
         commands=frozenset({"start"}),
         metavar="FILE",
@@ -548,7 +549,8 @@ class Config:
     daemon: bool = option(
         False,
         "detach from the terminal once every worker is ready: the command prints the "
-        "listening line, or fails with the master's reason and exit status",
+        "listening line, or fails with the master's reason and exit status; logs go to "
+        "--log-file, by default wsfleet.log in the current directory (the command prints where)",
         parse=_boolean,
         commands=frozenset({"start"}),
     )
@@ -570,6 +572,7 @@ class Config:
         "append logs to this file instead of stderr; USR1 reopens it (logrotate)",
         parse=_optional_path,
         metavar="FILE",
+        shown="stderr; with --daemon, wsfleet.log",
     )
 
 

@@ -1,8 +1,14 @@
 """Controlling a running master: its pidfile, its status socket, and stop/reload/status.
 
-The master writes its pid to the pidfile and answers status requests on an abstract Unix
-socket named after its pid (``@wsfleet-master-PID``): no file to clean up, no path-length
-limit, and a stale pidfile shows itself because nobody answers.
+The master writes its pid to the pidfile, when it has one, and answers status requests on an
+abstract Unix socket named after its pid (``@wsfleet-master-PID``): no file to clean up, no
+path-length limit, and a stale pidfile shows itself because nobody answers.
+
+A control command finds its master (:class:`Locator`) by the pidfile when one is given, else
+by address: the master of this user whose process title lists the address the command is
+given (``wsfleet start`` and ``wsfleet status`` read the same --host/--port/--bind, their
+``WSFLEET_*`` variables and --config), so that ``wsfleet start`` needs no pidfile for
+``wsfleet status`` to find it.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import ipaddress
 import json
 import logging
 import os
@@ -19,7 +26,11 @@ import signal
 import socket
 import struct
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
+
+from .config import Address, parse_address
 
 
 class ControlError(Exception):
@@ -231,6 +242,185 @@ def master_pid(path: str) -> int:
     return pid
 
 
+TITLE = b"wsfleet: master ["  # how a master's title starts; its addresses follow
+
+
+@dataclass(frozen=True)
+class Locator:
+    """Which master a control command (stop, reload, upgrade, status) means.
+
+    With a pidfile (--pidfile, ``WSFLEET_PIDFILE``, pidfile in --config): the master it
+    names. Without one, discovery by address: the running wsfleet master of this user
+    (effective uid) that listens on one of ``addresses``, those --host/--port or --bind say,
+    as given to ``wsfleet start``. A master's process title lists its addresses as it
+    listens on them: a port 0 as the port the kernel chose, a host name resolved, the
+    sockets socket activation passed, and after an upgrade the same as before. So no
+    default pidfile is needed: nothing goes stale after a kill -9, nothing in a shared
+    directory can be squatted on or swapped for a symbolic link, and a master is found
+    however it was started (--daemon, systemd, a login session since closed, several
+    --bind: any one of them). Only this user's processes count: they are as trusted as the
+    user who runs the command, and the only ones it may signal (root: root's own; give the
+    pidfile of another user's master). A master bound to 0.0.0.0 or [::] serves every
+    address of that family on its port, and is found by any of them.
+
+    During an upgrade two masters list the same addresses; the one in charge is meant:
+    the old one until it hands over (the new one is its child), then the new one (the old
+    one is stopping).
+    """
+
+    pidfile: str | None = None
+    addresses: tuple[Address, ...] = ()
+
+    def pid(self) -> int:
+        """The master's pid; ControlError says what was looked for, and how to point at it."""
+        if self.pidfile is not None:
+            return master_pid(self.pidfile)
+        return self.discover()
+
+    def names(self, pid: int) -> bool:
+        """Whether this still means master pid (an upgrade's old master, asked again)."""
+        if self.pidfile is not None:
+            return read_pid(self.pidfile) == pid and is_master(pid)
+        return is_master(pid) and self.discover(exclude=pid, missing_ok=True) == 0
+
+    def discover(self, exclude: int = 0, missing_ok: bool = False) -> int:
+        masters = [(pid, addrs) for pid, addrs in running_masters() if pid != exclude]
+        wanted = [_comparable(a) for a in self.addresses]
+        found = [pid for pid, addrs in masters if any(serves(h, w) for h in addrs for w in wanted)]
+        if len(found) > 1:
+            found = in_charge(found)
+        if len(found) == 1:
+            return found[0]
+        if missing_ok and not found:
+            return 0
+        where = ", ".join(map(str, self.addresses))
+        if found:
+            raise ControlError(
+                f"several wsfleet masters listen on {where}: pids {', '.join(map(str, found))}; "
+                "give the one you mean by its --pidfile, or signal it"
+            )
+        user = _user()
+        hint = _hint(masters, user)
+        raise ControlError(f"no wsfleet master of user {user} listens on {where}{hint}")
+
+
+def _hint(masters: list[tuple[int, list[Address]]], user: str) -> str:
+    """What the error says after "no master listens on ...": which ones run, and how to
+    point at one."""
+    listed = [f"pid {pid} on {', '.join(map(str, addrs)) or '?'}" for pid, addrs in masters]
+    running = "; ".join(listed[:5]) + (f"; {len(listed) - 5} more" if len(listed) > 5 else "")
+    return (
+        f" ({'its masters: ' + running if masters else user + ' runs none'}); give the "
+        "address the master listens on, as given to `wsfleet start` (--host/--port or "
+        "--bind; WSFLEET_HOST, WSFLEET_PORT, WSFLEET_BIND; or --config FILE) with the port "
+        "its 'listening on' line shows, or its --pidfile"
+    )
+
+
+def _user() -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
+
+
+def running_masters() -> list[tuple[int, list[Address]]]:
+    """(pid, addresses) of every running wsfleet master of this user (effective uid), from
+    the process titles: ``wsfleet: master [ADDRESS, ...]``. A relative Unix socket path is
+    made absolute from the master's working directory."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                title = f.read().split(b"\0")[0]
+            if not title.startswith(TITLE) or _effective_uid(name) != os.geteuid():
+                continue
+            text = title[len(TITLE) :].decode(errors="replace")
+            addresses = []
+            for item in text.rpartition("]")[0].split(", ") if "]" in text else []:
+                with contextlib.suppress(ValueError):
+                    address = parse_address(item)
+                    if address.path and not address.path.startswith(("/", "@")):
+                        cwd = os.readlink(f"/proc/{name}/cwd")
+                        address = Address(path=os.path.join(cwd, address.path))
+                    addresses.append(address)
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        found.append((int(name), addresses))
+    return sorted(found)
+
+
+def _effective_uid(pid: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("Uid:"):
+                return int(line.split()[2])
+    return -1
+
+
+def _comparable(address: Address) -> Address:
+    """An address as a master's title shows it: a host resolved, a path absolute."""
+    from .sockets import numeric
+
+    if address.path is None:
+        return numeric(address)
+    if address.path.startswith("@"):
+        return address
+    return Address(path=os.path.abspath(address.path))
+
+
+def serves(have: Address, wanted: Address) -> bool:
+    """Whether a master listening on ``have`` serves ``wanted`` (both as _comparable makes
+    them): the same address, the same Unix socket file, or a wildcard host (0.0.0.0, [::])
+    on the same port. Port 0 names no master: a master listens on the port it got."""
+    if have.path is not None or wanted.path is not None:
+        if have.path is None or wanted.path is None:
+            return False
+        if have.path.startswith("@") or wanted.path.startswith("@"):
+            return have.path == wanted.path
+        return os.path.realpath(have.path) == os.path.realpath(wanted.path)
+    if have.port != wanted.port or wanted.port == 0:
+        return False
+    if have.host == wanted.host:
+        return True
+    try:
+        host, other = ipaddress.ip_address(have.host), ipaddress.ip_address(wanted.host)
+    except ValueError:
+        return False
+    return host == other or (host.is_unspecified and host.version == other.version)
+
+
+def in_charge(pids: list[int]) -> list[int]:
+    """Of several masters on the same address (an upgrade in progress), the one in charge:
+    not one that is stopping (an old master that handed over), not one whose parent is
+    among them (a new master its old one has not handed over to yet)."""
+    states = {}
+    for pid in pids:
+        try:
+            states[pid] = query_status(pid, timeout=2.0)["master"]["state"]
+        except (ControlError, KeyError, TypeError):
+            states[pid] = "unknown"
+    serving = [pid for pid in pids if states[pid] != "stopping"] or pids
+    return [pid for pid in serving if _parent(pid) not in serving]
+
+
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rpartition(")")[2].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def locator(master: str | Locator) -> Locator:
+    """A pidfile's path (as callers before discovery by address pass it) or a Locator."""
+    return master if isinstance(master, Locator) else Locator(pidfile=master)
+
+
 def query_status(pid: int, timeout: float = 5.0) -> dict[str, Any]:
     """Ask master pid for its status; only an answer from that very process is trusted."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -275,12 +465,25 @@ def format_status(status: dict[str, Any]) -> str:
     ]
     notes = [
         f"connections: as each worker last reported (every {master['heartbeat_interval']:g}s)",
-        f"last rolling restart: {master['last_restart']}",
+        f"last rolling restart: {_restart_line(master)}",
         f"last upgrade: {master.get('last_upgrade', 'not supported')}",
     ]
+    if "log_file" in master:
+        notes.append(f"log: {master['log_file'] or 'standard error'}")
     body = "\n".join(line.rstrip() for line in lines)
     head = f"wsfleet {master.get('version', 'unknown version')}, {', '.join(master['addresses'])}"
     return f"{head}\n{body}\n" + "\n".join(notes)
+
+
+def _restart_line(master: dict[str, Any]) -> str:
+    """The last rolling restart, and the old workers it leaves while they close."""
+    outcome = master.get("reload")
+    if outcome is None:  # a master of an older wsfleet: its sentence
+        return str(master["last_restart"])
+    text = outcome_text(outcome)
+    if outcome["kind"] in ("in_progress", "done") and outcome.get("old_workers"):
+        text += f"; {_old_workers(outcome)}"
+    return text
 
 
 def _age(seconds: float) -> str:
@@ -321,8 +524,8 @@ def signal_master(pid: int, sig: signal.Signals) -> None:
         ) from None
 
 
-def stop(path: str, timeout: float) -> str:
-    pid = master_pid(path)
+def stop(master: str | Locator, timeout: float) -> str:
+    pid = locator(master).pid()
     signal_master(pid, signal.SIGTERM)
     if not wait_exit(pid, timeout):
         raise ControlError(
@@ -332,31 +535,103 @@ def stop(path: str, timeout: float) -> str:
     return f"master {pid} stopped"
 
 
-def reload(path: str, wait: bool = False, timeout: float = 300.0) -> str:
-    """SIGHUP; with wait, return once that rolling restart is over, or raise with its reason."""
-    pid = master_pid(path)
+# What `wsfleet reload --wait` waits for: "drained" (the default) until the workers from
+# before the reload are gone, "serving" until every slot serves the new code.
+WAIT_UNTIL = ("drained", "serving")
+
+
+def outcome_text(reload: dict[str, Any]) -> str:
+    """The last rolling restart (the status's "reload") in words, for `wsfleet status`."""
+    kind, detail = reload["kind"], reload.get("detail")
+    text = {
+        "none": "none yet",
+        "in_progress": "in progress",
+        "done": "done" + (f" with the old configuration: {detail}" if detail else ""),
+        "stopped": f"stopped by {detail}",
+    }.get(kind, f"{kind}: {detail}")  # failed, refused
+    return text
+
+
+def _old_workers(reload: dict[str, Any]) -> str:
+    """ "N old workers (C connections) still run(s) the old code"."""
+    count, conns = reload.get("old_workers", 0), reload.get("old_connections", 0)
+    workers = "1 old worker" if count == 1 else f"{count} old workers"
+    connections = "1 connection" if conns == 1 else f"{conns} connections"
+    runs = "runs" if count == 1 else "run"
+    return f"{workers} ({connections}) still {runs} the old code"
+
+
+def reload(
+    master: str | Locator,
+    wait: str | None = None,
+    timeout: float = 300.0,
+    say: Callable[[str], None] | None = None,
+) -> str:
+    """SIGHUP. With wait, follow that rolling restart: it has two moments, when every slot
+    serves the new code (its new worker is ready; the old workers stop accepting) and when
+    the old workers (forked before the SIGHUP: held, then closing their connections with
+    1012 over the drain window) have exited. ``say`` hears the first; with wait "drained"
+    this returns at the second, with "serving" at the first. A reload that failed, was
+    refused or stopped raises with its reason, as does one done with the old
+    configuration (the file could not be re-read). Never says "done" while a worker that
+    runs the old code is left."""
+    pid = locator(master).pid()
     if not wait:
         signal_master(pid, signal.SIGHUP)
         return f"master {pid}: rolling restart started"
-    asked = query_status(pid)["master"]["restarts"] + 1
+    if wait not in WAIT_UNTIL:
+        raise ValueError(f"wait: expected one of {', '.join(WAIT_UNTIL)}, got {wait!r}")
+    before = query_status(pid)["master"]
+    if "reload" not in before:
+        raise ControlError(
+            f"master {pid} runs a wsfleet ({before.get('version', 'older')}) that does not "
+            "report when its old workers are gone: reload without --wait, or restart it once"
+        )
+    asked = before["restarts"] + 1
+    began = time.monotonic()
     signal_master(pid, signal.SIGHUP)
-    deadline = time.monotonic() + timeout
+    serving: str | None = None  # what was said when every slot served the new code
     while True:
-        master = query_status(pid)["master"]
-        if master["restarts"] >= asked and master["last_restart"] != "in progress":
-            break
-        if time.monotonic() > deadline:
-            raise ControlError(f"master {pid}: the rolling restart is not over after {timeout:g}s")
+        state = query_status(pid)["master"]
+        outcome = state["reload"]
+        if state["restarts"] >= asked and outcome["kind"] != "in_progress":
+            if outcome["kind"] != "done":
+                raise ControlError(f"master {pid}: rolling restart {outcome_text(outcome)}")
+            if serving is None:
+                serving = f"master {pid}: every slot serves the new code after " + (
+                    f"{time.monotonic() - began:.1f}s"
+                )
+                if outcome["old_workers"]:
+                    serving += f"; {_old_workers(outcome)}"
+                if wait == "drained" and say is not None:
+                    say(serving)
+            if wait == "serving" or not outcome["old_workers"]:
+                break
+        if time.monotonic() - began > timeout:
+            left = f": {_old_workers(outcome)}" if serving else ""
+            raise ControlError(
+                f"master {pid}: the rolling restart is not over after {timeout:g}s{left}"
+            )
         time.sleep(0.1)  # the poll interval
-    if master["last_restart"] != "done":
-        raise ControlError(f"master {pid}: rolling restart {master['last_restart']}")
-    return f"master {pid}: rolling restart done: every worker runs the new code"
+    if outcome.get("detail"):
+        raise ControlError(f"master {pid}: rolling restart {outcome_text(outcome)}")
+    if wait == "serving":
+        assert serving is not None
+        if outcome["old_workers"]:
+            serving += " (`wsfleet status` shows when the old workers are gone)"
+        return serving
+    return (
+        f"master {pid}: rolling restart done: the old workers are gone, every worker runs "
+        f"the new code ({time.monotonic() - began:.1f}s)"
+    )
 
 
-def upgrade(path: str, timeout: float = 300.0) -> str:
+def upgrade(master: str | Locator, timeout: float = 300.0) -> str:
     """SIGUSR2, then wait until a new master from the installed code serves (the pidfile
-    names it) or the old one says why not (raised: it goes on serving)."""
-    pid = master_pid(path)
+    names it, or it listens on the addresses) or the old one says why not (raised: it goes
+    on serving)."""
+    where = locator(master)
+    pid = where.pid()
     before = query_status(pid)["master"]
     if "upgrades" not in before:  # SIGUSR2 would end it (the signal's default action)
         raise ControlError(
@@ -368,20 +643,23 @@ def upgrade(path: str, timeout: float = 300.0) -> str:
     outcome = None
     while outcome is None:
         try:
-            master = query_status(pid)["master"]
+            state = query_status(pid)["master"]
         except ControlError:
-            if read_pid(path) == pid and is_master(pid):
+            if where.names(pid):
                 raise
-            break  # it handed over (the pidfile names the new master), or it is gone
-        if master["upgrades"] >= asked and master["last_upgrade"] != "in progress":
-            outcome = master["last_upgrade"]
+            break  # it handed over (the new master is the one meant now), or it is gone
+        if state["upgrades"] >= asked and state["last_upgrade"] != "in progress":
+            outcome = state["last_upgrade"]
         elif time.monotonic() > deadline:
             raise ControlError(f"master {pid}: the upgrade is not over after {timeout:g}s")
         else:
             time.sleep(0.1)  # the poll interval
     if outcome is not None and not outcome.startswith("done"):
         raise ControlError(f"master {pid}: upgrade {outcome}; it goes on serving")
-    new = read_pid(path)
+    try:
+        new = read_pid(where.pidfile) if where.pidfile else where.discover(exclude=pid)
+    except ControlError:
+        new = pid
     if new == pid or not is_master(new):
         raise ControlError(f"master {pid} exited during the upgrade; see its log")
     version = query_status(new)["master"]["version"]

@@ -283,11 +283,12 @@ class Master:
         def done() -> bool:
             status = self.status()
             pids = {w["pid"] for w in status["workers"]}
-            return status["master"]["last_restart"] != "in progress" and not pids & old
+            return status["master"]["reload"]["kind"] != "in_progress" and not pids & old
 
         wait_for(done, timeout, "the rolling restart")
-        if not self.status()["master"]["last_restart"] == "done":
-            raise AssertionError(f"rolling restart: {self.status()['master']['last_restart']}")
+        outcome = self.status()["master"]["reload"]
+        if outcome["kind"] != "done" or outcome["old_workers"]:
+            raise AssertionError(f"rolling restart: {control.outcome_text(outcome)}")
 
     def stop(self, timeout: float = 60) -> int:
         self.proc.signal(signal.SIGTERM)

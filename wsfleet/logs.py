@@ -11,6 +11,7 @@ FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
 
 _handler: logging.StreamHandler[object] | None = None
 _path: str | None = None
+_std_streams = False  # stdout and stderr are the log file too (a --daemon master's fleet)
 
 
 def setup(level: str, path: str | None) -> None:
@@ -53,9 +54,29 @@ def reopen() -> None:
         old, _handler.stream = _handler.stream, stream
     finally:
         _handler.release()
+    if _std_streams:
+        with contextlib.suppress(OSError):
+            os.dup2(stream.fileno(), 1)
+            os.dup2(stream.fileno(), 2)
     with contextlib.suppress(OSError):  # flushing what the old one held can fail (disk full)
         old.close()
     logging.getLogger("wsfleet").info("reopened log file %s", _path)
+
+
+def redirect_std_streams() -> bool:
+    """Point stdout and stderr at the log file, if logs go to one: a detached master's are
+    nobody's, and what is written there (a traceback from a forked child, a warning) is
+    then logged too. reopen() moves them to the new file with the logs. False without a
+    log file (nothing done)."""
+    global _std_streams
+    if _handler is None or _path is None:
+        return False
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(_handler.stream.fileno(), 1)
+    os.dup2(_handler.stream.fileno(), 2)
+    _std_streams = True
+    return True
 
 
 def reopen_if_moved() -> None:

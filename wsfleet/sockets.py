@@ -159,6 +159,15 @@ def _bind(address: Address, share: bool) -> socket.socket:
     return sock
 
 
+def numeric(address: Address) -> Address:
+    """A TCP address as a master bound to it names it: its host resolved as bind() resolves
+    it (``localhost`` is ``127.0.0.1``); unchanged if it does not resolve."""
+    try:
+        return address_of_name(_resolve(address)[3])
+    except ListenError:
+        return address
+
+
 def _resolve(address: Address) -> tuple[socket.AddressFamily, int, int, Any]:
     try:
         infos = socket.getaddrinfo(
@@ -242,7 +251,11 @@ def listen_fds() -> list[socket.socket]:
 
 def address_of(sock: socket.socket) -> Address:
     """The Address a listening socket is bound to: host and port, or a Unix socket's path."""
-    name = sock.getsockname()
+    return address_of_name(sock.getsockname())
+
+
+def address_of_name(name: Any) -> Address:
+    """The Address of a socket name as getsockname() and getaddrinfo() give it."""
     if isinstance(name, bytes):  # an abstract Unix socket (systemd's ListenStream=@NAME)
         return Address(path="@" + name[1:].decode(errors="replace"))
     if isinstance(name, str):
