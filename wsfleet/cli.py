@@ -34,8 +34,8 @@ EXIT_STATUSES: dict[int, str] = {
     "a running master (named) or that is a symbolic link; no running master found (stop, "
     "reload, upgrade, status: a missing or stale pidfile, or none listening on the "
     "address); a master that did not stop in time (stop); a rolling restart that stopped "
-    "(reload --wait); a new master that could not start, the old one serving on (upgrade); a lone worker stopped by a second TERM or INT, "
-    "its connections closed at once",
+    "(reload --wait); a new master that could not start, the old one serving on (upgrade); "
+    "a lone worker stopped by a second TERM or INT, its connections closed at once",
     EXIT_USAGE: "bad input: an unknown option (the closest valid one suggested), a bad value, "
     "an unreadable or invalid config file; one line names the option, the environment "
     "variable, or the file and line",
