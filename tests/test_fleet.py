@@ -516,6 +516,27 @@ def test_valid_worker_messages_pass() -> None:
         assert channel.validate(json.loads(json.dumps(message))) == message
 
 
+def test_a_long_traceback_is_cut_from_the_top_to_fit_one_message() -> None:
+    frames = [
+        f'  File "/app/m{i}.py", line {i}, in <module>\n    import m{i + 1}' for i in range(900)
+    ]
+    details = "\n".join(
+        ["Traceback (most recent call last):", *frames, "NameError: name 'é' is not defined"]
+    )
+    message = channel.error("cannot import --app m0:handler: NameError", details)
+    master, worker = channel.pair()
+    with master, worker:
+        assert channel.send(worker, message)
+        received, _ = channel.receive(master)
+    assert channel.validate(received) == message
+    cut = message["details"].splitlines()
+    assert cut[0] == "[earlier lines cut]" and cut[-1] == "NameError: name 'é' is not defined"
+    assert 100 < len(cut) < len(details.splitlines())
+    # A sender that says something else than text: the line is kept, the rest is not.
+    bad = channel.validate({"t": "error", "message": "x", "details": [1]})
+    assert bad == {"t": "error", "message": "x", "details": ""}
+
+
 def test_an_error_in_one_step_is_logged_and_the_master_goes_on(caplog) -> None:
     arbiter = Arbiter(cfg.Config(workers=1))
 

@@ -123,6 +123,7 @@ class Worker:
     last_seen: float = 0.0  # its last message (heartbeats come from its event loop)
     connections: int = 0
     error: str | None = None  # why it could not start, as it said
+    details: str = ""  # and the traceback of its app's import, if it raised
     counts_refused: bool = False  # its --metrics counts were malformed (said once)
     drain_limit: float = 0.0  # from the configuration it was forked with (config.drain_limit)
 
@@ -179,11 +180,20 @@ class RollingRestart:
 
 
 class BootError(Exception):
-    """No worker could start (the app does not import, say): start gives up."""
+    """No worker could start (the app does not import, say): start gives up.
 
-    def __init__(self, message: str, status: int) -> None:
+    ``details`` is the worker's traceback when its app raised at import, else ""."""
+
+    def __init__(self, message: str, status: int, details: str = "") -> None:
         super().__init__(message)
         self.status = status
+        self.details = details
+
+
+def with_details(error: Exception) -> str:
+    """An error's line, and its traceback under it when it has one (an app that raised)."""
+    details = getattr(error, "details", "")
+    return f"{error}\n{details}" if details else str(error)
 
 
 class Processes(Protocol):
@@ -293,6 +303,7 @@ class Fleet:
                 )
         elif kind == "error":
             worker.error = message["message"]
+            worker.details = message.get("details", "")
         elif kind == "ready" and worker.state is WorkerState.STARTING:
             self.on_ready(worker)
         elif kind == "held" and worker.state is WorkerState.HOLDING:
@@ -357,6 +368,7 @@ class Fleet:
             self.restart_reasons["crash"] += 1  # it left unasked
         how = describe_exit(code)
         reason = f": {worker.error}" if worker.error else ""
+        details = f"\n{worker.details}" if worker.details else ""  # its traceback, in the log
         if worker.ready_at is not None and now - worker.ready_at >= self.config.start_seconds:
             slot.crashes = 0  # it served: whatever ends it, the next crash is a first one
         for other in self.slots:
@@ -370,11 +382,12 @@ class Fleet:
         if self.restart is not None and self.restart.step is worker:
             log.error(
                 "rolling restart stopped: the new worker %d for slot %d exited before it was "
-                "ready (%s)%s; the old worker keeps serving",
+                "ready (%s)%s; the old worker keeps serving%s",
                 pid,
                 slot.index,
                 how,
                 reason,
+                details,
             )
             self.last_restart = f"failed: worker {pid} for slot {slot.index} exited ({how}){reason}"
             self.restart = None
@@ -388,7 +401,8 @@ class Fleet:
             return
         if self.state is MasterState.BOOTING and worker.ready_at is None:
             status = EXIT_APP if code == EXIT_APP else 1
-            raise BootError(f"worker {pid} could not start ({how}){reason}", status)
+            message = f"worker {pid} could not start ({how}){reason}"
+            raise BootError(message, status, worker.details)
         if not was_serving or slot not in self.slots:
             return  # a replacement, or a slot scaled away
         # Crashing at start: never ready, or dead within --start-seconds of it. Only a run of
@@ -397,18 +411,29 @@ class Fleet:
         if crashing:
             slot.crashes += 1
         delay = backoff(slot.crashes) if crashing else 0.0
+        if slot.crashes > 1:
+            details = ""  # the first of the run showed it
         if delay:
             log.error(
-                "worker %d (slot %d) died (%s) at start%s; %d times in a row: restarting in %.1fs",
+                "worker %d (slot %d) died (%s) at start%s; %d times in a row: restarting in "
+                "%.1fs%s",
                 pid,
                 slot.index,
                 how,
                 reason,
                 slot.crashes,
                 delay,
+                details,
             )
         else:
-            log.error("worker %d (slot %d) died (%s)%s: replacing it", pid, slot.index, how, reason)
+            log.error(
+                "worker %d (slot %d) died (%s)%s: replacing it%s",
+                pid,
+                slot.index,
+                how,
+                reason,
+                details,
+            )
         slot.restart_at = now + delay
 
     def hold(self, worker: Worker) -> None:
@@ -913,7 +938,9 @@ class Arbiter:
             self.fleet.reconcile()
             while not self.fleet.finished:
                 self.loop_once()
-        except BootError:
+        except BootError as exc:
+            if self.config.log_file:  # the log is a file: it says why too (else: the caller)
+                log.error("cannot start: %s", with_details(exc))
             self.stop_workers_and_wait()
             raise
         finally:
@@ -1417,8 +1444,10 @@ class Arbiter:
         try:
             handler = self.handler or worker.load_app(self.fleet.config.app)
         except worker.AppError as exc:
-            logging.getLogger("wsfleet.worker").error("%s", exc)
-            channel.send(worker_end, {"t": "error", "message": str(exc)})
+            # The master logs it (or, at start, says it in start's message): once, however
+            # many workers fail alike. Alone with no master to tell, say it here.
+            if not channel.send(worker_end, channel.error(str(exc), exc.details)):
+                logging.getLogger("wsfleet.worker").error("%s", with_details(exc))
             return EXIT_APP
         config = self.fleet.config
         listening = [*slot.sockets, *(listener.sock for listener in self.shared)]

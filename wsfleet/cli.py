@@ -356,7 +356,10 @@ def run_worker(config: cfg.Config) -> int:
         try:
             handler = load_app(config.app)
         except AppError as exc:
-            fail(str(exc), EXIT_APP)
+            message = f"{exc}\n{exc.details}" if exc.details else str(exc)
+            if config.log_file:  # else the log is stderr, where fail() says it
+                logging.getLogger("wsfleet.worker").error("%s", message)
+            fail(message, EXIT_APP)
         return run(config, Worker(config, listening, handler, tls=tls).run())
     finally:
         for listener in unix:
@@ -375,8 +378,8 @@ def run_master(config: cfg.Config, args: argparse.Namespace) -> int:
         daemonize()
     try:
         return Arbiter(config, reload_config).run()
-    except BootError as exc:
-        fail(f"cannot start: {exc}", exc.status)
+    except BootError as exc:  # (with its traceback: an app that raised at import)
+        fail(f"cannot start: {exc}\n{exc.details}".rstrip(), exc.status)
     except sockets.ListenError as exc:
         fail(str(exc), EXIT_RUNTIME)
     except (control.ControlError, upgrade.HandoffError) as exc:
@@ -393,12 +396,12 @@ def daemonize() -> None:
         os.close(write_end)
         with os.fdopen(read_end) as ready:
             text = ready.read()  # until the master closes its end: ready, failed, or gone
-        line = text.partition("\n")[0]
+        line, _, more = text.partition("\n")
         if control.LISTENING.match(line):
             print(text, end="", file=sys.stderr)  # one line per address
             raise SystemExit(0)
         if failed := control.FAILED.match(line):  # the master's own reason and status
-            fail(failed.group(2), int(failed.group(1)))
+            fail(f"{failed.group(2)}\n{more}".rstrip(), int(failed.group(1)))
         fail("the master exited before it was ready; see its log (--log-file)", EXIT_RUNTIME)
     os.close(read_end)
     os.setsid()

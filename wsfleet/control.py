@@ -159,12 +159,13 @@ def set_ready_fd(fd: int | None) -> None:
 
 
 def notify_failure(message: str, status: int) -> None:
-    """A detached master that cannot start tells the waiting command why, and its status."""
+    """A detached master that cannot start tells the waiting command why, and its status:
+    ``failed STATUS REASON`` on the first line (all that an upgrading master reads), then any
+    more lines of the message (an app's traceback)."""
     global _ready_fd
     if _ready_fd is not None:
         with contextlib.suppress(OSError):
-            line = " ".join(message.splitlines())
-            os.write(_ready_fd, f"failed {status} {line}\n".encode())
+            os.write(_ready_fd, f"failed {status} {message.rstrip()}\n".encode())
             os.close(_ready_fd)
         _ready_fd = None
 

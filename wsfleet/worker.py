@@ -27,7 +27,9 @@ import signal
 import socket
 import ssl
 import sys
+import sysconfig
 import time
+import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -123,7 +125,63 @@ def drop_privileges(config: Config) -> None:
 
 
 class AppError(Exception):
-    """The --app handler cannot be loaded (the CLI exits 4, the master gives up at start)."""
+    """The --app handler cannot be loaded (the CLI exits 4, the master gives up at start).
+
+    ``str()`` is one line (it goes into status and reload reports); ``details`` is the
+    traceback of an import that raised, the app's own frames only, or "".
+    """
+
+    def __init__(self, message: str, details: str = "") -> None:
+        super().__init__(message)
+        self.details = details
+
+
+def _importlib_frame(frame: traceback.FrameSummary) -> bool:
+    """A frame of the import machinery, not of the app: CPython hides these from an
+    ``import`` statement's traceback, but not from importlib.import_module's."""
+    return frame.filename.startswith("<frozen importlib") or (
+        os.path.dirname(frame.filename) == os.path.dirname(importlib.__file__)
+    )
+
+
+def _app_frames(report: traceback.TracebackException) -> None:
+    """Keep the app's frames in report and in the exceptions chained to it."""
+    seen: set[int] = set()
+    pending = [report]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        frames = [f for f in current.stack if not _importlib_frame(f) and f.filename != __file__]
+        current.stack = traceback.StackSummary.from_list(frames)
+        pending += [e for e in (current.__cause__, current.__context__) if e is not None]
+        pending += getattr(current, "exceptions", None) or []
+
+
+def import_error(spec: str, exc: BaseException) -> AppError:
+    """The AppError for an app whose import raised exc: one line that names the exception and
+    where it was raised (file and line), and the traceback, without wsfleet's and importlib's
+    frames, as details (none when it would only repeat the line: a missing module)."""
+    report = traceback.TracebackException.from_exception(exc)
+    _app_frames(report)
+    where = ""
+    if report.stack and not isinstance(exc, SyntaxError):  # (a SyntaxError's says where)
+        # The line to fix is more often the app's than the library's it called.
+        libraries = {sysconfig.get_path(p) for p in ("stdlib", "platstdlib", "purelib")}
+        frame = next(
+            (f for f in reversed(report.stack) if not f.filename.startswith(tuple(libraries))),
+            report.stack[-1],
+        )
+        path = frame.filename
+        with contextlib.suppress(ValueError):
+            if not (relative := os.path.relpath(path)).startswith(".."):
+                path = relative
+        where = f" ({path}, line {frame.lineno})"
+    details = "".join(report.format()).rstrip("\n")
+    if "\n" not in details:  # no frame of the app's: the exception's line says it all
+        details = ""
+    return AppError(f"cannot import --app {spec}: {type(exc).__name__}: {exc}{where}", details)
 
 
 def load_app(spec: str) -> Handler:
@@ -139,7 +197,7 @@ def load_app(spec: str) -> Handler:
     try:
         target: Any = importlib.import_module(module_name)
     except Exception as exc:
-        raise AppError(f"cannot import --app {spec}: {type(exc).__name__}: {exc}") from exc
+        raise import_error(spec, exc) from exc
     for part in attr.split("."):
         try:
             target = getattr(target, part)
