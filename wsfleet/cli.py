@@ -299,6 +299,20 @@ def given_options(args: argparse.Namespace) -> dict[str, Any]:
     return given
 
 
+def check(config: cfg.Config) -> None:
+    """What is checked before anything starts, beyond each option's own value (also for
+    wsfleet.run()): ValueError says what to fix, as the exit 2 message."""
+    sockets.server_context(config)  # the certificate and key load, or the error names them
+    if config.user or config.group:
+        from .worker import identity
+
+        identity(config)  # a known user and group, and permission to switch
+    if config.loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        raise ValueError("--loop uvloop: uvloop is not installed (pip install uvloop)")
+    if config.metrics and importlib.util.find_spec("prometheus_client") is None:
+        raise ValueError("--metrics needs prometheus-client: pip install 'wsfleet[metrics]'")
+
+
 def load_config(command: str, args: argparse.Namespace) -> cfg.Config:
     given = given_options(args)
     try:
@@ -510,17 +524,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "worker" and config.fd is not None and config.bind:
         fail("--fd and --bind: give one (--fd serves an inherited socket)", EXIT_USAGE)
     try:
-        sockets.server_context(config)  # the certificate and key load, or exit 2 naming them
-        if args.command in ("start", "worker") and (config.user or config.group):
-            from .worker import identity
-
-            identity(config)  # a known user and group, and permission to switch
+        check(config)
     except ValueError as exc:
         fail(str(exc), EXIT_USAGE)
-    if config.loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
-        fail("--loop uvloop: uvloop is not installed (pip install uvloop)", EXIT_USAGE)
-    if config.metrics and importlib.util.find_spec("prometheus_client") is None:
-        fail("--metrics needs prometheus-client: pip install 'wsfleet[metrics]'", EXIT_USAGE)
     setup_logging(config)
     if args.command == "worker":
         return run_worker(config)
