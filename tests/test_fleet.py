@@ -883,3 +883,24 @@ def test_an_immediate_shutdown_quits_a_starting_new_master() -> None:
     h.fleet.stop(graceful=False)
     assert (new_master, signal.SIGQUIT) in h.procs.signals
     assert h.fleet.upgrade is not None and h.fleet.upgrade.state is UpgradeState.FAILED
+
+
+def test_a_repeated_condition_is_reported_at_most_once_per_interval() -> None:
+    """The worker's report of failed accepts and failed TLS handshakes: the first at once,
+    then one per interval with the count since the last report."""
+    from wsfleet.worker import Occurrences
+
+    seen = Occurrences(interval=5.0)
+    assert seen.report_due(100.0) == 1
+    assert [seen.report_due(t) for t in (100.1, 102.0, 104.9)] == [0, 0, 0]
+    assert seen.report_due(105.0) == 4
+    assert seen.report_due(109.0) == 0
+    assert seen.report_due(200.0) == 2
+
+
+def test_counted_nouns() -> None:
+    from wsfleet.logs import plural
+
+    assert [plural(n, "worker") for n in (0, 1, 2)] == ["0 workers", "1 worker", "2 workers"]
+    assert plural(1, "process", "processes") == "1 process"
+    assert plural(3, "process", "processes") == "3 processes"

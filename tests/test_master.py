@@ -191,7 +191,7 @@ def test_second_sigterm_stops_at_once(spawn, tmp_path: Path) -> None:
     master = Master(spawn, tmp_path, "-w", "1", "--graceful-timeout", "60")
     with stuck_client(master.port):  # never answers the close frame
         master.proc.signal(signal.SIGTERM)
-        master.proc.wait_line("stopped accepting; closing 1 connections")
+        master.proc.wait_line("stopped accepting; closing 1 connection ")
         master.proc.signal(signal.SIGTERM)
         assert master.proc.wait(timeout=10) == 0
     master.proc.wait_line("received SIGTERM again: stopping now")

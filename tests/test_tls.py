@@ -3,9 +3,12 @@ committed. Real processes, real TLS clients on 127.0.0.1."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import re
 import socket
 import ssl
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,6 +177,57 @@ def test_a_certificate_file_that_holds_its_key_needs_no_keyfile(spawn, certs: Ce
     with connect(f"wss://127.0.0.1:{port}/", ssl=certs.client) as ws:
         ws.send("secret")
         assert ws.recv(timeout=5) == "secret"
+
+
+def refused_handshake(port: int) -> None:
+    """One TLS handshake that the worker's end fails: plain HTTP to the TLS port; returns
+    once the worker has closed the connection (so it has counted the failure)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        with contextlib.suppress(ConnectionResetError):
+            while sock.recv(4096):
+                pass
+
+
+def test_failed_handshakes_are_logged_without_a_flood(spawn, certs: Certs, loop: str) -> None:
+    tls = ["--certfile", str(certs.certfile), "--keyfile", str(certs.keyfile), "--loop", loop]
+    proc = spawn("worker", "--port", "0", *tls)
+    port = proc.wait_ready()
+    # A client that does not trust the certificate: the reason its alert gives, and who.
+    untrusting = ssl.create_default_context()  # the system's CAs: not the test's own
+    began = time.monotonic()
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        pytest.raises(ssl.SSLCertVerificationError),
+    ):
+        untrusting.wrap_socket(raw, server_hostname="127.0.0.1")
+    ended = time.monotonic()  # the first report was made between began and ended
+    # asyncio's SSL protocol names the client; uvloop's compiled one hides it.
+    who = "127.0.0.1" if loop == "asyncio" else "an unknown address"
+    first = proc.wait_line(r"\[WARNING\] wsfleet\.worker: TLS handshake from (.*) failed: (.*)")
+    assert first.groups() == (who, "[SSL: TLSV1_ALERT_UNKNOWN_CA] tlsv1 alert unknown ca")
+    # A scanner: one line every few seconds at most, with the count since the last one.
+    reported = re.compile(r"TLS handshake from .* failed: (.*) \((\d+) failed handshakes since")
+    spans: list[tuple[float, float]] = []  # when each failed handshake began and ended
+    while not any(reported.search(line) for line in proc.lines):
+        assert time.monotonic() < began + 30, proc.output
+        start = time.monotonic()
+        refused_handshake(port)
+        spans.append((start, time.monotonic()))
+    lines = [line for line in proc.lines if "TLS handshake from" in line]
+    assert len(lines) == 2, proc.output
+    match = reported.search(lines[1])
+    assert match is not None and match.group(1) == "[SSL: HTTP_REQUEST] http request"
+    # It counts every failure up to the first one 5 s or more after the first report (a
+    # few more may have come before the test saw the line: they wait for the next report).
+    count = int(match.group(2))
+    assert 10 <= count <= len(spans)
+    assert spans[count - 1][1] >= began + 5
+    assert spans[count - 2][0] < ended + 5
+    # The worker serves as before.
+    with connect(f"wss://127.0.0.1:{port}/", ssl=certs.client) as ws:
+        ws.send("still here")
+        assert ws.recv(timeout=5) == "still here"
 
 
 def test_tls_on_uvloop_when_asked_for(spawn, certs: Certs) -> None:

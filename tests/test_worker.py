@@ -155,7 +155,7 @@ def test_graceful_timeout_bounds_the_drain(spawn) -> None:
     with stuck_client(port):
         proc.signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0  # without the bound, close_timeout is 10 s
-        proc.wait_line(r"graceful timeout \(0.5s\) reached: aborting 1 connections")
+        proc.wait_line(r"graceful timeout \(0.5s\) reached: aborting 1 connection$")
 
 
 def test_second_sigterm_stops_at_once(spawn) -> None:

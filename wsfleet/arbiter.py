@@ -415,13 +415,12 @@ class Fleet:
             details = ""  # the first of the run showed it
         if delay:
             log.error(
-                "worker %d (slot %d) died (%s) at start%s; %d times in a row: restarting in "
-                "%.1fs%s",
+                "worker %d (slot %d) died (%s) at start%s; %s in a row: restarting in %.1fs%s",
                 pid,
                 slot.index,
                 how,
                 reason,
-                slot.crashes,
+                logs.plural(slot.crashes, "time"),
                 delay,
                 details,
             )
@@ -527,7 +526,8 @@ class Fleet:
             s.state is SlotState.SERVING for s in self.slots
         ):
             self.state = MasterState.RUNNING
-            log.info("all %d workers ready", len(self.slots))
+            workers = logs.plural(len(self.slots), "worker")
+            log.info("%s ready", f"all {workers}" if len(self.slots) > 1 else workers)
             self.processes.all_ready()
         # A restart done, failed or given up: what it held closes now, once. Not before every
         # held worker has said it stopped accepting: a client closed by one must not
@@ -580,7 +580,7 @@ class Fleet:
             self.last_restart = "refused: the master is stopping"
             return
         self.config = config
-        log.info("rolling restart of %d workers", len(self.slots))
+        log.info("rolling restart of %s", logs.plural(len(self.slots), "worker"))
         self.last_restart = "in progress"
         if self.restart is None:
             self.restart = RollingRestart(list(self.slots))
@@ -614,9 +614,11 @@ class Fleet:
             return
         if self.upgrade is not None and self.upgrade.state is UpgradeState.STARTING:
             # The new master starts with the slots handed to it: none added or dropped now.
-            log.warning("not scaling to %d workers: an upgrade is in progress", count)
+            log.warning(
+                "not scaling to %s: an upgrade is in progress", logs.plural(count, "worker")
+            )
             return
-        log.info("scaling from %d to %d workers", len(self.slots), count)
+        log.info("scaling from %d to %s", len(self.slots), logs.plural(count, "worker"))
         while len(self.slots) < count:
             try:
                 opened = self.processes.open_slot(len(self.slots))
@@ -925,10 +927,10 @@ class Arbiter:
             self.events_handler = _Events(self.events)
             log.addHandler(self.events_handler)
             log.info(
-                "master %d (wsfleet %s) starting %d workers on %s (app %s)%s",
+                "master %d (wsfleet %s) starting %s on %s (app %s)%s",
                 os.getpid(),
                 __version__,
-                len(slots),
+                logs.plural(len(slots), "worker"),
                 ", ".join(self.urls()),
                 self.config.app,
                 f", taking over from master {handoff.old_pid}" if handoff is not None else "",
@@ -966,7 +968,10 @@ class Arbiter:
         (systemd's ReusePort=yes: the kernel spreads connections over them, as over the
         sockets wsfleet binds); otherwise every worker accepts on each one."""
         if self.config.bind:
-            log.warning("--bind ignored: serving the %d sockets systemd passed", len(activated))
+            log.warning(
+                "--bind ignored: serving the %s systemd passed",
+                logs.plural(len(activated), "socket"),
+            )
         self.listening = list(dict.fromkeys(map(sockets.address_of, activated)))
         if len(activated) == self.config.workers > 1 and len(self.listening) == 1:
             self.per_slot = self.listening[:]
@@ -1078,8 +1083,8 @@ class Arbiter:
                 lines.append("READY=1")
         ready = sum(w.state is WorkerState.READY for w in fleet.workers.values())
         status = (
-            f"{ready}/{len(fleet.slots)} workers ready, "
-            f"{sum(w.connections for w in fleet.workers.values())} connections"
+            f"{ready}/{logs.plural(len(fleet.slots), 'worker')} ready, "
+            f"{logs.plural(sum(w.connections for w in fleet.workers.values()), 'connection')}"
             + (", reloading" if reloading else "")
         )
         if status != self.told["status"]:

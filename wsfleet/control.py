@@ -21,6 +21,8 @@ import struct
 import time
 from typing import Any
 
+from . import logs
+
 
 class ControlError(Exception):
     """The pidfile is missing or stale, or the master did not do as asked (exit 1)."""
@@ -267,7 +269,8 @@ def format_status(status: dict[str, Any]) -> str:
             ("worker", str(w["slot"]), str(w["pid"]), state, _age(w["age"]), str(w["connections"]))
         )
     for s in status.get("empty_slots", []):
-        state = f"none: restart in {s['restart_in']:g}s after {s['crashes']} crashes at start"
+        crashes = logs.plural(s["crashes"], "crash", "crashes")
+        state = f"none: restart in {s['restart_in']:g}s after {crashes} at start"
         rows.append(("worker", str(s["slot"]), "-", state, "-", "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [

@@ -267,6 +267,55 @@ def describe_compression(config: Config) -> str:
     )
 
 
+class Occurrences:
+    """A condition that may repeat fast (each failed accept at the open-file limit, each
+    failed TLS handshake of a scanner): counted every time, reported at most once every
+    interval, with the count since the last report."""
+
+    def __init__(self, interval: float = 5.0) -> None:
+        self.interval = interval
+        self.count = 0
+        self.reported = float("-inf")
+
+    def report_due(self, now: float) -> int:
+        """Count one; return how many to report (this one and those not reported yet) when a
+        report is due, else 0."""
+        self.count += 1
+        if now - self.reported < self.interval:
+            return 0
+        count, self.count, self.reported = self.count, 0, now
+        return count
+
+
+class _WatchedSSLObject(ssl.SSLObject):
+    """The TLS state of one connection (SSLContext.sslobject_class), telling the worker when
+    its handshake fails: asyncio and uvloop log nothing of it unless the loop runs in debug
+    mode. It changes nothing else: the error goes on as before."""
+
+    on_failure: Callable[[str, ssl.SSLError], None] = staticmethod(lambda peer, error: None)
+
+    def do_handshake(self) -> None:
+        try:
+            super().do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, ssl.SSLSyscallError):
+            raise  # more to read or write: the handshake goes on
+        except ssl.SSLError as error:
+            with contextlib.suppress(Exception):  # reporting must not change the outcome
+                self.on_failure(_handshake_peer(), error)
+            raise
+
+
+def _handshake_peer() -> str:
+    """The client whose handshake is failing. asyncio's SSLProtocol calls do_handshake and
+    knows its transport; uvloop's, compiled, shows no frame to look at."""
+    with contextlib.suppress(Exception):
+        caller = sys._getframe(2).f_locals.get("self")
+        if isinstance(caller, asyncio.sslproto.SSLProtocol):
+            peer = caller._transport.get_extra_info("peername")
+            return str(peer[0]) if isinstance(peer, tuple) and peer else "unix"
+    return "an unknown address"
+
+
 class Phase(enum.Enum):
     SERVING = "serving"  # accepting on its sockets
     HOLDING = "holding"  # replaced by a rolling restart: not accepting, keeps its connections
@@ -385,8 +434,11 @@ class Worker:
         self._stopped: asyncio.Future[int] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()  # the loop holds tasks only weakly
         self._inbox: list[tuple[channel.Message, list[int]]] = []
-        self._accept_failures = 0
-        self._accept_reported = float("-inf")
+        self._accept_failures = Occurrences()
+        self._tls_failures = Occurrences()
+        if tls is not None:  # (this process's copy of the context: the master's is untouched)
+            tls.sslobject_class = _WatchedSSLObject
+            _WatchedSSLObject.on_failure = self._on_tls_failure
 
     # Serving
 
@@ -539,19 +591,30 @@ class Worker:
         if context.get("message") != "socket.accept() out of system resource":
             loop.default_exception_handler(context)
             return
-        self._accept_failures += 1
-        now = loop.time()
-        if now - self._accept_reported >= 5.0:
+        if count := self._accept_failures.report_due(loop.time()):
             log.error(
-                "cannot accept connections: %s (%d connections open, open file limit %d); "
-                "%d failed accepts since the last report; retrying every second",
+                "cannot accept connections: %s (%s open, open file limit %d); "
+                "%s since the last report; retrying every second",
                 context.get("exception"),
-                len(self.connections),
+                logs.plural(len(self.connections), "connection"),
                 resource.getrlimit(resource.RLIMIT_NOFILE)[0],
-                self._accept_failures,
+                logs.plural(count, "failed accept"),
             )
-            self._accept_reported = now
-            self._accept_failures = 0
+
+    def _on_tls_failure(self, peer: str, error: ssl.SSLError) -> None:
+        """A TLS handshake failed (a client that does not trust the certificate, plain HTTP
+        to a wss:// port, a scanner): the event loop says nothing of it; this says it, at
+        most once every few seconds, so that a scanner cannot flood the log."""
+        if count := self._tls_failures.report_due(time.monotonic()):
+            reason = str(error).removesuffix(")").rpartition(" (_ssl.c:")[0] or str(error)
+            log.warning(
+                "TLS handshake from %s failed: %s%s",
+                peer,
+                reason,
+                f" ({logs.plural(count, 'failed handshake')} since the last report)"
+                if count > 1
+                else "",
+            )
 
     # The master's channel
 
@@ -654,7 +717,10 @@ class Worker:
         if self.phase is Phase.SERVING:
             self.phase = Phase.HOLDING
             await stop_accepting(self.servers)
-            log.info("replaced: stopped accepting; %d connections wait", len(self.connections))
+            log.info(
+                "replaced: stopped accepting; keeping %s until the restart ends",
+                logs.plural(len(self.connections), "connection"),
+            )
             if self.channel is not None:
                 self._send({"t": "held"})  # the master drains no one before all say so
 
@@ -670,8 +736,8 @@ class Worker:
             server.close(close_connections=False)
         window = self.config.drain_window
         log.info(
-            "stopped accepting; closing %d connections with code %d over %gs",
-            len(self.connections),
+            "stopped accepting; closing %s with code %d over %gs",
+            logs.plural(len(self.connections), "connection"),
             code,
             window,
         )
@@ -694,9 +760,9 @@ class Worker:
                     await asyncio.sleep(0.01)
         except TimeoutError:
             log.warning(
-                "graceful timeout (%gs) reached: aborting %d connections",
+                "graceful timeout (%gs) reached: aborting %s",
                 self.config.graceful_timeout,
-                sum(len(server.all_connections) for server in self.servers),
+                logs.plural(sum(len(s.all_connections) for s in self.servers), "connection"),
             )
             self.abort(status=0)
             return
