@@ -49,7 +49,7 @@ def test_start_serves_the_socket_systemd_passes(spawn, tmp_path: Path) -> None:
     assert echo_once(f"ws://127.0.0.1:{port}/", timeout=15) == "hi"
     assert proc.wait_ready() == port
     assert proc.pid == control.read_pid(pidfile)  # systemd-socket-activate execs wsfleet
-    proc.wait_line("--bind ignored: serving the 1 sockets systemd passed")
+    proc.wait_line("--bind ignored: serving the 1 socket systemd passed")
     status = control.query_status(proc.pid)
     assert status["master"]["addresses"] == [f"ws://127.0.0.1:{port}"]
     workers = [w["pid"] for w in status["workers"]]

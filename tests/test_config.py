@@ -165,3 +165,63 @@ def test_example_config_file_is_valid_and_complete() -> None:
     defaults = cfg.Config()
     for name, value in values.items():
         assert value == getattr(defaults, name), f"{name} in the example is not the default"
+
+
+@pytest.fixture
+def run_checks_only(monkeypatch: pytest.MonkeyPatch) -> list[cfg.Config]:
+    """wsfleet.run() up to the point where the master would start: the configurations that
+    got there (nothing is started in the test's process)."""
+    from wsfleet.arbiter import Arbiter
+
+    started: list[cfg.Config] = []
+    monkeypatch.setattr(Arbiter, "run", lambda self: started.append(self.config) or 0)
+    monkeypatch.setattr(wsfleet.logs, "setup", lambda level, path: None)
+    return started
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        (
+            {"graceful_timout": 5},
+            TypeError,
+            "run() got an unexpected keyword argument 'graceful_timout' "
+            "(did you mean 'graceful_timeout'?)",
+        ),
+        ({"fd": 3}, TypeError, "'fd' (fd is an option of wsfleet worker, not of start)"),
+        ({"daemon": True}, TypeError, "wsfleet start --daemon detaches"),
+        # The CLI's own words for the value: wsfleet start --timeout 0.
+        ({"timeout": 0}, ValueError, "timeout: expected a positive number of seconds, got 0"),
+        # Typed, as in the config file: not coerced from a string.
+        ({"workers": "4"}, ValueError, "workers: expected an integer, got '4'"),
+        ({"loop": "nope"}, ValueError, "loop: "),
+        # Checks across options, as start makes them (exit 2 there).
+        ({"certfile": "/nonexistent.pem"}, ValueError, "--certfile /nonexistent.pem: No such"),
+        ({"keyfile": "/k.pem"}, ValueError, "--keyfile /k.pem needs --certfile"),
+        ({"user": "no-such-user-here"}, ValueError, "--user no-such-user-here: no such user"),
+    ],
+)
+def test_run_refuses_what_start_refuses(
+    run_checks_only: list[cfg.Config], options: dict[str, object], error: type, message: str
+) -> None:
+    with pytest.raises(error) as raised:
+        wsfleet.run(**options)
+    assert message in str(raised.value)
+    assert run_checks_only == []
+
+
+def test_run_takes_paths_tuples_and_none(run_checks_only: list[cfg.Config], tmp_path) -> None:
+    assert wsfleet.run(pidfile=tmp_path / "m.pid", bind=("127.0.0.1:0",), log_file=None) == 0
+    (config,) = run_checks_only
+    assert config.pidfile == str(tmp_path / "m.pid") and config.bind == ("127.0.0.1:0",)
+    assert config.log_file is None
+
+
+def test_run_log_file_that_cannot_be_opened(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from wsfleet.arbiter import Arbiter
+
+    monkeypatch.setattr(Arbiter, "run", lambda self: pytest.fail("the master started"))
+    path = tmp_path / "no" / "x.log"
+    with pytest.raises(ValueError) as raised:
+        wsfleet.run(log_file=str(path))
+    assert str(raised.value) == f"--log-file {path}: cannot open: No such file or directory"

@@ -119,6 +119,10 @@ def test_reload_wait_reports_broken_code_and_the_old_workers_keep_serving(spawn,
     (line,) = result.stderr.strip().splitlines()
     assert "rolling restart failed: worker" in line and "exited (exit status 4)" in line
     assert "cannot import --app app:handler: SyntaxError" in line
+    # The log shows where, under the master's line (the worker no longer logs it itself).
+    master.proc.wait_line(f'^  File "{tmp_path / "app.py"}", line 1$')
+    master.proc.wait_line("^SyntaxError: invalid syntax$")
+    assert master.proc.lines.count("SyntaxError: invalid syntax") == 1, master.proc.output
     assert master.worker_pids() == before
     assert echo_once(master.url, "version?") == "v1"
     status = run_wsfleet(["status", "--pidfile", master.pidfile]).stdout

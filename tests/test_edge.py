@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import grp
+import os
 import pwd
 import socket
 import struct
@@ -264,20 +265,51 @@ def test_a_connection_without_a_valid_proxy_header_is_closed(spawn, header: byte
     assert proc.popen.poll() is None and "Traceback" not in proc.output
 
 
-# The interpreter lives in root's home (mode 0700) on these machines: a worker that became
-# nobody could not import what it has not loaded yet. The master runs in a private mount
-# namespace where a 0711 directory showing only the pyenv tree covers that home;
-# on a host where Python is readable by everyone, the plain command works the same.
-UNSHARED = """
-set -e
-home=$(dirname "$(dirname "$(dirname "$BASE")")")
-cover=$(mktemp -d)
-chmod 711 "$cover"
-mkdir -p "$cover/.pyenv"
-mount --bind "$home/.pyenv" "$cover/.pyenv"
-mount --rbind "$cover" "$home"
-exec "$@"
+# A worker that became nobody must still read the interpreter, the virtualenv and wsfleet's
+# own source: on these machines Python lives in root's home (mode 0700), and a clone may sit
+# in a folder that only root may enter (what `mktemp -d` makes). The host stays as it is: the
+# master runs in a private mount namespace (unshare -m) where each such closed directory is
+# covered by a 0711 one that shows only the way on to what the worker needs.
+COVER = """
+import collections, os, subprocess, sys, tempfile
+
+separator = sys.argv.index("--")
+covers, paths, command = sys.argv[1], sys.argv[2:separator], sys.argv[separator + 1 :]
+ways = collections.defaultdict(set)  # a closed directory -> the entries to show in it
+for path in paths:
+    parts = path.strip("/").split("/")
+    for depth in range(len(parts)):
+        directory = "/" + "/".join(parts[:depth])
+        if not os.stat(directory).st_mode & 0o001:  # others may not pass through it
+            ways[directory].add(parts[depth])
+for directory in sorted(ways, key=lambda d: len(d.rstrip("/").split("/"))):  # outer first
+    cover = tempfile.mkdtemp(dir=covers)
+    os.chmod(cover, 0o711)
+    for entry in sorted(ways[directory]):
+        source, shown = os.path.join(directory, entry), os.path.join(cover, entry)
+        if os.path.isdir(source):
+            os.mkdir(shown)
+        else:
+            open(shown, "w").close()
+        subprocess.run(["mount", "--rbind", source, shown], check=True)
+    subprocess.run(["mount", "--rbind", cover, directory], check=True)
+os.execvp(command[0], command)
 """
+
+
+def open_to_every_user(covers: Path) -> list[str]:
+    """The command that runs wsfleet with what a worker needs readable by any user: as it is
+    where nothing on the way to it is closed, else inside a mount namespace (COVER)."""
+    import wsfleet
+
+    needed = [*sys.path, sys.prefix, sys.base_prefix, str(Path(wsfleet.__file__).parent)]
+    paths = sorted({os.path.realpath(p) for p in needed if p and os.path.exists(p)})
+    command = [sys.executable, "-m", "wsfleet"]
+    closed = [d for p in paths for d in map(str, Path(p).parents) if not os.stat(d).st_mode & 0o001]
+    if not closed:
+        return command
+    covers.mkdir()
+    return ["unshare", "-m", sys.executable, "-c", COVER, str(covers), *paths, "--", *command]
 
 
 def ids(pid: int) -> tuple[int, int]:
@@ -291,10 +323,7 @@ def ids(pid: int) -> tuple[int, int]:
 def test_workers_switch_to_user_and_group_the_master_keeps_root(spawn, tmp_path: Path) -> None:
     nobody = pwd.getpwnam("nobody")
     group = grp.getgrgid(nobody.pw_gid).gr_name
-    if sys.base_prefix.startswith("/root/"):
-        program = ["unshare", "-m", "sh", "-c", UNSHARED, "sh", sys.executable, "-m", "wsfleet"]
-    else:
-        program = [sys.executable, "-m", "wsfleet"]
+    program = open_to_every_user(tmp_path / "covers")
     pidfile = str(tmp_path / "m.pid")
     proc = spawn(
         "start",
@@ -309,7 +338,6 @@ def test_workers_switch_to_user_and_group_the_master_keeps_root(spawn, tmp_path:
         "--group",
         group,
         program=program,
-        env={"BASE": sys.base_prefix},
         cwd="/",
     )
     port = proc.wait_ready(timeout=30)

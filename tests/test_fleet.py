@@ -560,6 +560,27 @@ def test_valid_worker_messages_pass() -> None:
         assert channel.validate(json.loads(json.dumps(message))) == message
 
 
+def test_a_long_traceback_is_cut_from_the_top_to_fit_one_message() -> None:
+    frames = [
+        f'  File "/app/m{i}.py", line {i}, in <module>\n    import m{i + 1}' for i in range(900)
+    ]
+    details = "\n".join(
+        ["Traceback (most recent call last):", *frames, "NameError: name 'é' is not defined"]
+    )
+    message = channel.error("cannot import --app m0:handler: NameError", details)
+    master, worker = channel.pair()
+    with master, worker:
+        assert channel.send(worker, message)
+        received, _ = channel.receive(master)
+    assert channel.validate(received) == message
+    cut = message["details"].splitlines()
+    assert cut[0] == "[earlier lines cut]" and cut[-1] == "NameError: name 'é' is not defined"
+    assert 100 < len(cut) < len(details.splitlines())
+    # A sender that says something else than text: the line is kept, the rest is not.
+    bad = channel.validate({"t": "error", "message": "x", "details": [1]})
+    assert bad == {"t": "error", "message": "x", "details": ""}
+
+
 def test_an_error_in_one_step_is_logged_and_the_master_goes_on(caplog) -> None:
     arbiter = Arbiter(cfg.Config(workers=1))
 
@@ -906,3 +927,24 @@ def test_an_immediate_shutdown_quits_a_starting_new_master() -> None:
     h.fleet.stop(graceful=False)
     assert (new_master, signal.SIGQUIT) in h.procs.signals
     assert h.fleet.upgrade is not None and h.fleet.upgrade.state is UpgradeState.FAILED
+
+
+def test_a_repeated_condition_is_reported_at_most_once_per_interval() -> None:
+    """The worker's report of failed accepts and failed TLS handshakes: the first at once,
+    then one per interval with the count since the last report."""
+    from wsfleet.worker import Occurrences
+
+    seen = Occurrences(interval=5.0)
+    assert seen.report_due(100.0) == 1
+    assert [seen.report_due(t) for t in (100.1, 102.0, 104.9)] == [0, 0, 0]
+    assert seen.report_due(105.0) == 4
+    assert seen.report_due(109.0) == 0
+    assert seen.report_due(200.0) == 2
+
+
+def test_counted_nouns() -> None:
+    from wsfleet.logs import plural
+
+    assert [plural(n, "worker") for n in (0, 1, 2)] == ["0 workers", "1 worker", "2 workers"]
+    assert plural(1, "process", "processes") == "1 process"
+    assert plural(3, "process", "processes") == "3 processes"

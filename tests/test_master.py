@@ -268,10 +268,42 @@ def test_start_fails_with_the_import_error(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     assert result.returncode == 4, result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("wsfleet: error: cannot start:")
-    assert "No module named 'no_such_dependency'" in last
+    message = result.stderr[result.stderr.index("wsfleet: error: ") :].splitlines()
+    assert message[0].startswith("wsfleet: error: cannot start:")
+    assert message[0].endswith("No module named 'no_such_dependency' (broken.py, line 1)")
+    assert message[-1] == "ModuleNotFoundError: No module named 'no_such_dependency'"
     assert not pidfile.exists()
+
+
+@pytest.mark.parametrize("detached", [False, True], ids=["foreground", "daemon"])
+def test_start_shows_where_the_app_raised(tmp_path: Path, detached: bool) -> None:
+    """Any exception at import, not only a SyntaxError: start's message and the log show the
+    traceback, the app's frames (file and line) and none of wsfleet's or importlib's."""
+    (tmp_path / "app.py").write_text("import helper\n\nasync def handler(websocket): ...\n")
+    (tmp_path / "helper.py").write_text("x = 1\ny = undefined_name + x\n")
+    log = tmp_path / "m.log"
+    args = ["start", "-w", "2", "--port", "0", "--app", "app:handler", "--log-file", str(log)]
+    result = run_wsfleet([*args, "--daemon"] if detached else args, cwd=tmp_path)
+    assert result.returncode == 4, result.stderr
+    first, *traceback = result.stderr.strip().splitlines()
+    assert first.startswith("wsfleet: error: cannot start: worker ")
+    assert first.endswith(
+        "could not start (exit status 4): cannot import --app app:handler: NameError: "
+        "name 'undefined_name' is not defined (helper.py, line 2)"
+    )
+    assert traceback == [
+        "Traceback (most recent call last):",
+        f'  File "{tmp_path / "app.py"}", line 1, in <module>',
+        "    import helper",
+        f'  File "{tmp_path / "helper.py"}", line 2, in <module>',
+        "    y = undefined_name + x",
+        "        ^^^^^^^^^^^^^^",
+        "NameError: name 'undefined_name' is not defined",
+    ]
+    # The log says it once (the master's line), however many workers failed alike.
+    text = log.read_text()
+    assert text.count("Traceback (most recent call last):") == 1, text
+    assert "\n".join(traceback) in text
 
 
 def test_port_taken_is_exit_1_for_start() -> None:

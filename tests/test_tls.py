@@ -3,14 +3,18 @@ committed. Real processes, real TLS clients on 127.0.0.1."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import re
 import socket
 import ssl
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import trustme
+from cryptography.hazmat.primitives import serialization
 from websockets.sync.client import connect
 
 from wsfleet.loadtest import Load
@@ -114,7 +118,9 @@ def test_a_reload_with_broken_certificate_files_keeps_serving_the_old_ones(
     certs.keyfile.write_text("not a key\n")
     result = run_wsfleet(["reload", "--wait", "--pidfile", master.pidfile], timeout=60)
     assert result.returncode == 1
-    assert "done with the old configuration: --certfile" in result.stderr
+    assert f"done with the old configuration: --keyfile {certs.keyfile}: no private key" in (
+        result.stderr
+    )
     assert served_certificate(master.port, certs.client) == before
 
 
@@ -122,26 +128,106 @@ def test_a_reload_with_broken_certificate_files_keeps_serving_the_old_ones(
     ("which", "message"),
     [
         ("missing", "--certfile {dir}/nope.pem: No such file or directory"),
-        ("mismatched", "not a certificate and its private key"),
+        ("mismatched", "--keyfile {dir}/other.pem: the key is not the certificate's"),
         ("key only", "--keyfile {dir}/key.pem needs --certfile"),
+        ("no key", "--certfile {dir}/cert.pem holds no private key: give it with --keyfile FILE"),
+        ("key as certificate", "--certfile {dir}/key.pem: no certificate in it"),
+        ("certificate as key", "--keyfile {dir}/cert.pem: no private key in it"),
+        ("encrypted key", "--keyfile {dir}/locked.pem: the private key is encrypted"),
     ],
 )
 def test_bad_certificate_files_are_exit_2_naming_them(
     tmp_path: Path, certs: Certs, which: str, message: str
 ) -> None:
+    """Each names the option to fix, not OpenSSL's "PEM lib"; none waits for a passphrase."""
+    cert, key = str(certs.certfile), str(certs.keyfile)
     if which == "missing":
-        args = ["--certfile", str(tmp_path / "nope.pem"), "--keyfile", str(certs.keyfile)]
+        args = ["--certfile", str(tmp_path / "nope.pem"), "--keyfile", key]
     elif which == "mismatched":
         other = certs.ca.issue_cert("127.0.0.1")
         other.private_key_pem.write_to_path(str(tmp_path / "other.pem"))
-        args = ["--certfile", str(certs.certfile), "--keyfile", str(tmp_path / "other.pem")]
+        args = ["--certfile", cert, "--keyfile", str(tmp_path / "other.pem")]
+    elif which == "key only":
+        args = ["--keyfile", key]
+    elif which == "no key":
+        args = ["--certfile", cert]
+    elif which == "key as certificate":
+        args = ["--certfile", key]
+    elif which == "certificate as key":
+        args = ["--certfile", cert, "--keyfile", cert]
     else:
-        args = ["--keyfile", str(certs.keyfile)]
+        private = serialization.load_pem_private_key(certs.keyfile.read_bytes(), None)
+        locked = private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+        (tmp_path / "locked.pem").write_bytes(locked)
+        args = ["--certfile", cert, "--keyfile", str(tmp_path / "locked.pem")]
     for command in ("worker", "start"):
         result = run_wsfleet([command, "--port", "0", *args])
         assert result.returncode == 2, result.stderr
         assert result.stderr.strip().count("\n") == 0
         assert message.format(dir=tmp_path) in result.stderr
+
+
+def test_a_certificate_file_that_holds_its_key_needs_no_keyfile(spawn, certs: Certs) -> None:
+    certs.certfile.write_bytes(certs.keyfile.read_bytes() + certs.certfile.read_bytes())
+    port = spawn("worker", "--port", "0", "--certfile", str(certs.certfile)).wait_ready()
+    with connect(f"wss://127.0.0.1:{port}/", ssl=certs.client) as ws:
+        ws.send("secret")
+        assert ws.recv(timeout=5) == "secret"
+
+
+def refused_handshake(port: int) -> None:
+    """One TLS handshake that the worker's end fails: plain HTTP to the TLS port; returns
+    once the worker has closed the connection (so it has counted the failure)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        with contextlib.suppress(ConnectionResetError):
+            while sock.recv(4096):
+                pass
+
+
+def test_failed_handshakes_are_logged_without_a_flood(spawn, certs: Certs, loop: str) -> None:
+    tls = ["--certfile", str(certs.certfile), "--keyfile", str(certs.keyfile), "--loop", loop]
+    proc = spawn("worker", "--port", "0", *tls)
+    port = proc.wait_ready()
+    # A client that does not trust the certificate: the reason its alert gives, and who.
+    untrusting = ssl.create_default_context()  # the system's CAs: not the test's own
+    began = time.monotonic()
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        pytest.raises(ssl.SSLCertVerificationError),
+    ):
+        untrusting.wrap_socket(raw, server_hostname="127.0.0.1")
+    ended = time.monotonic()  # the first report was made between began and ended
+    # asyncio's SSL protocol names the client; uvloop's compiled one hides it.
+    who = "127.0.0.1" if loop == "asyncio" else "an unknown address"
+    first = proc.wait_line(r"\[WARNING\] wsfleet\.worker: TLS handshake from (.*) failed: (.*)")
+    assert first.groups() == (who, "[SSL: TLSV1_ALERT_UNKNOWN_CA] tlsv1 alert unknown ca")
+    # A scanner: one line every few seconds at most, with the count since the last one.
+    reported = re.compile(r"TLS handshake from .* failed: (.*) \((\d+) failed handshakes since")
+    spans: list[tuple[float, float]] = []  # when each failed handshake began and ended
+    while not any(reported.search(line) for line in proc.lines):
+        assert time.monotonic() < began + 30, proc.output
+        start = time.monotonic()
+        refused_handshake(port)
+        spans.append((start, time.monotonic()))
+    lines = [line for line in proc.lines if "TLS handshake from" in line]
+    assert len(lines) == 2, proc.output
+    match = reported.search(lines[1])
+    assert match is not None and match.group(1) == "[SSL: HTTP_REQUEST] http request"
+    # It counts every failure up to the first one 5 s or more after the first report (a
+    # few more may have come before the test saw the line: they wait for the next report).
+    count = int(match.group(2))
+    assert 10 <= count <= len(spans)
+    assert spans[count - 1][1] >= began + 5
+    assert spans[count - 2][0] < ended + 5
+    # The worker serves as before.
+    with connect(f"wss://127.0.0.1:{port}/", ssl=certs.client) as ws:
+        ws.send("still here")
+        assert ws.recv(timeout=5) == "still here"
 
 
 def test_tls_on_uvloop_when_asked_for(spawn, certs: Certs) -> None:

@@ -198,7 +198,18 @@ def test_sigusr2_tells_systemd_the_new_main_pid_which_keeps_the_watchdog(spawn, 
 def test_an_upgrade_hands_over_unix_sockets_and_the_metrics_port(spawn, tmp_path) -> None:
     site = installed(tmp_path)
     path, metrics = tmp_path / "ws.sock", f"127.0.0.1:{harness.free_port()}"
-    args = ["-w", "2", "--drain-window", "3", "--bind", "127.0.0.1:0", "--bind", f"unix:{path}"]
+    args = [
+        "-w",
+        "2",
+        "--drain-window",
+        "3",
+        "--drain-rate",
+        "1",
+        "--bind",
+        "127.0.0.1:0",
+        "--bind",
+        f"unix:{path}",
+    ]
     master = start(spawn, tmp_path, site, *args, "--metrics", metrics)
     inode = path.stat().st_ino
     with new_masters(master):

@@ -155,7 +155,7 @@ def test_graceful_timeout_bounds_the_drain(spawn) -> None:
     with stuck_client(port):
         proc.signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0  # without the bound, close_timeout is 10 s
-        proc.wait_line(r"graceful timeout \(0.5s\) reached: aborting 1 connections")
+        proc.wait_line(r"graceful timeout \(0.5s\) reached: aborting 1 connection$")
 
 
 def test_second_sigterm_stops_at_once(spawn) -> None:
@@ -278,8 +278,30 @@ def test_bad_app_exits_4_with_the_reason(tmp_path: Path, source: str, spec: str,
     (tmp_path / "badapp.py").write_text(source)
     result = run_wsfleet(["worker", "--port", "0", "--app", spec], cwd=tmp_path)
     assert result.returncode == 4, result.stderr
-    assert message in result.stderr
-    assert "Traceback" not in result.stderr
+    first, *more = result.stderr.strip().splitlines()
+    assert message in first
+    if source.startswith("raise"):  # the app raised: where, and its traceback
+        assert first.endswith("RuntimeError: boom (badapp.py, line 1)")
+        assert more == [
+            "Traceback (most recent call last):",
+            f'  File "{tmp_path / "badapp.py"}", line 1, in <module>',
+            "    raise RuntimeError('boom')",
+            "RuntimeError: boom",
+        ]
+    else:  # nothing of the app's to show: the one line says it
+        assert more == []
+
+
+def test_bad_app_traceback_goes_to_the_log_file(tmp_path: Path) -> None:
+    (tmp_path / "badapp.py").write_text("\nhandler = missing_name\n")
+    log = tmp_path / "w.log"
+    args = ["worker", "--port", "0", "--app", "badapp:handler", "--log-file", str(log)]
+    result = run_wsfleet(args, cwd=tmp_path)
+    assert result.returncode == 4, result.stderr
+    assert "NameError: name 'missing_name' is not defined (badapp.py, line 2)" in result.stderr
+    where = f'  File "{tmp_path / "badapp.py"}", line 2, in <module>\n    handler = missing_name'
+    assert where in result.stderr
+    assert where in log.read_text()
 
 
 def test_serves_an_inherited_socket_with_fd(spawn) -> None:

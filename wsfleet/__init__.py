@@ -27,20 +27,39 @@ def run(app: Any = "wsfleet.echo:echo", **options: Any) -> int:
     SIGHUP to serve new code: workers then import it afresh, while a handler object is the
     code this process loaded.
 
-    Raises ValueError for a bad option, and the master's start-up errors
-    (``wsfleet.arbiter.BootError`` when no worker can start, OSError when the port is taken).
+    Raises TypeError for an unknown option (naming the closest valid one), ValueError for a
+    bad value (with the message ``wsfleet start`` gives for it), and the master's start-up
+    errors: ``wsfleet.arbiter.BootError`` when no worker can start (its ``details`` hold the
+    app's traceback when the import raised), OSError when the port is taken.
     """
+    import os
+
+    from . import cli, logs, sockets
     from . import config as cfg
-    from . import logs, sockets
     from .arbiter import Arbiter
     from .worker import check_handler
 
+    # What wsfleet start takes, but for --daemon: run() serves in this process.
+    known = [n for n, f in cfg.FIELDS.items() if "start" in f.metadata["commands"]]
+    known.remove("daemon")
     values: dict[str, Any] = {}
     for name, value in options.items():
-        if name not in cfg.FIELDS or "start" not in cfg.FIELDS[name].metadata["commands"]:
-            raise TypeError(f"run() got an unknown option {name!r}")
+        if name not in known:
+            if name == "daemon":
+                hint = " (run() serves in this process; wsfleet start --daemon detaches)"
+            elif name in cfg.FIELDS:
+                hint = f" ({name} is an option of wsfleet worker, not of start)"
+            else:
+                hint = cfg.suggest(name, known)
+            raise TypeError(f"run() got an unexpected keyword argument {name!r}{hint}")
+        if value is None and cfg.FIELDS[name].default is None:
+            continue  # None: not given, as for an option left out
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        elif isinstance(value, tuple):  # bind=(...) as well as a list
+            value = list(value)
         try:
-            values[name] = cfg.parse_value(name, value)
+            values[name] = cfg.parse_typed(name, value)
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from None
     handler = None
@@ -50,6 +69,10 @@ def run(app: Any = "wsfleet.echo:echo", **options: Any) -> int:
         handler = check_handler(app, f"run({app!r})")
         values["app"] = f"{app.__module__}:{getattr(app, '__qualname__', 'handler')}"
     config = cfg.Config(**values)
-    logs.setup(config.log_level, config.log_file)
+    cli.check(config)
+    try:
+        logs.setup(config.log_level, config.log_file)
+    except OSError as exc:
+        raise ValueError(f"--log-file {config.log_file}: cannot open: {exc.strerror}") from None
     sockets.raise_fd_limit()
     return Arbiter(config, handler=handler).run()

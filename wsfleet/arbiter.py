@@ -123,6 +123,7 @@ class Worker:
     last_seen: float = 0.0  # its last message (heartbeats come from its event loop)
     connections: int = 0
     error: str | None = None  # why it could not start, as it said
+    details: str = ""  # and the traceback of its app's import, if it raised
     counts_refused: bool = False  # its --metrics counts were malformed (said once)
     # Its drain's deadline: from the configuration it was forked with, the closes' duration
     # it reported (None: the whole drain window), and when it was told to hurry.
@@ -205,11 +206,20 @@ class RestartOutcome:
 
 
 class BootError(Exception):
-    """No worker could start (the app does not import, say): start gives up."""
+    """No worker could start (the app does not import, say): start gives up.
 
-    def __init__(self, message: str, status: int) -> None:
+    ``details`` is the worker's traceback when its app raised at import, else ""."""
+
+    def __init__(self, message: str, status: int, details: str = "") -> None:
         super().__init__(message)
         self.status = status
+        self.details = details
+
+
+def with_details(error: Exception) -> str:
+    """An error's line, and its traceback under it when it has one (an app that raised)."""
+    details = getattr(error, "details", "")
+    return f"{error}\n{details}" if details else str(error)
 
 
 class Processes(Protocol):
@@ -319,6 +329,7 @@ class Fleet:
                 )
         elif kind == "error":
             worker.error = message["message"]
+            worker.details = message.get("details", "")
         elif kind == "ready" and worker.state is WorkerState.STARTING:
             self.on_ready(worker)
         elif kind == "held" and worker.state is WorkerState.HOLDING:
@@ -386,6 +397,7 @@ class Fleet:
             self.restart_reasons["crash"] += 1  # it left unasked
         how = describe_exit(code)
         reason = f": {worker.error}" if worker.error else ""
+        details = f"\n{worker.details}" if worker.details else ""  # its traceback, in the log
         if worker.ready_at is not None and now - worker.ready_at >= self.config.start_seconds:
             slot.crashes = 0  # it served: whatever ends it, the next crash is a first one
         for other in self.slots:
@@ -399,11 +411,12 @@ class Fleet:
         if self.restart is not None and self.restart.step is worker:
             log.error(
                 "rolling restart stopped: the new worker %d for slot %d exited before it was "
-                "ready (%s)%s; the old worker keeps serving",
+                "ready (%s)%s; the old worker keeps serving%s",
                 pid,
                 slot.index,
                 how,
                 reason,
+                details,
             )
             self.restart = None
             why = f"worker {pid} for slot {slot.index} exited ({how}){reason}"
@@ -418,7 +431,8 @@ class Fleet:
             return
         if self.state is MasterState.BOOTING and worker.ready_at is None:
             status = EXIT_APP if code == EXIT_APP else 1
-            raise BootError(f"worker {pid} could not start ({how}){reason}", status)
+            message = f"worker {pid} could not start ({how}){reason}"
+            raise BootError(message, status, worker.details)
         if not was_serving or slot not in self.slots:
             return  # a replacement, or a slot scaled away
         # Crashing at start: never ready, or dead within --start-seconds of it. Only a run of
@@ -427,18 +441,28 @@ class Fleet:
         if crashing:
             slot.crashes += 1
         delay = backoff(slot.crashes) if crashing else 0.0
+        if slot.crashes > 1:
+            details = ""  # the first of the run showed it
         if delay:
             log.error(
-                "worker %d (slot %d) died (%s) at start%s; %d times in a row: restarting in %.1fs",
+                "worker %d (slot %d) died (%s) at start%s; %s in a row: restarting in %.1fs%s",
                 pid,
                 slot.index,
                 how,
                 reason,
-                slot.crashes,
+                logs.plural(slot.crashes, "time"),
                 delay,
+                details,
             )
         else:
-            log.error("worker %d (slot %d) died (%s)%s: replacing it", pid, slot.index, how, reason)
+            log.error(
+                "worker %d (slot %d) died (%s)%s: replacing it%s",
+                pid,
+                slot.index,
+                how,
+                reason,
+                details,
+            )
         slot.restart_at = now + delay
 
     def hold(self, worker: Worker) -> None:
@@ -532,7 +556,8 @@ class Fleet:
             s.state is SlotState.SERVING for s in self.slots
         ):
             self.state = MasterState.RUNNING
-            log.info("all %d workers ready", len(self.slots))
+            workers = logs.plural(len(self.slots), "worker")
+            log.info("%s ready", f"all {workers}" if len(self.slots) > 1 else workers)
             self.processes.all_ready()
         # A restart done, failed or given up: what it held closes now, once. Not before every
         # held worker has said it stopped accepting: a client closed by one must not
@@ -585,7 +610,7 @@ class Fleet:
             self.outcome = RestartOutcome("refused", "the master is stopping", self.clock())
             return
         self.config = config
-        log.info("rolling restart of %d workers", len(self.slots))
+        log.info("rolling restart of %s", logs.plural(len(self.slots), "worker"))
         self.outcome = RestartOutcome("in_progress", None, self.clock())
         if self.restart is None:
             self.restart = RollingRestart(list(self.slots))
@@ -639,9 +664,11 @@ class Fleet:
             return
         if self.upgrade is not None and self.upgrade.state is UpgradeState.STARTING:
             # The new master starts with the slots handed to it: none added or dropped now.
-            log.warning("not scaling to %d workers: an upgrade is in progress", count)
+            log.warning(
+                "not scaling to %s: an upgrade is in progress", logs.plural(count, "worker")
+            )
             return
-        log.info("scaling from %d to %d workers", len(self.slots), count)
+        log.info("scaling from %d to %s", len(self.slots), logs.plural(count, "worker"))
         while len(self.slots) < count:
             try:
                 opened = self.processes.open_slot(len(self.slots))
@@ -970,10 +997,10 @@ class Arbiter:
             self.events_handler = _Events(self.events)
             log.addHandler(self.events_handler)
             log.info(
-                "master %d (wsfleet %s) starting %d workers on %s (app %s)%s",
+                "master %d (wsfleet %s) starting %s on %s (app %s)%s",
                 os.getpid(),
                 __version__,
-                len(slots),
+                logs.plural(len(slots), "worker"),
                 ", ".join(self.urls()),
                 self.config.app,
                 f", taking over from master {handoff.old_pid}" if handoff is not None else "",
@@ -983,7 +1010,9 @@ class Arbiter:
             self.fleet.reconcile()
             while not self.fleet.finished:
                 self.loop_once()
-        except BootError:
+        except BootError as exc:
+            if self.config.log_file:  # the log is a file: it says why too (else: the caller)
+                log.error("cannot start: %s", with_details(exc))
             self.stop_workers_and_wait()
             raise
         finally:
@@ -1009,7 +1038,10 @@ class Arbiter:
         (systemd's ReusePort=yes: the kernel spreads connections over them, as over the
         sockets wsfleet binds); otherwise every worker accepts on each one."""
         if self.config.bind:
-            log.warning("--bind ignored: serving the %d sockets systemd passed", len(activated))
+            log.warning(
+                "--bind ignored: serving the %s systemd passed",
+                logs.plural(len(activated), "socket"),
+            )
         self.listening = list(dict.fromkeys(map(sockets.address_of, activated)))
         if len(activated) == self.config.workers > 1 and len(self.listening) == 1:
             self.per_slot = self.listening[:]
@@ -1121,8 +1153,8 @@ class Arbiter:
                 lines.append("READY=1")
         ready = sum(w.state is WorkerState.READY for w in fleet.workers.values())
         status = (
-            f"{ready}/{len(fleet.slots)} workers ready, "
-            f"{sum(w.connections for w in fleet.workers.values())} connections"
+            f"{ready}/{logs.plural(len(fleet.slots), 'worker')} ready, "
+            f"{logs.plural(sum(w.connections for w in fleet.workers.values()), 'connection')}"
             + (", reloading" if reloading else "")
         )
         if status != self.told["status"]:
@@ -1487,8 +1519,10 @@ class Arbiter:
         try:
             handler = self.handler or worker.load_app(self.fleet.config.app)
         except worker.AppError as exc:
-            logging.getLogger("wsfleet.worker").error("%s", exc)
-            channel.send(worker_end, {"t": "error", "message": str(exc)})
+            # The master logs it (or, at start, says it in start's message): once, however
+            # many workers fail alike. Alone with no master to tell, say it here.
+            if not channel.send(worker_end, channel.error(str(exc), exc.details)):
+                logging.getLogger("wsfleet.worker").error("%s", with_details(exc))
             return EXIT_APP
         config = self.fleet.config
         listening = [*slot.sockets, *(listener.sock for listener in self.shared)]

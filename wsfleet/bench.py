@@ -33,7 +33,7 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Response
 from websockets.uri import parse_uri
 
-from . import control
+from . import control, logs
 
 SAMPLE = 50_000  # round-trip times each process sends back for the percentiles
 
@@ -313,10 +313,12 @@ def format_report(report: Report, as_json: bool) -> str:
     p50 = f"{report.p50_ms:.2f} ms" if report.p50_ms is not None else "-"
     p99 = f"{report.p99_ms:.2f} ms" if report.p99_ms is not None else "-"
     return (
-        f"{report.url}: {report.connected}/{report.connections} connections, "
-        f"{report.in_flight} x {report.size} B in flight each, {report.processes} processes, "
+        f"{report.url}: {report.connected}/{logs.plural(report.connections, 'connection')}, "
+        f"{report.in_flight} x {report.size} B in flight each, "
+        f"{logs.plural(report.processes, 'process', 'processes')}, "
         f"compression {report.compression}\n"
-        f"{report.messages:,} messages in {report.duration:g} s: "
+        f"{report.messages:,} message{'' if report.messages == 1 else 's'} in "
+        f"{report.duration:g} s: "
         f"{report.messages_per_s:,.0f} msg/s; round trip p50 {p50}, p99 {p99}\n"
         f"connection errors: {report.connect_errors or 'none'}; "
         f"close codes: {report.close_codes or 'none'}"
@@ -527,7 +529,7 @@ def run_memory(
     for number, setting in enumerate(settings, 1):
         if progress:  # each setting takes seconds: say where it is
             print(
-                f"\r{setting}: {count} connections ({number} of {len(settings)})...",
+                f"\r{setting}: {logs.plural(count, 'connection')} ({number} of {len(settings)})...",
                 end="",
                 file=sys.stderr,
                 flush=True,
@@ -542,8 +544,9 @@ def format_memory(report: dict[str, Any], as_json: bool) -> str:
     if as_json:
         return json.dumps(report, indent=2)
     lines = [
-        f"{report['connections']} connections, each having exchanged {report['messages']} "
-        "messages; compression relative to websockets' default (12/5)",
+        f"{logs.plural(report['connections'], 'connection')}, each having exchanged "
+        f"{logs.plural(report['messages'], 'message')}; compression relative to websockets' "
+        "default (12/5)",
         "",
         "| window bits / memory level | compressed size | compression time "
         "| tracemalloc per connection | RSS per connection | USS per connection |",

@@ -6,10 +6,10 @@ SCM_RIGHTS, which is how the master lends a slot's listening socket to a healthy
 Worker to master: ``ready`` (accepting), ``hb`` (heartbeat with the open-connection count, sent
 by the worker's event loop itself, so a blocked loop goes quiet, and with --metrics its
 counts so far), ``held`` and ``draining`` (it stopped accepting; ``draining`` says over how
-many seconds it sends its closes), ``error`` (why it cannot start). Master to worker:
-``drain`` (with the close code), ``hurry`` (close everything now: a second TERM), ``hold`` (a
-rolling restart replaced it), ``adopt`` (a lent socket, with its descriptor) and ``release``
-(give it back).
+many seconds it sends its closes), ``error`` (why it cannot start, with the app's traceback).
+Master to worker: ``drain`` (with the close code), ``hurry`` (close everything now: a second
+TERM), ``hold`` (a rolling restart replaced it), ``adopt`` (a lent socket, with its
+descriptor) and ``release`` (give it back).
 """
 
 from __future__ import annotations
@@ -43,6 +43,19 @@ def send(sock: socket.socket, message: Message, fds: Sequence[int] = ()) -> bool
     except OSError:  # BlockingIOError, BrokenPipeError, ConnectionResetError...
         return False
     return True
+
+
+def error(message: str, details: str = "") -> Message:
+    """A worker's ``error`` message: why it cannot start, in one line, and the traceback of
+    its app's import (``details``), cut from the top to fit in one message: the frames
+    nearest the error are the ones that tell."""
+    report: Message = {"t": "error", "message": message[:1000], "details": details}
+    while len(json.dumps(report, separators=(",", ":"))) > MAX_MESSAGE and report["details"]:
+        lines = report["details"].splitlines()
+        report["details"] = "\n".join(["[earlier lines cut]", *lines[len(lines) // 2 + 1 :]])
+        if len(lines) <= 2:
+            report["details"] = ""
+    return report
 
 
 def receive(sock: socket.socket) -> tuple[Message | None, list[int]]:
@@ -122,6 +135,8 @@ def validate(message: object) -> Message:
         over = message["over"]
         if not isinstance(over, int | float) or isinstance(over, bool) or not 0 <= over < 1e9:
             raise BadMessage(f"'draining' message with a bad 'over': {over!r:.40}")
+    if kind == "error" and not isinstance(message.get("details", ""), str):
+        message["details"] = ""  # the line still tells why
     if kind == "hb" and "n" in message and not _counts(message["n"]):
         # The heartbeat still counts (a worker is not killed for its counts); they do not.
         message["bad_counts"] = repr(message.pop("n"))[:60]

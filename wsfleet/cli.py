@@ -336,8 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def fail(message: str, status: int) -> NoReturn:
+    if control.notify_failure(message, status):  # a detached master tells the waiting command
+        # Its stderr is its log file, whose own line has the traceback already.
+        message = message.partition("\n")[0]
     print(f"wsfleet: error: {message}", file=sys.stderr, flush=True)
-    control.notify_failure(message, status)  # a detached master tells the waiting command
     raise SystemExit(status)
 
 
@@ -358,6 +360,23 @@ def given_options(args: argparse.Namespace) -> dict[str, Any]:
             fail(f"the app is given twice: {app} and --app {given['app']}", EXIT_USAGE)
         given["app"] = app
     return given
+
+
+def check(config: cfg.Config) -> None:
+    """What is checked before anything starts, beyond each option's own value (also for
+    wsfleet.run()): ValueError says what to fix, as the exit 2 message."""
+    sockets.server_context(config)  # the certificate and key load, or the error names them
+    if config.user or config.group:
+        from .worker import identity
+
+        identity(config)  # a known user and group, and permission to switch
+    if config.loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        raise ValueError("--loop uvloop: uvloop is not installed (pip install uvloop)")
+    if config.metrics and importlib.util.find_spec("prometheus_client") is None:
+        raise ValueError(
+            "--metrics needs prometheus-client: pip install prometheus-client (from wsfleet's "
+            "checkout: pip install '.[metrics]')"
+        )
 
 
 def load_config(command: str, args: argparse.Namespace) -> cfg.Config:
@@ -440,7 +459,10 @@ def run_worker(config: cfg.Config) -> int:
         try:
             handler = load_app(config.app)
         except AppError as exc:
-            fail(str(exc), EXIT_APP)
+            message = f"{exc}\n{exc.details}" if exc.details else str(exc)
+            if config.log_file:  # else the log is stderr, where fail() says it
+                logging.getLogger("wsfleet.worker").error("%s", message)
+            fail(message, EXIT_APP)
         return run(config, Worker(config, listening, handler, tls=tls).run())
     finally:
         for listener in unix:
@@ -459,8 +481,8 @@ def run_master(config: cfg.Config, args: argparse.Namespace) -> int:
         daemonize(config.log_file)
     try:
         return Arbiter(config, reload_config).run()
-    except BootError as exc:
-        fail(f"cannot start: {exc}", exc.status)
+    except BootError as exc:  # (with its traceback: an app that raised at import)
+        fail(f"cannot start: {exc}\n{exc.details}".rstrip(), exc.status)
     except sockets.ListenError as exc:
         fail(str(exc), EXIT_RUNTIME)
     except (control.ControlError, upgrade.HandoffError) as exc:
@@ -479,13 +501,13 @@ def daemonize(log_file: str | None) -> None:
         os.close(write_end)
         with os.fdopen(read_end) as ready:
             text = ready.read()  # until the master closes its end: ready, failed, or gone
-        line = text.partition("\n")[0]
+        line, _, more = text.partition("\n")
         if control.LISTENING.match(line):
             print(text, end="", file=sys.stderr)  # one line per address
             print(f"logging to {log_file or os.devnull}", file=sys.stderr)
             raise SystemExit(0)
         if failed := control.FAILED.match(line):  # the master's own reason and status
-            fail(failed.group(2), int(failed.group(1)))
+            fail(f"{failed.group(2)}\n{more}".rstrip(), int(failed.group(1)))
         fail(f"the master exited before it was ready; see its log {log_file}", EXIT_RUNTIME)
     os.close(read_end)
     os.setsid()
@@ -606,21 +628,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "worker" and config.fd is not None and config.bind:
         fail("--fd and --bind: give one (--fd serves an inherited socket)", EXIT_USAGE)
     try:
-        sockets.server_context(config)  # the certificate and key load, or exit 2 naming them
-        if args.command in ("start", "worker") and (config.user or config.group):
-            from .worker import identity
-
-            identity(config)  # a known user and group, and permission to switch
+        check(config)
     except ValueError as exc:
         fail(str(exc), EXIT_USAGE)
-    if config.loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
-        fail("--loop uvloop: uvloop is not installed (pip install uvloop)", EXIT_USAGE)
-    if config.metrics and importlib.util.find_spec("prometheus_client") is None:
-        fail(
-            "--metrics needs prometheus-client: pip install prometheus-client (from wsfleet's "
-            "checkout: pip install '.[metrics]')",
-            EXIT_USAGE,
-        )
     setup_logging(config, defaulted)
     if args.command == "worker":
         return run_worker(config)

@@ -715,17 +715,23 @@ def read_file(path: str, command: str) -> dict[str, Any]:
             raise ConfigError(f"{where}: unknown option {key!r}{suggest(key, FIELDS)}")
         if command not in FIELDS[key].metadata["commands"]:
             continue  # a file shared by start and worker may hold the other's options
-        kinds, expected = _TOML_TYPES[FIELDS[key].type.split(" |")[0]]
-        if not isinstance(value, kinds) or (isinstance(value, bool) and kinds is not bool):
-            raise ConfigError(f"{where}: {key}: expected {expected}, got {value!r}")
         try:
-            values[key] = parse_value(key, value)
+            values[key] = parse_typed(key, value)
         except ValueError as exc:
             raise ConfigError(f"{where}: {key}: {exc}") from None
     return values
 
 
-# What a TOML value must be for a field of each type: TOML has types, and a file that says
+def parse_typed(name: str, value: object) -> Any:
+    """Parse a value that comes with a type (from TOML, or wsfleet.run()): the wrong type is
+    refused, not coerced; ValueError says what was expected, as parse_value does."""
+    kinds, expected = _TOML_TYPES[FIELDS[name].type.split(" |")[0]]
+    if not isinstance(value, kinds) or (isinstance(value, bool) and kinds is not bool):
+        raise ValueError(f"expected {expected}, got {value!r}")
+    return parse_value(name, value)
+
+
+# What a typed value (TOML, wsfleet.run()) must be for a field of each type: a file that says
 # workers = "4" is as wrong as one that says daemon = 1.
 _TOML_TYPES: dict[str, tuple[type | tuple[type, ...], str]] = {
     "int": (int, "an integer"),

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from . import logs
 from .config import Address, parse_address
 
 
@@ -169,15 +170,21 @@ def set_ready_fd(fd: int | None) -> None:
     _ready_fd = fd
 
 
-def notify_failure(message: str, status: int) -> None:
-    """A detached master that cannot start tells the waiting command why, and its status."""
+def notify_failure(message: str, status: int) -> bool:
+    """A detached master that cannot start tells the waiting command why, and its status:
+    ``failed STATUS REASON`` on the first line (all that an upgrading master reads), then any
+    more lines of the message (an app's traceback). True if a command was told."""
     global _ready_fd
-    if _ready_fd is not None:
-        with contextlib.suppress(OSError):
-            line = " ".join(message.splitlines())
-            os.write(_ready_fd, f"failed {status} {line}\n".encode())
-            os.close(_ready_fd)
-        _ready_fd = None
+    if _ready_fd is None:
+        return False
+    told = False
+    with contextlib.suppress(OSError):
+        os.write(_ready_fd, f"failed {status} {message.rstrip()}\n".encode())
+        told = True
+    with contextlib.suppress(OSError):
+        os.close(_ready_fd)
+    _ready_fd = None
+    return told
 
 
 def notify_ready(urls: list[str]) -> None:
@@ -456,7 +463,8 @@ def format_status(status: dict[str, Any]) -> str:
             ("worker", str(w["slot"]), str(w["pid"]), state, _age(w["age"]), str(w["connections"]))
         )
     for s in status.get("empty_slots", []):
-        state = f"none: restart in {s['restart_in']:g}s after {s['crashes']} crashes at start"
+        crashes = logs.plural(s["crashes"], "crash", "crashes")
+        state = f"none: restart in {s['restart_in']:g}s after {crashes} at start"
         rows.append(("worker", str(s["slot"]), "-", state, "-", "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [

@@ -1,4 +1,5 @@
-"""Logging set-up shared by the master and the workers, and log-file reopening on USR1."""
+"""Logging set-up shared by the master and the workers, log-file reopening on USR1, and
+counted nouns for messages."""
 
 from __future__ import annotations
 
@@ -6,6 +7,13 @@ import contextlib
 import logging
 import os
 import sys
+
+
+def plural(count: int, noun: str, plural: str | None = None) -> str:
+    """A count and its noun in the form the count takes, for messages: "1 worker", "2 workers"
+    (a noun such as "process" needs its plural given)."""
+    return f"{count} {noun if count == 1 else plural or noun + 's'}"
+
 
 FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
 

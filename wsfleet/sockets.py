@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import resource
 import socket
 import ssl
@@ -181,24 +182,54 @@ def _resolve(address: Address) -> tuple[socket.AddressFamily, int, int, Any]:
     return family, type_, proto, resolved
 
 
+_PEM_CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
+_PEM_KEY = re.compile(rb"-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----")
+
+
+def _encrypted_key() -> bytes:
+    """load_cert_chain's password callback: a server that starts unattended asks for none
+    (OpenSSL would prompt on the terminal, or hang a --daemon)."""
+    raise ValueError("the private key is encrypted: give it unencrypted (no passphrase asked)")
+
+
 def server_context(config: Config) -> ssl.SSLContext | None:
-    """The TLS context of --certfile/--keyfile (None without them); ValueError names the file
-    that is missing, unreadable, or not the certificate's key."""
+    """The TLS context of --certfile/--keyfile (None without them); ValueError names the option
+    and file that is missing, unreadable, without what it must hold, or not the certificate's
+    key. OpenSSL's own words say little of that ("PEM lib"): the files are looked at first."""
     if config.keyfile and not config.certfile:
-        raise ValueError(f"--keyfile {config.keyfile} needs --certfile")
+        raise ValueError(f"--keyfile {config.keyfile} needs --certfile (the certificate)")
     if not config.certfile:
         return None
+    contents: dict[str, bytes] = {}
     for flag, path in (("--certfile", config.certfile), ("--keyfile", config.keyfile)):
         if path is not None:
             try:
-                open(path, "rb").close()
+                with open(path, "rb") as f:
+                    contents[flag] = f.read()
             except OSError as exc:
                 raise ValueError(f"{flag} {path}: {exc.strerror}") from None
+    if _PEM_CERTIFICATE not in contents["--certfile"]:
+        raise ValueError(f"--certfile {config.certfile}: no certificate in it (PEM expected)")
+    if config.keyfile is None and not _PEM_KEY.search(contents["--certfile"]):
+        raise ValueError(
+            f"--certfile {config.certfile} holds no private key: give it with --keyfile FILE"
+        )
+    if config.keyfile is not None and not _PEM_KEY.search(contents["--keyfile"]):
+        raise ValueError(f"--keyfile {config.keyfile}: no private key in it (PEM expected)")
+    key = f"--keyfile {config.keyfile}" if config.keyfile else "the key in it"
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
-        context.load_cert_chain(config.certfile, config.keyfile)
+        context.load_cert_chain(config.certfile, config.keyfile, password=_encrypted_key)
+    except ValueError as exc:  # (from _encrypted_key)
+        holder = (
+            f"--keyfile {config.keyfile}" if config.keyfile else f"--certfile {config.certfile}"
+        )
+        raise ValueError(f"{holder}: {exc}") from None
     except ssl.SSLError as exc:
-        key = f"--keyfile {config.keyfile}" if config.keyfile else "the key in it"
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise ValueError(
+                f"--certfile {config.certfile} with {key}: the key is not the certificate's"
+            ) from None
         raise ValueError(
             f"--certfile {config.certfile} with {key}: not a certificate and its private key "
             f"({exc.reason or exc})"

@@ -27,7 +27,9 @@ import signal
 import socket
 import ssl
 import sys
+import sysconfig
 import time
+import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -123,7 +125,63 @@ def drop_privileges(config: Config) -> None:
 
 
 class AppError(Exception):
-    """The --app handler cannot be loaded (the CLI exits 4, the master gives up at start)."""
+    """The --app handler cannot be loaded (the CLI exits 4, the master gives up at start).
+
+    ``str()`` is one line (it goes into status and reload reports); ``details`` is the
+    traceback of an import that raised, the app's own frames only, or "".
+    """
+
+    def __init__(self, message: str, details: str = "") -> None:
+        super().__init__(message)
+        self.details = details
+
+
+def _importlib_frame(frame: traceback.FrameSummary) -> bool:
+    """A frame of the import machinery, not of the app: CPython hides these from an
+    ``import`` statement's traceback, but not from importlib.import_module's."""
+    return frame.filename.startswith("<frozen importlib") or (
+        os.path.dirname(frame.filename) == os.path.dirname(importlib.__file__)
+    )
+
+
+def _app_frames(report: traceback.TracebackException) -> None:
+    """Keep the app's frames in report and in the exceptions chained to it."""
+    seen: set[int] = set()
+    pending = [report]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        frames = [f for f in current.stack if not _importlib_frame(f) and f.filename != __file__]
+        current.stack = traceback.StackSummary.from_list(frames)
+        pending += [e for e in (current.__cause__, current.__context__) if e is not None]
+        pending += getattr(current, "exceptions", None) or []
+
+
+def import_error(spec: str, exc: BaseException) -> AppError:
+    """The AppError for an app whose import raised exc: one line that names the exception and
+    where it was raised (file and line), and the traceback, without wsfleet's and importlib's
+    frames, as details (none when it would only repeat the line: a missing module)."""
+    report = traceback.TracebackException.from_exception(exc)
+    _app_frames(report)
+    where = ""
+    if report.stack and not isinstance(exc, SyntaxError):  # (a SyntaxError's says where)
+        # The line to fix is more often the app's than the library's it called.
+        libraries = {sysconfig.get_path(p) for p in ("stdlib", "platstdlib", "purelib")}
+        frame = next(
+            (f for f in reversed(report.stack) if not f.filename.startswith(tuple(libraries))),
+            report.stack[-1],
+        )
+        path = frame.filename
+        with contextlib.suppress(ValueError):
+            if not (relative := os.path.relpath(path)).startswith(".."):
+                path = relative
+        where = f" ({path}, line {frame.lineno})"
+    details = "".join(report.format()).rstrip("\n")
+    if "\n" not in details:  # no frame of the app's: the exception's line says it all
+        details = ""
+    return AppError(f"cannot import --app {spec}: {type(exc).__name__}: {exc}{where}", details)
 
 
 def load_app(spec: str) -> Handler:
@@ -139,7 +197,7 @@ def load_app(spec: str) -> Handler:
     try:
         target: Any = importlib.import_module(module_name)
     except Exception as exc:
-        raise AppError(f"cannot import --app {spec}: {type(exc).__name__}: {exc}") from exc
+        raise import_error(spec, exc) from exc
     for part in attr.split("."):
         try:
             target = getattr(target, part)
@@ -207,6 +265,55 @@ def describe_compression(config: Config) -> str:
     return (
         f"compression deflate window_bits={config.window_bits} memory_level={config.memory_level}"
     )
+
+
+class Occurrences:
+    """A condition that may repeat fast (each failed accept at the open-file limit, each
+    failed TLS handshake of a scanner): counted every time, reported at most once every
+    interval, with the count since the last report."""
+
+    def __init__(self, interval: float = 5.0) -> None:
+        self.interval = interval
+        self.count = 0
+        self.reported = float("-inf")
+
+    def report_due(self, now: float) -> int:
+        """Count one; return how many to report (this one and those not reported yet) when a
+        report is due, else 0."""
+        self.count += 1
+        if now - self.reported < self.interval:
+            return 0
+        count, self.count, self.reported = self.count, 0, now
+        return count
+
+
+class _WatchedSSLObject(ssl.SSLObject):
+    """The TLS state of one connection (SSLContext.sslobject_class), telling the worker when
+    its handshake fails: asyncio and uvloop log nothing of it unless the loop runs in debug
+    mode. It changes nothing else: the error goes on as before."""
+
+    on_failure: Callable[[str, ssl.SSLError], None] = staticmethod(lambda peer, error: None)
+
+    def do_handshake(self) -> None:
+        try:
+            super().do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, ssl.SSLSyscallError):
+            raise  # more to read or write: the handshake goes on
+        except ssl.SSLError as error:
+            with contextlib.suppress(Exception):  # reporting must not change the outcome
+                self.on_failure(_handshake_peer(), error)
+            raise
+
+
+def _handshake_peer() -> str:
+    """The client whose handshake is failing. asyncio's SSLProtocol calls do_handshake and
+    knows its transport; uvloop's, compiled, shows no frame to look at."""
+    with contextlib.suppress(Exception):
+        caller = sys._getframe(2).f_locals.get("self")
+        if isinstance(caller, asyncio.sslproto.SSLProtocol):
+            peer = caller._transport.get_extra_info("peername")
+            return str(peer[0]) if isinstance(peer, tuple) and peer else "unix"
+    return "an unknown address"
 
 
 class Phase(enum.Enum):
@@ -335,8 +442,11 @@ class Worker:
         self._status = 0  # the exit status once the drain is over (1: a lone worker's 2nd TERM)
         self._tasks: set[asyncio.Task[Any]] = set()  # the loop holds tasks only weakly
         self._inbox: list[tuple[channel.Message, list[int]]] = []
-        self._accept_failures = 0
-        self._accept_reported = float("-inf")
+        self._accept_failures = Occurrences()
+        self._tls_failures = Occurrences()
+        if tls is not None:  # (this process's copy of the context: the master's is untouched)
+            tls.sslobject_class = _WatchedSSLObject
+            _WatchedSSLObject.on_failure = self._on_tls_failure
 
     # Serving
 
@@ -489,19 +599,30 @@ class Worker:
         if context.get("message") != "socket.accept() out of system resource":
             loop.default_exception_handler(context)
             return
-        self._accept_failures += 1
-        now = loop.time()
-        if now - self._accept_reported >= 5.0:
+        if count := self._accept_failures.report_due(loop.time()):
             log.error(
-                "cannot accept connections: %s (%d connections open, open file limit %d); "
-                "%d failed accepts since the last report; retrying every second",
+                "cannot accept connections: %s (%s open, open file limit %d); "
+                "%s since the last report; retrying every second",
                 context.get("exception"),
-                len(self.connections),
+                logs.plural(len(self.connections), "connection"),
                 resource.getrlimit(resource.RLIMIT_NOFILE)[0],
-                self._accept_failures,
+                logs.plural(count, "failed accept"),
             )
-            self._accept_reported = now
-            self._accept_failures = 0
+
+    def _on_tls_failure(self, peer: str, error: ssl.SSLError) -> None:
+        """A TLS handshake failed (a client that does not trust the certificate, plain HTTP
+        to a wss:// port, a scanner): the event loop says nothing of it; this says it, at
+        most once every few seconds, so that a scanner cannot flood the log."""
+        if count := self._tls_failures.report_due(time.monotonic()):
+            reason = str(error).removesuffix(")").rpartition(" (_ssl.c:")[0] or str(error)
+            log.warning(
+                "TLS handshake from %s failed: %s%s",
+                peer,
+                reason,
+                f" ({logs.plural(count, 'failed handshake')} since the last report)"
+                if count > 1
+                else "",
+            )
 
     # The master's channel
 
@@ -606,7 +727,10 @@ class Worker:
         if self.phase is Phase.SERVING:
             self.phase = Phase.HOLDING
             await stop_accepting(self.servers)
-            log.info("replaced: stopped accepting; %d connections wait", len(self.connections))
+            log.info(
+                "replaced: stopped accepting; keeping %s until the restart ends",
+                logs.plural(len(self.connections), "connection"),
+            )
             if self.channel is not None:
                 self._send({"t": "held"})  # the master drains no one before all say so
 
@@ -627,8 +751,8 @@ class Worker:
             # at a deadline that counts the closes' duration: say how long they take.
             self._send({"t": "draining", "over": paced})
         log.info(
-            "stopped accepting; closing %d connections with code %d over %.3gs",
-            count,
+            "stopped accepting; closing %s with code %d over %.3gs",
+            logs.plural(count, "connection"),
             code,
             paced,
         )
@@ -654,9 +778,9 @@ class Worker:
                     await asyncio.sleep(0.01)
         except TimeoutError:
             log.warning(
-                "graceful timeout (%gs) reached: aborting %d connections",
+                "graceful timeout (%gs) reached: aborting %s",
                 self.config.graceful_timeout,
-                sum(len(s.all_connections) for s in self.servers),
+                logs.plural(sum(len(s.all_connections) for s in self.servers), "connection"),
             )
             self.abort(status=0)
             return
