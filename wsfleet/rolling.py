@@ -44,39 +44,53 @@ class Problem(Exception):
     """A process did not come back, or supervisord cannot be asked: the message says which."""
 
 
-def connect(conf: str) -> Any:
-    """supervisord's XML-RPC interface (``supervisor`` namespace), found as supervisorctl finds
-    it: from the [supervisorctl] section of the configuration."""
-    from supervisor.options import ClientOptions
+class Supervisord:
+    """supervisord's XML-RPC interface, found as supervisorctl finds it: from the
+    [supervisorctl] section of the configuration (server URL, user name, password)."""
 
-    if not os.path.isfile(conf):
-        raise Problem(f"{conf}: no such configuration file")
-    options = ClientOptions()
-    options.realize(args=["-c", conf, "status"], progname="rolling-restart")
-    return options.getServerProxy().supervisor
+    def __init__(self, conf: str, prog: str) -> None:
+        from supervisor.options import ClientOptions
 
+        if not os.path.isfile(conf):
+            raise Problem(f"{conf}: no such configuration file")
+        options = ClientOptions()
+        options.realize(args=["-c", conf, "status"], progname=prog)  # exit 2 on a bad file
+        self.url: str = options.serverurl
+        self.rpc = options.getServerProxy().supervisor
 
-def processes(rpc: Any) -> dict[str, tuple[str, int | None]]:
-    """group:name -> (state, pid) for every process supervisord runs."""
-    return {f"{p['group']}:{p['name']}": (p["statename"], p["pid"] or None) for p in call(rpc)}
+    def call(self, method: str, *args: Any) -> Any:
+        """One XML-RPC call; Problem, with what to check, if supervisord cannot be reached."""
+        try:
+            return getattr(self.rpc, method)(*args)
+        except OSError as exc:
+            raise Problem(
+                f"cannot reach supervisord at {self.url} ({exc.strerror or exc}): is it running "
+                "with this configuration? (supervisord -c CONF)"
+            ) from None
+        except xmlrpc.client.ProtocolError as exc:
+            raise Problem(
+                f"supervisord at {self.url} refused {method}: {exc.errcode} {exc.errmsg}"
+            ) from None
 
+    def processes(self) -> dict[str, tuple[str, int | None]]:
+        """group:name -> (state, pid) for every process supervisord runs."""
+        return {
+            f"{p['group']}:{p['name']}": (p["statename"], p["pid"] or None)
+            for p in self.call("getAllProcessInfo")
+        }
 
-def call(rpc: Any, method: str = "getAllProcessInfo", *args: Any) -> Any:
-    """One XML-RPC call; Problem, with what to check, if supervisord cannot be reached."""
-    try:
-        return getattr(rpc, method)(*args)
-    except OSError as exc:
-        raise Problem(
-            f"cannot reach supervisord ({exc.strerror or exc}): is it running with this "
-            "configuration? (supervisord -c CONF)"
-        ) from None
-    except xmlrpc.client.ProtocolError as exc:
-        raise Problem(f"supervisord refused {method}: {exc.errcode} {exc.errmsg}") from None
+    def state_of(self, name: str) -> tuple[str, int | None]:
+        info = self.call("getProcessInfo", name)
+        return info["statename"], info["pid"] or None
 
-
-def state_of(rpc: Any, name: str) -> tuple[str, int | None]:
-    info = call(rpc, "getProcessInfo", name)
-    return info["statename"], info["pid"] or None
+    def start(self, name: str) -> None:
+        """Start a process that is not running, without waiting (the caller watches its
+        state); one that supervisord has started meanwhile (autorestart) is fine."""
+        try:
+            self.call("startProcess", name, False)
+        except xmlrpc.client.Fault as exc:
+            if exc.faultCode != ALREADY_STARTED:
+                raise Problem(f"{name}: supervisord cannot start it: {exc.faultString}") from None
 
 
 def listens(pid: int, port: int) -> bool:
@@ -117,38 +131,28 @@ def wait(condition: Callable[[], bool], deadline: float) -> bool:
     return True
 
 
-def start(rpc: Any, name: str) -> None:
-    """Start a process that is not running, without waiting (the caller watches its state);
-    one that supervisord has started meanwhile (autorestart) is fine."""
-    try:
-        call(rpc, "startProcess", name, False)
-    except xmlrpc.client.Fault as exc:
-        if exc.faultCode != ALREADY_STARTED:
-            raise Problem(f"{name}: supervisord cannot start it: {exc.faultString}") from None
-
-
-def restart(rpc: Any, name: str, args: argparse.Namespace) -> str:
+def restart(sv: Supervisord, name: str, args: argparse.Namespace) -> str:
     """Restart one process and wait until it is back; what happened, or Problem."""
     deadline = time.monotonic() + args.timeout
-    old_state, old_pid = state_of(rpc, name)
+    old_state, old_pid = sv.state_of(name)
     if old_state == "RUNNING":
         try:
-            call(rpc, "signalProcess", name, "HUP")
+            sv.call("signalProcess", name, "HUP")
         except xmlrpc.client.Fault as exc:  # it exited in between: start it, as below
-            if old_pid is not None and state_of(rpc, name)[1] == old_pid:
+            if old_pid is not None and sv.state_of(name)[1] == old_pid:
                 raise Problem(f"{name}: supervisord cannot signal it: {exc.faultString}") from None
     elif old_state in ("STOPPED", "EXITED", "FATAL"):
-        start(rpc, name)  # as `supervisorctl restart` would: nothing to drain
+        sv.start(name)  # as `supervisorctl restart` would: nothing to drain
     # (STARTING, BACKOFF: supervisord is starting it already, on the code there is now.)
     state, pid = old_state, old_pid
 
     def back() -> bool:
         nonlocal state, pid
-        state, pid = state_of(rpc, name)
+        state, pid = sv.state_of(name)
         if state == "EXITED":
             # The old process drained and exited 0, and supervisord does not restart a clean
             # exit with `autorestart = unexpected`; with `true` it has, or is about to.
-            start(rpc, name)
+            sv.start(name)
         elif state == "STOPPED":
             raise Problem(f"{name} was stopped during its restart (supervisorctl stop?)")
         # (A process that was STARTING becomes RUNNING with the same pid.)
@@ -208,15 +212,15 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         )
         return 2
     try:
-        rpc = connect(args.conf)
-        names = sorted(processes(rpc))
+        sv = Supervisord(args.conf, parser.prog)
+        names = sorted(sv.processes())
         if not names:
             print(f"rolling-restart: no processes in {args.conf}", file=sys.stderr)
             return 1
         for name in names:
             began = time.monotonic()
             try:
-                done = restart(rpc, name, args)
+                done = restart(sv, name, args)
             except Problem as exc:
                 raise Problem(f"{exc}; stopping here") from None
             print(f"{name}: {done} ({time.monotonic() - began:.2f}s)", flush=True)
