@@ -27,6 +27,7 @@ from websockets.sync.client import connect
 from wsfleet import config as cfg
 from wsfleet import control
 from wsfleet.harness import Supervisor, free_port
+from wsfleet.loadtest import Load
 
 from .helpers import ROOT, gone, wait_for
 from .test_master import Master, echo_once, write_app
@@ -91,21 +92,63 @@ def test_restart_all(supervisor: Supervisor) -> None:
 
 
 def assert_one_at_a_time(sv: Supervisor) -> None:
-    """supervisord's log: each process is stopped and back to RUNNING before the next stops."""
+    """supervisord's log: each process ends (it exits after its restart's SIGHUP; `stopped`
+    after a stop) and is back to RUNNING before the next one ends."""
     log = (Path(sv.conf).parent / "supervisord.log").read_text()
-    events = re.findall(r"(stopped|success): (wsfleet_\d\d)", log)
-    events = events[events.index(("stopped", "wsfleet_00")) :]
-    assert events == [
-        (kind, f"wsfleet_0{i}") for i in range(4) for kind in ("stopped", "success")
-    ], events
+    events = [
+        ("success" if kind == "success" else "ended", name)
+        for kind, name in re.findall(r"(stopped|exited|success): (wsfleet_\d\d)", log)
+    ]
+    events = events[events.index(("ended", "wsfleet_00")) :]
+    assert events == [(kind, f"wsfleet_0{i}") for i in range(4) for kind in ("ended", "success")], (
+        events
+    )
 
 
 def test_rolling_restart_script_replaces_every_pid_one_at_a_time(supervisor: Supervisor) -> None:
     before = supervisor.pids()
+    began = time.monotonic()
     result = supervisor.rolling_restart(timeout=120)
+    took = time.monotonic() - began
     assert result.returncode == 0, result.stdout + result.stderr
     assert len(re.findall(r"wsfleet:wsfleet_0\d: pid \d+ -> \d+", result.stdout)) == 4
     assert not supervisor.pids() & before
+    assert_one_at_a_time(supervisor)
+    # No client, so no drain to wait for: each step is supervisord's startsecs (1 s) and
+    # little else; no wait of its own in seconds (it was about 1.5 s a step through
+    # supervisorctl restart and status; about 1.1 s now).
+    assert took < 4 * (1 + 1.0), (took, result.stdout)
+
+
+def test_rolling_restart_closes_each_client_with_1012_and_fails_no_attempt(
+    supervisor: Supervisor,
+) -> None:
+    """`wsfleet rolling-restart` tells each client 1012 (service restart), as the master's
+    reload does (`supervisorctl stop` tells 1001: test_stop_all_closes_connections_with_1001),
+    replaces every process, and no connection attempt made meanwhile fails."""
+    before = supervisor.pids()
+    load = Load(supervisor.url, rate=20, long_lived=0, duration=120).start()
+    try:
+        with contextlib.ExitStack() as stack:
+            clients = [stack.enter_context(connect(supervisor.url)) for _ in range(4)]
+            for ws in clients:
+                ws.send("x")
+                assert ws.recv(timeout=5) == "x"
+            result = supervisor.rolling_restart(timeout=120)
+            assert result.returncode == 0, result.stdout + result.stderr
+            for ws in clients:
+                with pytest.raises(ConnectionClosed) as info:
+                    ws.recv(timeout=10)
+                assert info.value.rcvd is not None
+                assert (info.value.rcvd.code, info.value.rcvd.reason) == (1012, "service restart")
+    finally:
+        results = load.stop()
+    summary = results.summary()
+    assert results.failures() == [], summary
+    assert summary["attempts"] >= 40, summary  # the load really ran
+    after = supervisor.status()
+    assert all(state == "RUNNING" for state, _ in after.values()), after
+    assert len({pid for _, pid in after.values()} - before) == 4
     assert_one_at_a_time(supervisor)
 
 
@@ -124,6 +167,24 @@ def test_rolling_restart_script_stops_when_a_process_does_not_come_back(tmp_path
         after = sv.status()
         for name in ("wsfleet:wsfleet_01", "wsfleet:wsfleet_02", "wsfleet:wsfleet_03"):
             assert after[name] == before[name]
+    finally:
+        sv.cleanup()
+
+
+def test_rolling_restart_starts_what_supervisord_leaves_exited(tmp_path: Path) -> None:
+    """With supervisord's default `autorestart = unexpected`, a worker that exits 0 after
+    its restart's drain is not started again by supervisord: the rolling restart starts it."""
+    sv = Supervisor(
+        tmp_path, "supervisord.conf", replace={"autorestart = true": "autorestart = unexpected"}
+    )
+    try:
+        sv.wait_running()
+        before = sv.pids()
+        result = sv.rolling_restart("--timeout", "20", timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+        after = sv.status()
+        assert all(state == "RUNNING" for state, _ in after.values()), after
+        assert len({pid for _, pid in after.values()} - before) == 4
     finally:
         sv.cleanup()
 

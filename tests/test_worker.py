@@ -168,6 +168,80 @@ def test_second_sigterm_stops_at_once(spawn) -> None:
         proc.wait_line("again: closing every connection now")
 
 
+def test_sighup_alone_closes_every_connection_with_1012_and_exits_0(spawn, loop: str) -> None:
+    """Alone, HUP is a restart (what `wsfleet rolling-restart` sends through supervisord):
+    the clients are told 1012 (service restart), not 1001, and the process exits 0 for its
+    supervisor to start the new one."""
+    proc, port = start_worker(spawn, "--loop", loop)
+    with contextlib.ExitStack() as stack:
+        clients = [stack.enter_context(connect(f"ws://127.0.0.1:{port}/")) for _ in range(4)]
+        for ws in clients:
+            ws.send("x")
+            assert ws.recv() == "x"
+        proc.signal(signal.SIGHUP)
+        for ws in clients:
+            with pytest.raises(ConnectionClosed) as info:
+                ws.recv(timeout=10)
+            assert info.value.rcvd is not None
+            assert (info.value.rcvd.code, info.value.rcvd.reason) == (1012, "service restart")
+        assert proc.wait() == 0
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+def test_a_stop_during_a_restart_lets_its_drain_end(spawn) -> None:
+    """TERM after HUP is `supervisorctl stop` during a rolling restart: the restart's drain
+    goes on (its clients are told to reconnect already) rather than being cut short as by a
+    second TERM; it ends at the graceful timeout here (exit 0), not at once (exit 1)."""
+    proc, port = start_worker(spawn, "--graceful-timeout", "1")
+    with stuck_client(port) as sock:
+        proc.signal(signal.SIGHUP)
+        opcode, payload = recv_frame(sock, bytearray())
+        assert (opcode, close_code(payload)) == (8, 1012)  # the drain began
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+
+
+def test_a_second_stop_during_a_restart_stops_at_once(spawn) -> None:
+    proc, port = start_worker(spawn, "--graceful-timeout", "60")
+    with stuck_client(port) as sock:
+        proc.signal(signal.SIGHUP)
+        opcode, payload = recv_frame(sock, bytearray())
+        assert (opcode, close_code(payload)) == (8, 1012)
+        proc.signal(signal.SIGTERM)
+        proc.wait_line("SIGTERM while draining for a restart")  # (two at once would be one)
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 1
+
+
+SLOW_IMPORT_APP = """
+import time
+from pathlib import Path
+
+Path("importing").touch()
+deadline = time.monotonic() + 30
+while not Path("go").exists() and time.monotonic() < deadline:
+    time.sleep(0.01)
+
+
+async def handler(websocket):
+    await websocket.wait_closed()
+"""
+
+
+def test_a_sighup_while_it_starts_restarts_it_once_it_serves(spawn, tmp_path: Path) -> None:
+    """A rolling restart may signal a worker that is still importing its app (and already
+    has its socket bound): the HUP neither kills it (connections may wait on that socket)
+    nor is lost; it serves, then drains as for any restart, and exits 0."""
+    (tmp_path / "slow.py").write_text(SLOW_IMPORT_APP)
+    proc = spawn("worker", "--port", "0", "--app", "slow:handler", cwd=tmp_path)
+    wait_for(lambda: (tmp_path / "importing").exists(), 30, "the app's import to begin")
+    proc.signal(signal.SIGHUP)
+    (tmp_path / "go").touch()
+    assert proc.wait(timeout=30) == 0  # (killed by the HUP: -1)
+    proc.wait_ready()  # it did serve before it drained
+
+
 def test_message_over_max_size_closes_1009_and_spares_others(spawn, loop: str) -> None:
     _, port = start_worker(spawn, "--max-size", "1000", "--loop", loop)
     with connect(f"ws://127.0.0.1:{port}/") as big, connect(f"ws://127.0.0.1:{port}/") as ok:

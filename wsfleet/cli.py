@@ -226,7 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser(
         "worker",
         help="run one worker without a master (as supervisord or systemd start it)",
-        description="Serve the app in this one process, on host:port or an inherited socket.",
+        description="Serve the app in this one process, on host:port or an inherited socket. "
+        "TERM or INT: stop accepting, close every connection with 1001 (going away), exit. HUP: "
+        "the same with 1012 (service restart), for a supervisor to start it again (what "
+        "`wsfleet rolling-restart` sends through supervisord).",
     )
     _add_serving_options(worker, "worker")
     stop = commands.add_parser(
@@ -420,8 +423,17 @@ def setup_logging(config: cfg.Config, defaulted: bool = False) -> None:
 def run_worker(config: cfg.Config) -> int:
     """``wsfleet worker``: one worker on --fd, on the first socket systemd passed (socket
     activation), or on its addresses (--bind, or host:port)."""
-    from .worker import AppError, Worker, drop_privileges, identity, load_app, run
+    from .worker import (
+        AppError,
+        Worker,
+        drop_privileges,
+        hold_restart_signal,
+        identity,
+        load_app,
+        run,
+    )
 
+    hold_restart_signal()
     listening: list[socket.socket] = []
     unix: list[sockets.SharedListener] = []
     try:

@@ -302,12 +302,22 @@ class Supervisor:
     """supervisord started from a copy of one of the project's configurations, as a user
     would: `supervisord -c FILE` (it daemonizes), driven with supervisorctl."""
 
-    def __init__(self, directory: str | os.PathLike[str], conf: str, options: str = "") -> None:
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        conf: str,
+        options: str = "",
+        replace: dict[str, str] | None = None,
+    ) -> None:
         self.port = free_port()
         self.conf = str(Path(directory) / "supervisord.conf")
         text = (ROOT / "conf" / conf).read_text()
         if options:  # only where another app is needed
             text = text.replace("command = wsfleet worker", f"command = wsfleet worker {options}")
+        for old, new in (replace or {}).items():  # a setting as users may have it instead
+            if old not in text:
+                raise ValueError(f"conf/{conf} has no {old!r} to replace")
+            text = text.replace(old, new)
         # The fcgi variant names its port in the file (supervisord opens the socket).
         Path(self.conf).write_text(text.replace("127.0.0.1:8765", f"127.0.0.1:{self.port}"))
         self.url = f"ws://127.0.0.1:{self.port}/"

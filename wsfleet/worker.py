@@ -5,7 +5,8 @@ the master. Either way its life is: load the app, serve on its sockets (one per 
 address; one websockets server each), and on SIGTERM/SIGINT
 drain: stop accepting at once, close every connection with a code (1001 going away; the master
 asks for 1012 service restart during a rolling restart), wait for the closing handshakes up to
-the graceful timeout, and return.
+the graceful timeout, and return. Alone, SIGHUP is that rolling restart's request: the same
+drain with 1012, then exit 0 for the supervisor to start the new process.
 """
 
 from __future__ import annotations
@@ -400,6 +401,21 @@ def _cancel_tasks(loop: asyncio.AbstractEventLoop, bound: float) -> bool:
 FD_LIMIT_WARNING = 10_000  # connections a single worker is expected to hold (see docs)
 
 
+_early_restart = False  # a lone worker got SIGHUP before its event loop took the signal
+
+
+def hold_restart_signal() -> None:
+    """In a lone worker, from its start: note a SIGHUP (the rolling restart's request) that
+    comes before the event loop handles it, instead of dying of it with connections queued
+    on the socket, bound first; the worker acts on it once it serves."""
+
+    def note(signum: int, frame: object) -> None:
+        global _early_restart
+        _early_restart = True
+
+    signal.signal(signal.SIGHUP, note)
+
+
 class Worker:
     """One process serving the app on its listening socket (and on sockets lent to it).
 
@@ -436,6 +452,7 @@ class Worker:
         self.servers: list[Server] = []  # every server started, to wait for in a drain
         self.borrowed: dict[int, list[Server]] = {}  # lent slot number -> its servers
         self._drain_task: asyncio.Task[None] | None = None
+        self._restarting = False  # alone: draining for a SIGHUP, not (yet) for a stop
         self._stopped: asyncio.Future[int] | None = None
         self._closer: PacedClose | None = None  # the drain's closes, once it sends them
         self._hurry: asyncio.TimerHandle | None = None  # ending now: when to drop the rest
@@ -461,7 +478,11 @@ class Worker:
         logs.reopen_if_moved()  # a USR1 that came while this worker started was ignored
         if self.channel is None:
             loop.add_signal_handler(signal.SIGINT, self._on_stop_signal, signal.SIGINT)
+            loop.add_signal_handler(signal.SIGHUP, self._on_restart_signal)
+            if _early_restart:
+                loop.call_soon(self._on_restart_signal)
         else:
+            # (HUP stays ignored, as the master set it: the master runs the rolling restarts.)
             # Ctrl-C reaches the whole process group; the master decides what happens.
             loop.add_signal_handler(signal.SIGINT, lambda: None)
 
@@ -703,12 +724,31 @@ class Worker:
         if self._drain_task is None:
             log.info("received %s: draining with code 1001", sig.name)
             self.start_drain(CloseCode.GOING_AWAY)
+        elif self._restarting:
+            # A stop (supervisorctl stop) while a restart drains: that drain already tells
+            # every client to reconnect; let it end, and exit as the stop asks. Only another
+            # TERM/INT cuts it short.
+            self._restarting = False
+            log.info("received %s while draining for a restart: finishing that drain", sig.name)
         elif self.channel is None:
             # Alone, a second TERM/INT means "now". Under a master it does not: systemd and
             # supervisord may signal the whole group besides the master's own TERM, and the
             # master says "now" on the channel.
             log.warning("received %s again: closing every connection now (1001)", sig.name)
             self.hurry(status=1)
+
+    def _on_restart_signal(self) -> None:
+        """Alone, HUP says "you are being restarted" (``wsfleet rolling-restart`` sends it
+        through supervisord): close the connections with 1012 (service restart), which asks
+        clients to reconnect at once, not 1001 as for a stop, and exit 0; the supervisor
+        starts the new process. A process cannot tell a restart from a stop by its TERM, so
+        the restart has a signal of its own."""
+        if self._drain_task is None:
+            log.info("received SIGHUP: restarting: draining with code 1012, then exiting")
+            self._restarting = True
+            self.start_drain(CloseCode.SERVICE_RESTART, "service restart")
+        else:
+            log.info("received SIGHUP while draining already: ignored")
 
     def _on_quit_signal(self) -> None:
         log.warning("received SIGQUIT: closing every connection now")
