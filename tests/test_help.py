@@ -20,7 +20,7 @@ from wsfleet import config as cfg
 
 from .helpers import run_wsfleet
 
-COMMANDS = sorted(cli.build_parser().commands)  # type: ignore[attr-defined]
+COMMANDS = sorted(cli.build_parser().commands)
 
 
 def command_parser(command: str) -> argparse.ArgumentParser:
@@ -28,7 +28,7 @@ def command_parser(command: str) -> argparse.ArgumentParser:
     wsfleet/rolling.py before the top-level parser runs: its parser is the one rolling.main
     builds, caught as it parses."""
     if command != "rolling-restart":
-        return cli.build_parser().commands[command]  # type: ignore[attr-defined,no-any-return]
+        return cli.build_parser().commands[command]
     caught: list[argparse.ArgumentParser] = []
 
     def catch(self: argparse.ArgumentParser, *args: object, **kw: object) -> None:

@@ -6,6 +6,7 @@ Exit statuses are :data:`EXIT_STATUSES` (docs/options.md shows them, from there)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -95,7 +96,7 @@ def help_text(text: str) -> str:
 
 def _add_option(
     parser: argparse.ArgumentParser | argparse._ArgumentGroup,
-    field: cfg.dataclasses.Field[Any],
+    field: dataclasses.Field[Any],
     text: str | None = None,
 ) -> None:
     """One option of the table (wsfleet/config.py) on a command: its flags, how its value is
@@ -210,7 +211,7 @@ BENCH_MEMORY_OPTIONS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> _Parser:
     parser = _Parser(
         prog="wsfleet",
         description="Run a fleet of WebSocket server processes on one port.",
@@ -334,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
         "'supervisor' extra)",
         add_help=False,
     )
-    parser.commands = dict(commands.choices)  # type: ignore[arg-type]
+    parser.commands = dict(commands.choices)
     return parser
 
 
@@ -403,7 +404,7 @@ def daemon_log(config: cfg.Config) -> cfg.Config:
             path = os.path.abspath(DAEMON_LOG)
         except OSError:  # a working directory removed: opening it will say so
             path = DAEMON_LOG
-        return cfg.dataclasses.replace(config, log_file=path)
+        return dataclasses.replace(config, log_file=path)
     return config
 
 

@@ -39,7 +39,7 @@ from typing import Any
 
 from websockets.asyncio.server import ServerConnection
 from websockets.frames import DATA_OPCODES, Frame
-from websockets.protocol import Event, State
+from websockets.protocol import Event, Protocol, State
 from websockets.server import ServerProtocol
 
 from . import metrics, proxy
@@ -159,7 +159,7 @@ def with_metrics(base: type[Connection]) -> type[Connection]:
     collects a read's events (count_received); the close code when the connection is lost."""
     count_received()
 
-    class MeteredConnection(base):  # type: ignore[valid-type,misc]
+    class MeteredConnection(base):  # type: ignore[valid-type,misc]  # mypy takes only static bases
         __slots__ = ()
         counting = True
 
@@ -194,7 +194,7 @@ def count_received() -> None:
     CPU for every attribute websockets reads on its protocol."""
     counts, events_received = metrics.COUNTS, ServerProtocol.events_received
 
-    def counting_events_received(self: ServerProtocol) -> list[Event]:
+    def counting_events_received(self: Protocol) -> list[Event]:
         events = events_received(self)
         ends = 0
         for event in events:  # frames; a Request once, at the handshake
@@ -203,7 +203,7 @@ def count_received() -> None:
         counts.received += ends
         return events
 
-    ServerProtocol.events_received = counting_events_received  # type: ignore[method-assign]
+    ServerProtocol.events_received = counting_events_received  # type: ignore[method-assign]  # patched on purpose
 
 
 # The first byte of a frame that ends a message: FIN, and text, binary or continuation.
@@ -215,7 +215,7 @@ def with_proxy_header(base: type[Connection]) -> type[Connection]:
     """`base`, reading a PROXY protocol header (wsfleet/proxy.py) before anything else: for
     --proxy-protocol only, so that other connections pay nothing per read."""
 
-    class ProxiedConnection(base):  # type: ignore[valid-type,misc]
+    class ProxiedConnection(base):  # type: ignore[valid-type,misc]  # mypy takes only static bases
         __slots__ = ("_proxy_buffer", "proxied_client")
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:

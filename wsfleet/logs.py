@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import sys
+from typing import TextIO
 
 
 def plural(count: int, noun: str, plural: str | None = None) -> str:
@@ -17,7 +18,7 @@ def plural(count: int, noun: str, plural: str | None = None) -> str:
 
 FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
 
-_handler: logging.StreamHandler[object] | None = None
+_handler: logging.StreamHandler[TextIO] | None = None
 _path: str | None = None
 _std_streams = False  # stdout and stderr are the log file too (a --daemon master's fleet)
 
@@ -42,7 +43,7 @@ def setup(level: str, path: str | None) -> None:
     logging.getLogger("websockets").setLevel(max(quiet, root.level))
 
 
-def _open(path: str) -> object:
+def _open(path: str) -> TextIO:
     return open(path, "a", buffering=1, encoding="utf-8")
 
 

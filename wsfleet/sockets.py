@@ -294,8 +294,8 @@ def address_of_name(name: Any) -> Address:
     return Address(str(name[0]), int(name[1]))
 
 
-def format_address(address: tuple[object, ...] | str) -> str:
-    """host:port, with brackets around an IPv6 host."""
+def format_address(address: tuple[str, int] | tuple[str, int, int, int] | str) -> str:
+    """host:port, with brackets around an IPv6 host (an AF_INET or AF_INET6 socket name)."""
     if isinstance(address, str):  # AF_UNIX path
         return address
     return str(Address(str(address[0]), int(address[1])))  # (one formatter: Address's)
