@@ -159,7 +159,7 @@ def with_metrics(base: type[Connection]) -> type[Connection]:
     collects a read's events (count_received); the close code when the connection is lost."""
     count_received()
 
-    class MeteredConnection(base):  # type: ignore[valid-type,misc]  # mypy takes only static bases
+    class MeteredConnection(base):  # type: ignore[valid-type,misc]  # a base chosen at run time: mypy checks static ones
         __slots__ = ()
         counting = True
 
@@ -203,7 +203,7 @@ def count_received() -> None:
         counts.received += ends
         return events
 
-    ServerProtocol.events_received = counting_events_received  # type: ignore[method-assign]  # patched on purpose
+    ServerProtocol.events_received = counting_events_received  # type: ignore[method-assign]  # on purpose: see the docstring
 
 
 # The first byte of a frame that ends a message: FIN, and text, binary or continuation.
@@ -215,7 +215,7 @@ def with_proxy_header(base: type[Connection]) -> type[Connection]:
     """`base`, reading a PROXY protocol header (wsfleet/proxy.py) before anything else: for
     --proxy-protocol only, so that other connections pay nothing per read."""
 
-    class ProxiedConnection(base):  # type: ignore[valid-type,misc]  # mypy takes only static bases
+    class ProxiedConnection(base):  # type: ignore[valid-type,misc]  # a base chosen at run time: mypy checks static ones
         __slots__ = ("_proxy_buffer", "proxied_client")
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
