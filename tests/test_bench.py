@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import trustme
 
-from .helpers import run_wsfleet
+from .support.helpers import run_wsfleet
 
 
 def start_worker(spawn):  # type: ignore[no-untyped-def]

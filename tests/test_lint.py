@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from .helpers import ROOT
+from .support.harness import ROOT
 
 # Python scripts without a .py suffix, which ruff does not find by itself.
 SCRIPTS = [

@@ -24,9 +24,7 @@ from pathlib import Path
 import pytest
 from websockets.sync.client import connect
 
-from wsfleet.harness import Process, clean_env, free_port, gone, wait_for
-
-from .helpers import ROOT
+from .support.harness import ROOT, Process, clean_env, free_port, gone, wait_for
 
 README = ROOT / "README.md"
 ACTIVATE = ". .venv/bin/activate"  # the README's "in the same environment"
