@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -181,6 +182,16 @@ def test_bench_throughput_script_compares_the_servers(tmp_path: Path) -> None:
             assert costs["writes"][0] > 0, costs
 
 
+# Import every module of the installed package (not __main__, which runs the command line).
+IMPORT_ALL = """
+import importlib, pkgutil, wsfleet
+for module in pkgutil.walk_packages(wsfleet.__path__, "wsfleet."):
+    if module.name != "wsfleet.__main__":
+        importlib.import_module(module.name)
+        print(module.name)
+"""
+
+
 @pytest.mark.timeout(300)
 def test_bench_works_from_a_plain_install(tmp_path: Path) -> None:
     """`wsfleet bench` (URL and memory) from `pip install .` in a fresh virtual environment:
@@ -190,6 +201,10 @@ def test_bench_works_from_a_plain_install(tmp_path: Path) -> None:
     me.run("python3 -m venv .venv && . .venv/bin/activate && pip install .", 240, activate=False)
     absent = me.run("python -c 'import psutil'", check=False)
     assert "No module named 'psutil'" in absent.stderr, absent.stderr
+    # Every installed module imports with wsfleet's dependencies alone: nothing installed
+    # needs what only the tests and scripts have (the test harness used to be installed).
+    imported = me.run(f"python -c {shlex.quote(IMPORT_ALL)}").stdout.split()
+    assert "wsfleet.bench" in imported and "wsfleet.cli" in imported, imported
     assert "wsfleet bench URL" in me.run("wsfleet bench --help").stdout
     worker = me.start("wsfleet worker --port 0 --compression none")
     try:
