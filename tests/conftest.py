@@ -8,16 +8,16 @@ from typing import Any
 
 import pytest
 
-from .helpers import Proc
+from .support.harness import Process
 
 
 @pytest.fixture
 def spawn() -> Iterator[Any]:
     """Start wsfleet processes; every one is killed by pid at the end of the test."""
-    procs: list[Proc] = []
+    procs: list[Process] = []
 
-    def start(*args: str, **kw: Any) -> Proc:
-        proc = Proc(args, **kw)
+    def start(*args: str, **kw: Any) -> Process:
+        proc = Process(args, **kw)
         procs.append(proc)
         return proc
 

@@ -12,14 +12,9 @@ from pathlib import Path
 import psutil
 
 from wsfleet import control
-from wsfleet.harness import free_port
 
-from .helpers import run_wsfleet, wait_for
-from .test_binds import tcp_listeners, unix_echo
-from .test_master import echo_once
-
-ACTIVATE = ("systemd-socket-activate",)
-WSFLEET = (sys.executable, "-m", "wsfleet")
+from .support.harness import free_port, wait_for
+from .support.helpers import ACTIVATE, WSFLEET, echo_once, run_wsfleet, tcp_listeners, unix_echo
 
 
 def listening_sockets(pid: int, port: int) -> set[int]:

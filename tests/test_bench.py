@@ -1,26 +1,28 @@
-"""`wsfleet bench`: the load client against a real worker."""
+"""`wsfleet bench`: the load client against a real worker; a user's command, so it also runs
+from a plain `pip install .` in a fresh virtual environment (no test or bench extras)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import psutil
+import pytest
 import trustme
 
-from .helpers import run_wsfleet
+from wsfleet import bench
 
-
-def start_worker(spawn):  # type: ignore[no-untyped-def]
-    proc = spawn("worker", "--port", "0", "--compression", "none")
-    return proc.wait_ready()
+from .support.harness import free_port, wait_for
+from .support.helpers import run_wsfleet, start_worker
+from .support.newcomer import Newcomer
 
 
 def test_bench_reports_throughput_and_round_trips(spawn) -> None:
-    port = start_worker(spawn)
+    _, port = start_worker(spawn, "--compression", "none")
     result = run_wsfleet(
         [
             "bench",
@@ -70,7 +72,7 @@ def test_bench_over_tls_and_with_proxy_headers(spawn, tmp_path: Path) -> None:
 
 
 def test_bench_counts_what_fails(spawn) -> None:
-    port = start_worker(spawn)
+    _, port = start_worker(spawn, "--compression", "none")
     # The health path answers plain HTTP 200 instead of a handshake: every connection fails.
     result = run_wsfleet(["bench", f"ws://127.0.0.1:{port}/health/", "-c", "3", "-t", "0.5"])
     assert result.returncode == 1
@@ -99,6 +101,21 @@ def test_bench_memory_measures_each_setting() -> None:
         assert row["tracemalloc_kib"] > 0 and row["rss_kib"] > 0
     # Compression state is what a connection costs most: off is far cheaper than 12/5.
     assert rows["none"]["tracemalloc_kib"] < rows["12/5"]["tracemalloc_kib"] / 2
+
+
+def test_bench_memory_reads_memory_as_psutil_does() -> None:
+    """RSS and USS read from /proc (a plain install has no psutil) are psutil's figures, for a
+    stopped process, whose memory cannot change between the two readings."""
+    stop = "import os, signal; os.kill(os.getpid(), signal.SIGSTOP)"
+    proc = subprocess.Popen([sys.executable, "-c", stop])
+    try:
+        stopped = psutil.Process(proc.pid)
+        wait_for(lambda: stopped.status() == psutil.STATUS_STOPPED, what="the process to stop")
+        memory = stopped.memory_full_info()
+        assert bench.rss_uss(proc.pid) == (memory.rss, memory.uss)
+    finally:
+        proc.kill()
+        proc.wait(10)
 
 
 def test_bench_help_names_every_default() -> None:
@@ -163,3 +180,41 @@ def test_bench_throughput_script_compares_the_servers(tmp_path: Path) -> None:
         assert costs["writes"][0] <= 1.5 and costs["reads"][0] <= 1.5, costs
         if run["server"] == "wsfleet":
             assert costs["writes"][0] > 0, costs
+
+
+# Import every module of the installed package (not __main__, which runs the command line).
+IMPORT_ALL = """
+import importlib, pkgutil, wsfleet
+for module in pkgutil.walk_packages(wsfleet.__path__, "wsfleet."):
+    if module.name != "wsfleet.__main__":
+        importlib.import_module(module.name)
+        print(module.name)
+"""
+
+
+@pytest.mark.timeout(300)
+def test_bench_works_from_a_plain_install(tmp_path: Path) -> None:
+    """`wsfleet bench` (URL and memory) from `pip install .` in a fresh virtual environment:
+    no extras, so nothing that only the tests and scripts install (psutil, picows)."""
+    me = Newcomer(tmp_path, free_port())
+    me.clone()
+    me.run("python3 -m venv .venv && . .venv/bin/activate && pip install .", 240, activate=False)
+    absent = me.run("python -c 'import psutil'", check=False)
+    assert "No module named 'psutil'" in absent.stderr, absent.stderr
+    # Every installed module imports with wsfleet's dependencies alone: nothing installed
+    # needs what only the tests and scripts have (the test harness used to be installed).
+    imported = me.run(f"python -c {shlex.quote(IMPORT_ALL)}").stdout.split()
+    assert "wsfleet.bench" in imported and "wsfleet.cli" in imported, imported
+    assert "wsfleet bench URL" in me.run("wsfleet bench --help").stdout
+    worker = me.start("wsfleet worker --port 0 --compression none")
+    try:
+        port = worker.wait_ready(60)
+        url = f"ws://127.0.0.1:{port}/"
+        report = json.loads(me.run(f"wsfleet bench {url} -c 2 -k 1 -t 0.5 -p 1 --json").stdout)
+        assert report["connected"] == 2 and report["messages"] > 0, report
+        assert report["connect_errors"] == {} and report["close_codes"] == {"1000": 2}, report
+    finally:
+        worker.kill()
+    memory = json.loads(me.run("wsfleet bench memory -n 30 --settings 12/5 --json").stdout)
+    row = memory["settings"]["12/5"]
+    assert row["errors"] == 0 and row["tracemalloc_kib"] > 0 and row["rss_kib"] > 0, row

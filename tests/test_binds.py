@@ -13,32 +13,20 @@ from pathlib import Path
 
 import psutil
 import pytest
-from websockets.sync.client import unix_connect
 
 from wsfleet import control
-from wsfleet.loadtest import Load
 
-from .helpers import gone, run_wsfleet, wait_for
-from .test_master import CRASHING_APP, Master, app_master, echo_once
-
-
-def unix_echo(path: str | Path, message: str = "hi", timeout: float = 5) -> str:
-    with unix_connect(str(path), "ws://localhost/", open_timeout=timeout) as ws:
-        ws.send(message)
-        reply = ws.recv(timeout=timeout)
-        assert isinstance(reply, str)
-        return reply
-
-
-def tcp_listeners(pid: int) -> dict[str, int]:
-    """How many listening TCP sockets the process holds, per address."""
-    counts: dict[str, int] = {}
-    for conn in psutil.Process(pid).net_connections(kind="tcp"):
-        if conn.status == psutil.CONN_LISTEN:
-            host, port = conn.laddr
-            key = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            counts[key] = counts.get(key, 0) + 1
-    return counts
+from .support.harness import gone, wait_for
+from .support.helpers import (
+    CRASHING_APP,
+    Master,
+    app_master,
+    echo_once,
+    run_wsfleet,
+    tcp_listeners,
+    unix_echo,
+)
+from .support.loadtest import Load
 
 
 def three_addresses(tmp_path: Path) -> list[str]:

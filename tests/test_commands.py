@@ -22,14 +22,12 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from wsfleet import control, harness
+from wsfleet import control
 from wsfleet.config import Address
-from wsfleet.harness import free_port
 
-from .helpers import gone, run_wsfleet, wait_for
-from .test_activation import ACTIVATE, WSFLEET
-from .test_master import echo_once
-from .test_upgrade import installed, set_version
+from .support import harness
+from .support.harness import free_port, gone, wait_for
+from .support.helpers import ACTIVATE, WSFLEET, echo_once, installed, run_wsfleet, set_version
 
 
 def status(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> Any:

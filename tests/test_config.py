@@ -9,7 +9,7 @@ import pytest
 import wsfleet
 from wsfleet import config as cfg
 
-from .helpers import run_wsfleet
+from .support.helpers import run_wsfleet
 
 
 def write(path: Path, text: str) -> str:

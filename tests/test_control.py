@@ -14,10 +14,9 @@ from pathlib import Path
 import psutil
 
 from wsfleet.control import READY
-from wsfleet.harness import free_port
 
-from .helpers import Proc, gone, run_wsfleet
-from .test_master import VERSIONED_APP, Master, app_master, echo_once, write_app
+from .support.harness import Process, free_port, gone
+from .support.helpers import VERSIONED_APP, Master, app_master, echo_once, run_wsfleet, write_app
 
 
 def test_stop_waits_until_the_master_has_exited(spawn, tmp_path: Path) -> None:
@@ -235,7 +234,7 @@ if __name__ == "__main__":
 def test_python_api_runs_the_same_master(tmp_path: Path) -> None:
     script = tmp_path / "serve.py"
     script.write_text(textwrap.dedent(RUN_SCRIPT))
-    runner = Proc([str(script)], cwd=tmp_path, program=[sys.executable])
+    runner = Process([str(script)], cwd=tmp_path, program=[sys.executable])
     try:
         port = runner.wait_ready()
         assert echo_once(f"ws://127.0.0.1:{port}/", "loud") == "LOUD"

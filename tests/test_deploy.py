@@ -26,11 +26,10 @@ from websockets.sync.client import connect
 
 from wsfleet import config as cfg
 from wsfleet import control
-from wsfleet.harness import Supervisor, free_port
-from wsfleet.loadtest import Load
 
-from .helpers import ROOT, gone, wait_for
-from .test_master import Master, echo_once, write_app
+from .support.harness import ROOT, Supervisor, free_port, gone, wait_for
+from .support.helpers import Master, echo_once, write_app
+from .support.loadtest import Load
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from types import ModuleType
 
-from .helpers import ROOT
+from .support.harness import ROOT
 
 # Not the project's own files: what a working tree may hold besides them (.gitignore).
 SKIPPED = {".git", ".venv", "venv", "build", "dist", "__pycache__", "data", "samples"}

@@ -19,17 +19,9 @@ from websockets.sync.client import connect
 
 from wsfleet.proxy import V2_SIGNATURE
 
-from .helpers import (
-    client_frame,
-    raw_connect,
-    read_http_response,
-    recv_frame,
-    run_wsfleet,
-    upgrade_request,
-    wait_for,
-)
-from .test_master import Master, echo_once
-from .test_worker import start_worker
+from .support.harness import wait_for
+from .support.helpers import CLIENT_APP, Master, echo_once, run_wsfleet, start_worker
+from .support.wire import client_frame, raw_connect, read_http_response, recv_frame, upgrade_request
 
 
 def test_max_connections_answers_503_with_retry_after(spawn) -> None:
@@ -178,16 +170,6 @@ def test_no_access_log_by_default(spawn, tmp_path: Path) -> None:
         ws.send("x")
         ws.recv(timeout=5)
     assert "wsfleet.access" not in log.read_text()
-
-
-CLIENT_APP = """
-import wsfleet
-
-
-async def handler(websocket):
-    async for message in websocket:
-        await websocket.send(wsfleet.client_address(websocket))
-"""
 
 
 @pytest.mark.parametrize(

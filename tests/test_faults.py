@@ -22,8 +22,8 @@ from websockets.sync.client import connect
 from wsfleet import control
 from wsfleet.arbiter import KILL_GRACE
 
-from .helpers import gone, run_wsfleet, wait_for
-from .test_master import HANGING_APP, Master, app_master, echo_once
+from .support.harness import gone, wait_for
+from .support.helpers import HANGING_APP, Master, app_master, echo_once, run_wsfleet
 
 
 def ready_workers(master: Master) -> dict[int, dict[str, object]]:

@@ -8,10 +8,9 @@ import signal
 import time
 from pathlib import Path
 
-from wsfleet.loadtest import Load
-
-from .helpers import gone, wait_for
-from .test_master import VERSIONED_APP, Master, app_master, echo_once, write_app
+from .support.harness import gone, wait_for
+from .support.helpers import VERSIONED_APP, Master, app_master, echo_once, write_app
+from .support.loadtest import Load
 
 
 def test_rolling_restart_under_load_fails_nothing(spawn, tmp_path: Path, loop: str) -> None:

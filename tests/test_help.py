@@ -18,7 +18,7 @@ import wsfleet
 from wsfleet import cli, rolling
 from wsfleet import config as cfg
 
-from .helpers import run_wsfleet
+from .support.helpers import run_wsfleet
 
 COMMANDS = sorted(cli.build_parser().commands)
 

@@ -8,68 +8,16 @@ import signal
 import socket
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from wsfleet import config as cfg
-from wsfleet import harness
 
-from .helpers import (
-    gone,
-    raw_connect,
-    read_http_response,
-    run_wsfleet,
-    stuck_client,
-    upgrade_request,
-    wait_for,
-)
-
-
-class Master(harness.Master):
-    """A running `wsfleet start` with its pidfile, ended by the test's spawn fixture."""
-
-    def __init__(self, spawn: Any, tmp_path: Path, *args: str, **kw: Any) -> None:
-        super().__init__(tmp_path, *args, spawn=spawn, **kw)
-
-
-def echo_once(url: str, message: str = "hi", timeout: float = 5) -> str:
-    with connect(url, open_timeout=timeout) as ws:
-        ws.send(message)
-        reply = ws.recv(timeout=timeout)
-        assert isinstance(reply, str)
-        return reply
-
-
-VERSIONED_APP = """
-VERSION = {version!r}
-
-
-async def handler(websocket):
-    async for message in websocket:
-        await websocket.send(VERSION if message == "version?" else message)
-"""
-
-
-def write_app(directory: Path, version: str) -> None:
-    (directory / "app.py").write_text(VERSIONED_APP.format(version=version))
-
-
-def app_master(spawn: Any, tmp_path: Path, source: str, *args: str) -> Master:
-    """A master serving app:handler, written from source into the test's directory (no
-    bytecode cache, so that a rewrite within the same second is what a reload imports)."""
-    (tmp_path / "app.py").write_text(source)
-    return Master(
-        spawn,
-        tmp_path,
-        *args,
-        "--app",
-        "app:handler",
-        cwd=tmp_path,
-        env={"PYTHONDONTWRITEBYTECODE": "1"},
-    )
+from .support.harness import gone, wait_for
+from .support.helpers import CRASHING_APP, HANGING_APP, Master, app_master, echo_once, run_wsfleet
+from .support.wire import raw_connect, read_http_response, stuck_client, upgrade_request
 
 
 def test_start_serves_with_titles_and_status(spawn, tmp_path: Path) -> None:
@@ -194,18 +142,6 @@ def test_sigquit_stops_at_once(spawn, tmp_path: Path) -> None:
         master.proc.signal(signal.SIGQUIT)
         assert master.proc.wait(timeout=10) == 0
     assert all(gone(pid) for pid in workers)
-
-
-HANGING_APP = """
-import time
-
-
-async def handler(websocket):
-    async for message in websocket:
-        if message == "hang":
-            time.sleep(600)  # blocks the event loop: the worker stops answering
-        await websocket.send(message)
-"""
 
 
 def test_stragglers_are_killed_after_the_drain_limit(spawn, tmp_path: Path) -> None:
@@ -376,19 +312,6 @@ def test_crashed_worker_is_replaced_within_a_second(spawn, tmp_path: Path) -> No
     assert time.monotonic() - killed < 1.0
     pids = master.worker_pids()
     assert victim not in pids and len(pids) == 2
-
-
-CRASHING_APP = """
-import os
-
-if os.path.exists("crash"):
-    raise RuntimeError("crash file present")
-
-
-async def handler(websocket):
-    async for message in websocket:
-        await websocket.send(message)
-"""
 
 
 def test_crash_loop_backs_off_and_others_keep_serving(spawn, tmp_path: Path) -> None:

@@ -17,10 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from wsfleet.harness import Browser
-
-from .helpers import gone, run_wsfleet, wait_for
-from .test_master import Master
+from .support.harness import Browser, gone, wait_for
+from .support.helpers import Master, run_wsfleet
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

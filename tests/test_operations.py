@@ -23,9 +23,9 @@ from websockets.exceptions import ConnectionClosed
 
 from wsfleet import config as cfg
 
-from .helpers import close_code, gone, recv_frame, run_wsfleet, stuck_client
-from .test_master import Master, app_master
-from .test_worker import start_worker
+from .support.harness import gone
+from .support.helpers import Master, app_master, run_wsfleet, start_worker
+from .support.wire import close_code, recv_frame, stuck_client
 
 PID_APP = """
 import os

@@ -18,11 +18,8 @@ from pathlib import Path
 import psutil
 from websockets.sync.client import connect
 
-from wsfleet.harness import free_port
-
-from .helpers import ROOT, wait_for
-from .test_edge import CLIENT_APP
-from .test_master import app_master
+from .support.harness import ROOT, free_port, wait_for
+from .support.helpers import CLIENT_APP, app_master
 
 CLIENT = "127.0.0.2"
 

@@ -17,10 +17,9 @@ import trustme
 from cryptography.hazmat.primitives import serialization
 from websockets.sync.client import connect
 
-from wsfleet.loadtest import Load
-
-from .helpers import run_wsfleet, wait_for
-from .test_master import Master
+from .support.harness import wait_for
+from .support.helpers import Master, run_wsfleet
+from .support.loadtest import Load
 
 
 @dataclass

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
-import shutil
 import signal
 import socket
 import struct
@@ -21,29 +19,22 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from wsfleet import control, harness
+from wsfleet import control
 from wsfleet.control import READY
-from wsfleet.loadtest import Load
 
-from .helpers import ROOT, gone, run_wsfleet, wait_for
-from .test_binds import unix_echo
-from .test_master import VERSIONED_APP, Master, echo_once, write_app
-
-
-def installed(tmp_path: Path) -> Path:
-    """A copy of the package to run from, as site-packages would hold it."""
-    site = tmp_path / "site"
-    shutil.copytree(
-        ROOT / "wsfleet", site / "wsfleet", ignore=shutil.ignore_patterns("__pycache__")
-    )
-    return site
-
-
-def set_version(site: Path, version: str) -> None:
-    init = site / "wsfleet" / "__init__.py"
-    text, count = re.subn(r'__version__ = ".*"', f'__version__ = "{version}"', init.read_text())
-    assert count == 1
-    init.write_text(text)
+from .support import harness
+from .support.harness import gone, wait_for
+from .support.helpers import (
+    VERSIONED_APP,
+    Master,
+    echo_once,
+    installed,
+    run_wsfleet,
+    set_version,
+    unix_echo,
+    write_app,
+)
+from .support.loadtest import Load
 
 
 def start(spawn, tmp_path: Path, site: Path, *args: str, env: dict[str, str] | None = None):

@@ -19,24 +19,18 @@ import websocket  # websocket-client, the second client library
 from websockets.exceptions import ConnectionClosed, ConnectionClosedError
 from websockets.sync.client import connect
 
-from .helpers import (
+from .support.harness import wait_for
+from .support.helpers import run_wsfleet, start_worker
+from .support.wire import (
     client_frame,
     close_code,
     raw_connect,
     read_http_response,
     recv_frame,
-    run_wsfleet,
     send_frame,
     stuck_client,
     upgrade_request,
-    wait_for,
 )
-
-
-def start_worker(spawn, *args: str, **kw):  # type: ignore[no-untyped-def]
-    proc = spawn("worker", "--port", "0", *args, **kw)
-    port = proc.wait_ready()
-    return proc, port
 
 
 def test_echo_text_and_binary_with_websockets(spawn, loop: str) -> None:

@@ -477,10 +477,24 @@ def _worker(setting: str, trace: bool) -> tuple[Any, int]:
     raise RuntimeError(f"the worker for {setting} did not start")
 
 
+def rss_uss(pid: int) -> tuple[int, int]:
+    """A process's resident and unique memory in bytes, read from /proc as psutil's
+    memory_full_info() reads them on Linux (statm's resident pages; the Private_ lines of
+    smaps_rollup), so that `wsfleet bench memory` needs nothing beyond wsfleet's own
+    dependencies."""
+    with open(f"/proc/{pid}/statm") as f:
+        rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    uss = 0
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Private_"):  # Private_Clean, Private_Dirty, Private_Hugetlb
+                uss += int(line.split()[1]) * 1024
+    return rss, uss
+
+
 def measure_memory(setting: str, messages: list[bytes | str], count: int) -> dict[str, float]:
     """Memory per connection with this setting: tracemalloc inside one worker, RSS and USS
     from outside another (tracemalloc's own bookkeeping would inflate RSS)."""
-    import psutil
     from websockets.sync.client import connect as sync_connect
 
     results: dict[str, float] = {}
@@ -495,24 +509,23 @@ def measure_memory(setting: str, messages: list[bytes | str], count: int) -> dic
                     probe.send(PROBE)
                     return int(probe.recv(timeout=60))
 
-                worker = psutil.Process(proc.pid)
-                before = traced() if trace else worker.memory_full_info()
+                before = (traced(),) if trace else rss_uss(proc.pid)
                 loop = asyncio.new_event_loop()
                 try:
                     conns, errors = loop.run_until_complete(
                         _open_and_exchange(url, count, messages, compression)
                     )
                     opened = len(conns)
-                    after = traced() if trace else worker.memory_full_info()
+                    after = (traced(),) if trace else rss_uss(proc.pid)
                     for ws in conns:
                         loop.run_until_complete(ws.close())
                 finally:
                     loop.close()
+            kib = [round((a - b) / opened / 1024, 1) for a, b in zip(after, before, strict=True)]
             if trace:
-                results["tracemalloc_kib"] = round((after - before) / opened / 1024, 1)
+                results["tracemalloc_kib"] = kib[0]
             else:
-                results["rss_kib"] = round((after.rss - before.rss) / opened / 1024, 1)
-                results["uss_kib"] = round((after.uss - before.uss) / opened / 1024, 1)
+                results["rss_kib"], results["uss_kib"] = kib
             results["errors"] = results.get("errors", 0) + errors
         finally:
             proc.terminate()

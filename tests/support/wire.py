@@ -1,5 +1,5 @@
-"""Test helpers: running wsfleet (from wsfleet.harness, shared with scripts/), and a raw
-WebSocket client for what well-behaved client libraries refuse to send."""
+"""A raw WebSocket client, for what well-behaved client libraries refuse to send (bad
+handshakes, bad UTF-8) and to control exactly when each byte goes out."""
 
 from __future__ import annotations
 
@@ -8,34 +8,7 @@ import contextlib
 import os
 import socket
 import struct
-import subprocess
-import sys
-from collections.abc import Iterator, Sequence
-
-from wsfleet.harness import ROOT, Process, clean_env, gone, wait_for
-
-__all__ = ["ROOT", "gone", "wait_for"]  # re-exported for the tests
-
-Proc = Process  # the tests' name for it
-
-
-def run_wsfleet(
-    args: Sequence[str], *, env: dict[str, str] | None = None, timeout: float = 20, **kw: object
-) -> subprocess.CompletedProcess[str]:
-    """Run a wsfleet command that is expected to exit by itself."""
-    return subprocess.run(
-        [sys.executable, "-m", "wsfleet", *args],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        env=clean_env(env),
-        timeout=timeout,
-        **kw,  # type: ignore[arg-type]
-    )
-
-
-# A raw WebSocket client, to send what client libraries refuse to (bad handshakes, bad UTF-8)
-# and to control exactly when each byte goes out.
+from collections.abc import Iterator
 
 
 def raw_connect(port: int, host: str = "127.0.0.1", timeout: float = 10) -> socket.socket:

@@ -11,7 +11,8 @@
 - :func:`gone`, :func:`end`, :func:`wait_for`, :func:`free_port`; :func:`worktree` (wsfleet
   at another git revision, for a benchmark's A/B).
 
-Nothing here is used by wsfleet itself; it needs psutil (a test and bench dependency).
+Not part of the package: wsfleet never imports it, and it needs a checkout (``conf/``, git)
+and psutil (in the test and bench extras). The scripts import it as ``tests.support.harness``.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ from typing import Any
 import psutil
 from websockets.sync.client import connect
 
-from . import control
-from .control import READY
+from wsfleet import control
+from wsfleet.control import READY
 
 __all__ = [
     "READY",
@@ -52,7 +53,7 @@ __all__ = [
     "wait_for",
 ]
 
-ROOT = Path(__file__).resolve().parent.parent  # the repository, for conf/ and scripts/
+ROOT = Path(__file__).resolve().parents[2]  # the checkout (tests/support/..), for conf/ and git
 BIN = Path(sys.executable).parent  # where this environment's wsfleet and supervisord are
 
 
