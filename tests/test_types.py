@@ -6,7 +6,7 @@ import subprocess
 import sys
 import tomllib
 
-from .helpers import ROOT
+from .support.harness import ROOT
 
 # An ignore with its error codes, then a comment that gives the reason.
 IGNORE = re.compile(r"#\s*type:\s*ignore(?P<codes>\[[^\]]*\])?(?P<rest>.*)$")
