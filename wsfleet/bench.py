@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, cast
 
 from websockets.client import ClientProtocol
 from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
@@ -69,10 +69,12 @@ class _Client(asyncio.Protocol):
         self.done = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        # A TCP connection's transport, always (uvloop's does not subclass asyncio.Transport,
+        # so no isinstance check).
+        self.transport = cast(asyncio.Transport, transport)
         if self.proxy_header:  # as a load balancer would, for a server with --proxy-protocol
             host, port = transport.get_extra_info("sockname")[:2]
-            transport.write(f"PROXY TCP4 {host} {host} {port} {port}\r\n".encode())
+            self.transport.write(f"PROXY TCP4 {host} {host} {port} {port}\r\n".encode())
         self.protocol.send_request(self.protocol.connect())
         self._flush()
 
@@ -182,7 +184,7 @@ async def _process_main(args: dict[str, Any], count: int, pipe: Connection) -> N
         client = _Client(shared, args["url"], args["compression"], args["proxy_header"])
         try:
             await loop.create_connection(
-                lambda c=client: c,  # type: ignore[misc]
+                lambda c=client: c,
                 uri.host,
                 uri.port,
                 ssl=tls,
