@@ -13,8 +13,8 @@ from pathlib import Path
 
 import psutil
 
-from wsfleet.control import READY
 from wsfleet.harness import free_port
+from wsfleet.notify import READY
 
 from .helpers import Proc, gone, run_wsfleet
 from .test_master import VERSIONED_APP, Master, app_master, echo_once, write_app

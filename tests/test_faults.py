@@ -20,7 +20,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from wsfleet import control
-from wsfleet.arbiter import KILL_GRACE
+from wsfleet.fleet import KILL_GRACE
 
 from .helpers import gone, run_wsfleet, wait_for
 from .test_master import HANGING_APP, Master, app_master, echo_once

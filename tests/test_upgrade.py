@@ -22,8 +22,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from wsfleet import control, harness
-from wsfleet.control import READY
 from wsfleet.loadtest import Load
+from wsfleet.notify import READY
 
 from .helpers import ROOT, gone, run_wsfleet, wait_for
 from .test_binds import unix_echo

@@ -38,7 +38,7 @@ import psutil
 from websockets.sync.client import connect
 
 from . import control
-from .control import READY
+from .notify import READY
 
 __all__ = [
     "READY",
