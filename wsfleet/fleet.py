@@ -955,5 +955,5 @@ def backoff(crashes: int) -> float:
     jitter so that slots that crash together do not restart in lockstep."""
     if crashes <= 1:
         return 0.0
-    delay = min(BACKOFF_FIRST * 2 ** (crashes - 2), BACKOFF_MAX)
+    delay = min(BACKOFF_FIRST * 2.0 ** (crashes - 2), BACKOFF_MAX)
     return delay * random.uniform(0.75, 1.25)

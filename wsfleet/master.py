@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -206,7 +207,8 @@ class Master:
         self.watch(sock, f"worker {pid}'s messages", functools.partial(self.on_messages, pid))
 
     def loop_once(self) -> None:
-        deadlines = [self.fleet.next_deadline(), self.web and self.web.next_deadline()]
+        web_deadline = self.web.next_deadline() if self.web is not None else None
+        deadlines = [self.fleet.next_deadline(), web_deadline]
         if self.watchdog is not None:
             deadlines.append(self.watchdog_due)
         deadline = min((d for d in deadlines if d is not None), default=None)
@@ -322,7 +324,7 @@ class Master:
         for name in cfg.RELOAD_IGNORES:
             if getattr(new, name) != getattr(current, name):
                 log.warning("reload: a change of %s needs a full restart; ignored", name)
-                new = cfg.dataclasses.replace(new, **{name: getattr(current, name)})
+                new = dataclasses.replace(new, **{name: getattr(current, name)})
         return new, None
 
     def on_messages(self, pid: int) -> None:

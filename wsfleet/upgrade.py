@@ -88,10 +88,10 @@ def describe(handoff: Handoff) -> tuple[str, list[int], int]:
     if handoff.metrics is not None:
         listening.append(handoff.metrics)
     fds = [s.fileno() for s in listening]
-    extra = [fd for fd in (handoff.pidfile_fd, handoff.ready_fd, handoff.handed_fd)]
-    extra = [fd for fd in extra if fd is not None]
+    given = (handoff.pidfile_fd, handoff.ready_fd, handoff.handed_fd)
+    extra = [fd for fd in given if fd is not None]
     start = sockets.LISTEN_FDS_START + len(fds)
-    where = dict(zip(extra, range(start, start + len(extra)), strict=True))
+    where: dict[int | None, int] = dict(zip(extra, range(start, start + len(extra)), strict=True))
     text = json.dumps(
         {
             "from": handoff.old_pid,
@@ -101,9 +101,9 @@ def describe(handoff: Handoff) -> tuple[str, list[int], int]:
             "shared": [[s.path, s.inode] for s in handoff.shared],  # (read into files)
             "metrics": handoff.metrics is not None,
             "pidfile": handoff.pidfile,
-            "pidfile_fd": where.get(handoff.pidfile_fd),  # type: ignore[arg-type]
-            "ready_fd": where.get(handoff.ready_fd),  # type: ignore[arg-type]
-            "handed_fd": where.get(handoff.handed_fd),  # type: ignore[arg-type]
+            "pidfile_fd": where.get(handoff.pidfile_fd),
+            "ready_fd": where.get(handoff.ready_fd),
+            "handed_fd": where.get(handoff.handed_fd),
         }
     )
     return text, fds + extra, len(fds)
