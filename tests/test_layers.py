@@ -124,6 +124,18 @@ def test_every_module_has_a_layer() -> None:
         layer(module)
 
 
+def test_the_layout_table_has_a_row_for_every_module() -> None:
+    rows = [
+        line
+        for line in (ROOT / "docs" / "how-it-works.md").read_text().splitlines()
+        if line.startswith("| `wsfleet/")
+    ]
+    for module in modules():
+        assert any(f"`wsfleet/{module}.py`" in row for row in rows), (
+            f"docs/how-it-works.md's layout table has no row for wsfleet/{module}.py"
+        )
+
+
 def test_no_import_cycle() -> None:
     edges = graph()
     done: set[str] = set()
