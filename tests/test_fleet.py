@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from wsfleet import channel
+from wsfleet import channel, control
 from wsfleet import config as cfg
 from wsfleet.fleet import (
     BACKOFF_FIRST,
@@ -781,6 +781,34 @@ def upgrading(workers: int = 2) -> tuple[Harness, int]:
     (new_master,) = h.procs.masters
     assert h.fleet.upgrade_outcome == UpgradeOutcome("in_progress", None, new_master)
     return h, new_master
+
+
+@pytest.mark.parametrize(
+    ("outcome", "words"),
+    [
+        (UpgradeOutcome(), "none yet"),
+        (UpgradeOutcome("in_progress", None, 7), "in progress"),
+        (UpgradeOutcome("done", None, 7), "done: master 7 serves"),
+        (UpgradeOutcome("failed", "new master 7 exited (exit status 1)", 7), "failed: new "),
+        (UpgradeOutcome("refused", "the master is starting"), "refused: the master is starting"),
+        (UpgradeOutcome("stopped", "shutdown", 7), "stopped by shutdown"),
+    ],
+)
+def test_an_upgrades_outcome_is_data_and_its_words_are_the_status_text(
+    outcome: UpgradeOutcome, words: str
+) -> None:
+    """The status carries the outcome as data ("upgrade", which `wsfleet upgrade` reads);
+    `wsfleet status` and the status page show it in these words ("last_upgrade")."""
+    h = Harness(1)
+    h.fleet.upgrade_outcome = outcome
+    data = h.fleet.status()["master"]["upgrade"]
+    assert data == {
+        "kind": outcome.kind,
+        "detail": outcome.detail,
+        "new_master": outcome.new_master,
+    }
+    assert control.upgrade_text(data).startswith(words)
+    assert json.loads(json.dumps(data)) == data
 
 
 def test_an_upgrade_hands_over_once_the_new_master_is_ready() -> None:
