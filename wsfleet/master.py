@@ -79,7 +79,7 @@ class Master:
         self.processes = ProcessLayer(
             self.listeners, handler, tls, self.watch_channel, self.leave_master
         )
-        self.old_end = upgrade.OldEnd(self)  # an upgrade's new master, started by this one
+        self.old_end = upgrade.OldEnd(self)  # starts an upgrade's new master, hands over
         self.fleet = Fleet(config, self.processes, self.old_end, time.monotonic)
         self.processes.fleet = self.fleet
         self.new_end: upgrade.NewEnd | None = None  # this master is an upgrade's new one
