@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 
 from setproctitle import setproctitle
 
-from . import __version__, control, logs, notify, sockets, upgrade
+from . import __version__, control, logs, notify, sockets
 from . import config as cfg
 
 EXIT_RUNTIME = 1
@@ -476,6 +476,7 @@ def run_worker(config: cfg.Config) -> int:
 
 def run_master(config: cfg.Config, args: argparse.Namespace) -> int:
     """``wsfleet start``: the master, in the foreground or detached with --daemon."""
+    from . import upgrade  # (the master's modules: not imported by the other commands)
     from .fleet import BootError
     from .master import Master
 
@@ -626,7 +627,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except cfg.ConfigError as exc:
             fail(str(exc), EXIT_USAGE)
     if args.command == "start":
-        notify.set_ready_fd(upgrade.ready_fd())  # an upgrade's new master: tell the old one
+        from .upgrade import ready_fd
+
+        notify.set_ready_fd(ready_fd())  # an upgrade's new master: tell the old one
     config = load_config(args.command, args)
     defaulted = args.command == "start" and config.daemon and not config.log_file
     if args.command == "start":
