@@ -171,10 +171,10 @@ def test_example_config_file_is_valid_and_complete() -> None:
 def run_checks_only(monkeypatch: pytest.MonkeyPatch) -> list[cfg.Config]:
     """wsfleet.run() up to the point where the master would start: the configurations that
     got there (nothing is started in the test's process)."""
-    from wsfleet.arbiter import Arbiter
+    from wsfleet.master import Master
 
     started: list[cfg.Config] = []
-    monkeypatch.setattr(Arbiter, "run", lambda self: started.append(self.config) or 0)
+    monkeypatch.setattr(Master, "run", lambda self: started.append(self.fleet.config) or 0)
     monkeypatch.setattr(wsfleet.logs, "setup", lambda level, path: None)
     return started
 
@@ -218,9 +218,9 @@ def test_run_takes_paths_tuples_and_none(run_checks_only: list[cfg.Config], tmp_
 
 
 def test_run_log_file_that_cannot_be_opened(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from wsfleet.arbiter import Arbiter
+    from wsfleet.master import Master
 
-    monkeypatch.setattr(Arbiter, "run", lambda self: pytest.fail("the master started"))
+    monkeypatch.setattr(Master, "run", lambda self: pytest.fail("the master started"))
     path = tmp_path / "no" / "x.log"
     with pytest.raises(ValueError) as raised:
         wsfleet.run(log_file=str(path))

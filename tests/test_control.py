@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 
-from wsfleet.control import READY
+from wsfleet.notify import READY
 
 from .support.harness import Process, free_port, gone
 from .support.helpers import VERSIONED_APP, Master, app_master, echo_once, run_wsfleet, write_app

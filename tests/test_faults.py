@@ -20,7 +20,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from wsfleet import control
-from wsfleet.arbiter import KILL_GRACE
+from wsfleet.fleet import KILL_GRACE
 
 from .support.harness import gone, wait_for
 from .support.helpers import HANGING_APP, Master, app_master, echo_once, run_wsfleet

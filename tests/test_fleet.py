@@ -1,4 +1,4 @@
-"""The master's decisions (arbiter.Fleet) against a fake process layer and a fake clock: each
+"""The master's decisions (fleet.Fleet) against a fake process layer and a fake clock: each
 test runs in milliseconds. The same behaviours keep end-to-end tests with real processes in
 test_master.py and test_headline.py."""
 
@@ -12,21 +12,23 @@ from typing import Any
 
 import pytest
 
-from wsfleet import channel
+from wsfleet import channel, control
 from wsfleet import config as cfg
-from wsfleet.arbiter import (
+from wsfleet.fleet import (
     BACKOFF_FIRST,
     BACKOFF_MAX,
     KILL_GRACE,
-    Arbiter,
     BootError,
     Fleet,
     MasterState,
     SlotState,
+    Upgrade,
+    UpgradeOutcome,
     UpgradeState,
     Worker,
     WorkerState,
 )
+from wsfleet.master import Master
 
 
 class FakeSocket:
@@ -39,7 +41,8 @@ class FakeSocket:
 
 
 class FakeProcesses:
-    """Records what the fleet asks for; forks fail while fail_forks > 0."""
+    """Records what the fleet asks for (its Processes and Upgrades); forks fail while
+    fail_forks > 0."""
 
     def __init__(self) -> None:
         self.pid = 1000
@@ -52,13 +55,13 @@ class FakeProcesses:
         self.masters: list[int] = []  # new masters started (upgrades)
         self.handed_to: list[int] = []
 
-    def start_master(self) -> int:
+    def start_master(self, slots: list[list[Any]]) -> tuple[int, object]:
         self.pid += 1
         self.masters.append(self.pid)
-        return self.pid
+        return self.pid, object()
 
-    def hand_over(self, pid: int) -> None:
-        self.handed_to.append(pid)
+    def hand_over(self, upgrade: Upgrade) -> None:
+        self.handed_to.append(upgrade.pid)
 
     def open_slot(self, index: int) -> list[FakeSocket]:
         return [FakeSocket(index)]
@@ -92,7 +95,7 @@ class FakeProcesses:
 
 
 class Harness:
-    """A fleet, its fake processes and clock, and the events the Arbiter would feed it."""
+    """A fleet, its fake processes and clock, and the events the master would feed it."""
 
     def __init__(
         self, workers: int = 2, tcp_addresses: int = 1, slots: int | None = None, **options: Any
@@ -100,7 +103,7 @@ class Harness:
         self.now = 1000.0
         self.procs = FakeProcesses()
         self.config = cfg.Config(workers=workers, **options)
-        self.fleet = Fleet(self.config, self.procs, clock=lambda: self.now)
+        self.fleet = Fleet(self.config, self.procs, self.procs, clock=lambda: self.now)
         self.confirm_holds = True
         sockets = [
             [FakeSocket(i, a) for a in range(tcp_addresses)] for i in range(slots or workers)
@@ -248,7 +251,7 @@ def test_a_failed_fork_at_boot_is_retried_too() -> None:
     h.now, h.procs = 1000.0, FakeProcesses()
     h.procs.fail_forks = 1
     h.config = cfg.Config(workers=2)
-    h.fleet = Fleet(h.config, h.procs, clock=lambda: h.now)
+    h.fleet = Fleet(h.config, h.procs, h.procs, clock=lambda: h.now)
     h.confirm_holds = True
     h.fleet.start([[FakeSocket(0)], [FakeSocket(1)]])
     h.settle()
@@ -308,7 +311,7 @@ def test_rolling_restart_replaces_one_slot_at_a_time() -> None:
         if i < 2:
             assert old[i].state is WorkerState.HELD
             assert h.procs.sent_to(old[i]) == [{"t": "hold"}]
-    assert h.fleet.restart is None and h.fleet.last_restart == "done"
+    assert h.fleet.restart is None and h.fleet.restart_outcome.kind == "done"
     # Every slot has its new worker: the old ones close their connections now, all together.
     for worker in old:
         assert worker.state is WorkerState.DRAINING
@@ -328,7 +331,7 @@ def test_a_rolling_restart_that_stops_drains_what_it_held_and_every_slot_serves(
     h.ready(h.fleet.slots[0].replacement)  # type: ignore[arg-type]
     assert old[0].state is WorkerState.HELD
     h.exit(h.fleet.slots[1].replacement, 4)  # type: ignore[arg-type]
-    assert h.fleet.last_restart.startswith("failed")
+    assert h.fleet.restart_outcome.kind == "failed"
     assert old[0].state is WorkerState.DRAINING
     assert old[1].state is WorkerState.READY and old[2].state is WorkerState.READY
     assert all(s.state is SlotState.SERVING for s in h.fleet.slots)
@@ -365,7 +368,7 @@ def test_a_new_worker_that_fails_stops_the_rolling_restart() -> None:
     new = h.fleet.slots[0].replacement
     assert new is not None
     h.exit(new, 4)
-    assert h.fleet.restart is None and h.fleet.last_restart.startswith("failed")
+    assert h.fleet.restart is None and h.fleet.restart_outcome.kind == "failed"
     assert h.worker(0) is old and old.state is WorkerState.READY  # keeps serving
     assert len(h.procs.forked) == 3  # nothing else was started
 
@@ -381,7 +384,7 @@ def test_a_new_worker_not_ready_within_timeout_is_killed_and_the_restart_stops()
     h.advance(KILL_GRACE, silent=(new,))
     assert (new.pid, signal.SIGKILL) in h.procs.signals
     h.exit(new)
-    assert h.fleet.restart is None and h.fleet.last_restart.startswith("failed")
+    assert h.fleet.restart is None and h.fleet.restart_outcome.kind == "failed"
 
 
 def test_scaling_during_a_rolling_restart() -> None:
@@ -398,7 +401,7 @@ def test_scaling_during_a_rolling_restart() -> None:
     h.settle()
     h.ready(h.fleet.slots[1].replacement)  # type: ignore[arg-type]
     # Done, and back to the configured count (as a HUP re-reads the configuration).
-    assert h.fleet.restart is None and h.fleet.last_restart == "done"
+    assert h.fleet.restart is None and h.fleet.restart_outcome.kind == "done"
     assert len(h.fleet.slots) == 3 and h.fleet.slots[2].state is SlotState.STARTING
 
 
@@ -582,16 +585,16 @@ def test_a_long_traceback_is_cut_from_the_top_to_fit_one_message() -> None:
 
 
 def test_an_error_in_one_step_is_logged_and_the_master_goes_on(caplog) -> None:
-    arbiter = Arbiter(cfg.Config(workers=1))
+    master = Master(cfg.Config(workers=1))
 
     def broken() -> None:
         raise RuntimeError("boom")
 
     with caplog.at_level(logging.ERROR, logger="wsfleet.master"):
-        arbiter.guarded("a test step", broken)
+        master.guarded("a test step", broken)
     assert caplog.records[-1].exc_info is not None  # with its traceback
     with pytest.raises(BootError):
-        arbiter.guarded("boot", lambda: (_ for _ in ()).throw(BootError("no", 4)))
+        master.guarded("boot", lambda: (_ for _ in ()).throw(BootError("no", 4)))
 
 
 def test_a_worker_killed_by_a_signal_python_cannot_name_is_replaced() -> None:
@@ -722,7 +725,7 @@ def test_the_held_workers_drain_only_once_every_one_has_stopped_accepting() -> N
     h.ready(h.fleet.slots[0].replacement)  # type: ignore[arg-type]
     h.fleet.on_message(old[0], {"t": "held"})
     h.ready(h.fleet.slots[1].replacement)  # type: ignore[arg-type]
-    assert h.fleet.last_restart == "done"
+    assert h.fleet.restart_outcome.kind == "done"
     assert [w.state for w in old] == [WorkerState.HELD, WorkerState.HOLDING]
     h.fleet.on_message(old[1], {"t": "held"})
     h.settle()
@@ -776,8 +779,36 @@ def upgrading(workers: int = 2) -> tuple[Harness, int]:
     h.fleet.start_upgrade()
     h.settle()
     (new_master,) = h.procs.masters
-    assert h.fleet.last_upgrade == "in progress"
+    assert h.fleet.upgrade_outcome == UpgradeOutcome("in_progress", None, new_master)
     return h, new_master
+
+
+@pytest.mark.parametrize(
+    ("outcome", "words"),
+    [
+        (UpgradeOutcome(), "none yet"),
+        (UpgradeOutcome("in_progress", None, 7), "in progress"),
+        (UpgradeOutcome("done", None, 7), "done: master 7 serves"),
+        (UpgradeOutcome("failed", "new master 7 exited (exit status 1)", 7), "failed: new "),
+        (UpgradeOutcome("refused", "the master is starting"), "refused: the master is starting"),
+        (UpgradeOutcome("stopped", "shutdown", 7), "stopped by shutdown"),
+    ],
+)
+def test_an_upgrades_outcome_is_data_and_its_words_are_the_status_text(
+    outcome: UpgradeOutcome, words: str
+) -> None:
+    """The status carries the outcome as data ("upgrade", which `wsfleet upgrade` reads);
+    `wsfleet status` and the status page show it in these words ("last_upgrade")."""
+    h = Harness(1)
+    h.fleet.upgrade_outcome = outcome
+    data = h.fleet.status()["master"]["upgrade"]
+    assert data == {
+        "kind": outcome.kind,
+        "detail": outcome.detail,
+        "new_master": outcome.new_master,
+    }
+    assert control.upgrade_text(data).startswith(words)
+    assert json.loads(json.dumps(data)) == data
 
 
 def test_an_upgrade_hands_over_once_the_new_master_is_ready() -> None:
@@ -788,7 +819,7 @@ def test_an_upgrade_hands_over_once_the_new_master_is_ready() -> None:
     h.fleet.on_new_master_ready()
     h.settle()
     assert h.procs.handed_to == [new_master]
-    assert h.fleet.last_upgrade == f"done: master {new_master} serves"
+    assert h.fleet.upgrade_outcome == UpgradeOutcome("done", None, new_master)
     # As in a reload: every old worker stops accepting, then all close with 1012 together.
     for worker in old:
         assert h.procs.sent_to(worker) == [
@@ -825,25 +856,21 @@ def test_a_new_master_that_fails_leaves_this_one_serving(how: str) -> None:
     if how == "says why":
         h.fleet.on_new_master_failed("cannot start: worker 7 could not start (exit status 4)")
         h.settle()
-        assert h.fleet.last_upgrade == (
-            "failed: cannot start: worker 7 could not start (exit status 4)"
-        )
+        reason = "cannot start: worker 7 could not start (exit status 4)"
+        assert h.fleet.upgrade_outcome == UpgradeOutcome("failed", reason, new_master)
         h.fleet.on_exit(new_master, 4)
     elif how == "exits":
         h.fleet.on_exit(new_master, 1)
-        assert h.fleet.last_upgrade == (
-            f"failed: new master {new_master} exited (exit status 1) before it was ready"
-        )
+        reason = f"new master {new_master} exited (exit status 1) before it was ready"
+        assert h.fleet.upgrade_outcome == UpgradeOutcome("failed", reason, new_master)
     else:
         limit = cfg.upgrade_limit(h.config)
         h.advance(limit - 0.2)
         assert h.procs.signals == []
         h.advance(0.3)
         assert h.procs.signals == [(new_master, signal.SIGTERM)]
-        assert (
-            h.fleet.last_upgrade
-            == f"failed: new master {new_master} was not ready after {limit:g}s"
-        )
+        reason = f"new master {new_master} was not ready after {limit:g}s"
+        assert h.fleet.upgrade_outcome == UpgradeOutcome("failed", reason, new_master)
         h.advance(cfg.drain_limit(h.config) + KILL_GRACE)  # it does not exit
         assert h.procs.signals[-1] == (new_master, signal.SIGKILL)
         assert h.fleet.upgrade is not None and h.fleet.upgrade.state is UpgradeState.KILLED
@@ -854,7 +881,7 @@ def test_a_new_master_that_fails_leaves_this_one_serving(how: str) -> None:
     assert all(w.state is WorkerState.READY for w in old) and h.procs.closed == []
     assert h.procs.handed_to == []
     h.fleet.start_upgrade()  # the next attempt goes ahead
-    assert len(h.procs.masters) == 2 and h.fleet.last_upgrade == "in progress"
+    assert len(h.procs.masters) == 2 and h.fleet.upgrade_outcome.kind == "in_progress"
 
 
 def test_upgrades_are_refused_while_another_runs_or_the_master_stops() -> None:
@@ -864,11 +891,12 @@ def test_upgrades_are_refused_while_another_runs_or_the_master_stops() -> None:
     h.fleet.on_new_master_failed("no")
     h.fleet.start_upgrade()  # not before the failed one is reaped
     assert h.procs.masters == [new_master]
-    assert h.fleet.last_upgrade == f"refused: the failed new master {new_master} has not exited yet"
+    reason = f"the failed new master {new_master} has not exited yet"
+    assert h.fleet.upgrade_outcome == UpgradeOutcome("refused", reason)
     booting = Harness(1)
     booting.fleet.start_upgrade()
     assert booting.procs.masters == []
-    assert booting.fleet.last_upgrade == "refused: the master is starting"
+    assert booting.fleet.upgrade_outcome == UpgradeOutcome("refused", "the master is starting")
 
 
 def test_a_shutdown_during_an_upgrade_stops_the_new_master_too() -> None:
@@ -876,7 +904,7 @@ def test_a_shutdown_during_an_upgrade_stops_the_new_master_too() -> None:
     h.fleet.stop(graceful=True)
     h.settle()
     assert (new_master, signal.SIGTERM) in h.procs.signals
-    assert h.fleet.last_upgrade == "stopped by shutdown"
+    assert h.fleet.upgrade_outcome == UpgradeOutcome("stopped", "shutdown", new_master)
     for worker in list(h.fleet.workers.values()):
         h.exit(worker, 0)
     assert not h.fleet.finished  # its own child is reaped before it exits: no orphan
@@ -893,7 +921,9 @@ def test_an_upgrade_during_a_reload_closes_each_client_once() -> None:
     assert len(held) == 1
     h.fleet.on_new_master_ready()
     h.settle()
-    assert h.fleet.restart is None and h.fleet.last_restart == "stopped by an upgrade"
+    assert h.fleet.restart is None
+    outcome = h.fleet.restart_outcome
+    assert (outcome.kind, outcome.detail) == ("stopped", "an upgrade")
     for worker in h.fleet.workers.values():
         drains = [m for m in h.procs.sent_to(worker) if m["t"] == "drain"]
         assert drains == [{"t": "drain", "code": 1012, "reason": "service restart"}]

@@ -100,6 +100,24 @@ def test_a_reload_serves_rotated_certificates(spawn, tmp_path: Path, certs: Cert
         assert ws.recv(timeout=5) == "rotated"
 
 
+def test_a_reload_that_turns_tls_on_shows_wss_in_the_status(
+    spawn, tmp_path: Path, certs: Certs
+) -> None:
+    """The configuration in force is the one the reload read: the status's addresses (and
+    the new workers) say wss:// once the configuration file adds --certfile."""
+    conf = tmp_path / "wsfleet.toml"
+    conf.write_text("workers = 1\n")
+    master = Master(spawn, tmp_path, "--config", str(conf))
+    assert master.status()["master"]["addresses"] == [f"ws://127.0.0.1:{master.port}"]
+    conf.write_text(f"workers = 1\ncertfile = '{certs.certfile}'\nkeyfile = '{certs.keyfile}'\n")
+    result = run_wsfleet(["reload", "--wait", "--pidfile", master.pidfile], timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert master.status()["master"]["addresses"] == [f"wss://127.0.0.1:{master.port}"]
+    with connect(f"wss://127.0.0.1:{master.port}/", ssl=certs.client) as ws:
+        ws.send("now over TLS")
+        assert ws.recv(timeout=5) == "now over TLS"
+
+
 def test_a_reload_with_broken_certificate_files_keeps_serving_the_old_ones(
     spawn, tmp_path: Path, certs: Certs
 ) -> None:

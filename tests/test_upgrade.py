@@ -20,7 +20,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from wsfleet import control
-from wsfleet.control import READY
+from wsfleet.notify import READY
 
 from .support import harness
 from .support.harness import gone, wait_for

@@ -29,14 +29,14 @@ def run(app: Any = "wsfleet.echo:echo", **options: Any) -> int:
 
     Raises TypeError for an unknown option (naming the closest valid one), ValueError for a
     bad value (with the message ``wsfleet start`` gives for it), and the master's start-up
-    errors: ``wsfleet.arbiter.BootError`` when no worker can start (its ``details`` hold the
+    errors: ``wsfleet.fleet.BootError`` when no worker can start (its ``details`` hold the
     app's traceback when the import raised), OSError when the port is taken.
     """
     import os
 
     from . import cli, logs, sockets
     from . import config as cfg
-    from .arbiter import Arbiter
+    from .master import Master
     from .worker import check_handler
 
     # What wsfleet start takes, but for --daemon: run() serves in this process.
@@ -75,4 +75,4 @@ def run(app: Any = "wsfleet.echo:echo", **options: Any) -> int:
     except OSError as exc:
         raise ValueError(f"--log-file {config.log_file}: cannot open: {exc.strerror}") from None
     sockets.raise_fd_limit()
-    return Arbiter(config, handler=handler).run()
+    return Master(config, handler=handler).run()

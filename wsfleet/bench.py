@@ -33,7 +33,7 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Response
 from websockets.uri import parse_uri
 
-from . import control, logs
+from . import logs, notify
 
 SAMPLE = 50_000  # round-trip times each process sends back for the percentiles
 
@@ -474,7 +474,7 @@ def _worker(setting: str, trace: bool) -> tuple[Any, int]:
     )
     assert proc.stderr is not None
     for line in proc.stderr:
-        if m := control.READY.search(line):
+        if m := notify.READY.search(line):
             return proc, int(m.group(2))
     raise RuntimeError(f"the worker for {setting} did not start")
 

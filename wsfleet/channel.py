@@ -93,7 +93,7 @@ _WORKER_MESSAGES: dict[str, dict[str, type]] = {
 
 
 def _counts(report: object) -> bool:
-    """A heartbeat's "n" (metrics.Counts.report): two maps of counts, two counts."""
+    """A heartbeat's "n" (counts.Counts.report): two maps of counts, two counts."""
 
     def count(value: object) -> bool:  # (a float of it must not overflow at a scrape)
         return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63

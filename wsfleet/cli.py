@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 
 from setproctitle import setproctitle
 
-from . import __version__, control, logs, sockets, upgrade
+from . import __version__, control, logs, notify, sockets
 from . import config as cfg
 
 EXIT_RUNTIME = 1
@@ -340,7 +340,7 @@ def build_parser() -> _Parser:
 
 
 def fail(message: str, status: int) -> NoReturn:
-    if control.notify_failure(message, status):  # a detached master tells the waiting command
+    if notify.notify_failure(message, status):  # a detached master tells the waiting command
         # Its stderr is its log file, whose own line has the traceback already.
         message = message.partition("\n")[0]
     print(f"wsfleet: error: {message}", file=sys.stderr, flush=True)
@@ -371,7 +371,7 @@ def check(config: cfg.Config) -> None:
     wsfleet.run()): ValueError says what to fix, as the exit 2 message."""
     sockets.server_context(config)  # the certificate and key load, or the error names them
     if config.user or config.group:
-        from .worker import identity
+        from .privileges import identity
 
         identity(config)  # a known user and group, and permission to switch
     if config.loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
@@ -424,15 +424,8 @@ def setup_logging(config: cfg.Config, defaulted: bool = False) -> None:
 def run_worker(config: cfg.Config) -> int:
     """``wsfleet worker``: one worker on --fd, on the first socket systemd passed (socket
     activation), or on its addresses (--bind, or host:port)."""
-    from .worker import (
-        AppError,
-        Worker,
-        drop_privileges,
-        hold_restart_signal,
-        identity,
-        load_app,
-        run,
-    )
+    from .privileges import drop_privileges, identity
+    from .worker import AppError, Worker, hold_restart_signal, load_app, run
 
     hold_restart_signal()
     listening: list[socket.socket] = []
@@ -484,7 +477,9 @@ def run_worker(config: cfg.Config) -> int:
 
 def run_master(config: cfg.Config, args: argparse.Namespace) -> int:
     """``wsfleet start``: the master, in the foreground or detached with --daemon."""
-    from .arbiter import Arbiter, BootError
+    from . import upgrade  # (the master's modules: not imported by the other commands)
+    from .fleet import BootError
+    from .master import Master
 
     def reload_config() -> cfg.Config:
         return daemon_log(cfg.load("start", given_options(args), args.config))
@@ -493,7 +488,7 @@ def run_master(config: cfg.Config, args: argparse.Namespace) -> int:
     if config.daemon and upgrade.ENV not in os.environ:  # (an upgrade's: detached already)
         daemonize(config.log_file)
     try:
-        return Arbiter(config, reload_config).run()
+        return Master(config, reload_config).run()
     except BootError as exc:  # (with its traceback: an app that raised at import)
         fail(f"cannot start: {exc}\n{exc.details}".rstrip(), exc.status)
     except sockets.ListenError as exc:
@@ -515,18 +510,18 @@ def daemonize(log_file: str | None) -> None:
         with os.fdopen(read_end) as ready:
             text = ready.read()  # until the master closes its end: ready, failed, or gone
         line, _, more = text.partition("\n")
-        if control.LISTENING.match(line):
+        if notify.LISTENING.match(line):
             print(text, end="", file=sys.stderr)  # one line per address
             print(f"logging to {log_file or os.devnull}", file=sys.stderr)
             raise SystemExit(0)
-        if failed := control.FAILED.match(line):  # the master's own reason and status
+        if failed := notify.FAILED.match(line):  # the master's own reason and status
             fail(f"{failed.group(2)}\n{more}".rstrip(), int(failed.group(1)))
         fail(f"the master exited before it was ready; see its log {log_file}", EXIT_RUNTIME)
     os.close(read_end)
     os.setsid()
     if os.fork() > 0:
         os._exit(0)
-    control.set_ready_fd(write_end)
+    notify.set_ready_fd(write_end)
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
@@ -633,7 +628,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except cfg.ConfigError as exc:
             fail(str(exc), EXIT_USAGE)
     if args.command == "start":
-        control.set_ready_fd(upgrade.ready_fd())  # an upgrade's new master: tell the old one
+        from .upgrade import ready_fd
+
+        notify.set_ready_fd(ready_fd())  # an upgrade's new master: tell the old one
     config = load_config(args.command, args)
     defaulted = args.command == "start" and config.daemon and not config.log_file
     if args.command == "start":

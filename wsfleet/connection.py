@@ -42,7 +42,8 @@ from websockets.frames import DATA_OPCODES, Frame
 from websockets.protocol import Event, Protocol, State
 from websockets.server import ServerProtocol
 
-from . import metrics, proxy
+from . import proxy
+from .counts import COUNTS
 
 
 class Connection(ServerConnection):
@@ -121,7 +122,7 @@ class Connection(ServerConnection):
             for data in writes:
                 if data and data[0] & 0x8F in _MESSAGE_ENDS:
                     ends += 1
-            metrics.COUNTS.sent += ends
+            COUNTS.sent += ends
         if len(writes) == 1:  # the common case: no join (asyncio's writelines copies)
             self.transport.write(writes[0])
         else:
@@ -151,7 +152,7 @@ class CountedConnection(Connection):
 
 @functools.cache
 def with_metrics(base: type[Connection]) -> type[Connection]:
-    """`base`, counting messages and closes into metrics.COUNTS: for --metrics only.
+    """`base`, counting messages and closes into counts.COUNTS: for --metrics only.
 
     Per batch, never a call more per message (a wrapper around recv()/send(), or around the
     protocol's per-frame methods, costs that): what is sent is counted from the first byte of
@@ -166,7 +167,7 @@ def with_metrics(base: type[Connection]) -> type[Connection]:
         def connection_lost(self, exc: Exception | None) -> None:
             super().connection_lost(exc)
             if self.response is not None and self.response.status_code == 101:
-                metrics.COUNTS.closes[close_code_label(self.close_code)] += 1
+                COUNTS.closes[close_code_label(self.close_code)] += 1
 
     return MeteredConnection
 
@@ -192,7 +193,7 @@ def count_received() -> None:
     Not by switching each connection's protocol to a subclass: an object whose class changes
     after it is made loses CPython's fast attribute access, which measured 7% of a worker's
     CPU for every attribute websockets reads on its protocol."""
-    counts, events_received = metrics.COUNTS, ServerProtocol.events_received
+    counts, events_received = COUNTS, ServerProtocol.events_received
 
     def counting_events_received(self: Protocol) -> list[Event]:
         events = events_received(self)

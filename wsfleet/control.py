@@ -20,7 +20,6 @@ import ipaddress
 import json
 import logging
 import os
-import re
 import select
 import signal
 import socket
@@ -146,75 +145,6 @@ class Pidfile:
             if ours and self.claimed and os.pread(self.fd, 16, 0).split() == [b"%d" % os.getpid()]:
                 os.unlink(self.path)
         os.close(self.fd)
-
-
-def ready_line(url: str) -> str:
-    """The line printed once every worker accepts (READY parses it): scripts wait for it."""
-    return f"listening on {url}"
-
-
-READY = re.compile(r"listening on wss?://(\S+):(\d+)")  # a TCP address: host, port
-LISTENING = re.compile(r"listening on (\S+)")  # any address, unix:PATH too
-FAILED = re.compile(r"failed (\d+) (.*)")  # what a detached master that cannot start says
-
-_ready_fd: int | None = None
-
-
-def set_ready_fd(fd: int | None) -> None:
-    """Where --daemon's parent waits for the detached master to be ready (None in workers,
-    which close the master's copy)."""
-    global _ready_fd
-    if fd is None and _ready_fd is not None:
-        with contextlib.suppress(OSError):
-            os.close(_ready_fd)
-    _ready_fd = fd
-
-
-def notify_failure(message: str, status: int) -> bool:
-    """A detached master that cannot start tells the waiting command why, and its status:
-    ``failed STATUS REASON`` on the first line (all that an upgrading master reads), then any
-    more lines of the message (an app's traceback). True if a command was told."""
-    global _ready_fd
-    if _ready_fd is None:
-        return False
-    told = False
-    with contextlib.suppress(OSError):
-        os.write(_ready_fd, f"failed {status} {message.rstrip()}\n".encode())
-        told = True
-    with contextlib.suppress(OSError):
-        os.close(_ready_fd)
-    _ready_fd = None
-    return told
-
-
-def notify_ready(urls: list[str]) -> None:
-    """Tell whoever waits that the master accepts: a --daemon parent, or systemd."""
-    global _ready_fd
-    if _ready_fd is not None:
-        with contextlib.suppress(OSError):
-            os.write(_ready_fd, "".join(f"{ready_line(url)}\n" for url in urls).encode())
-            os.close(_ready_fd)
-        _ready_fd = None
-    sd_notify(f"READY=1\nMAINPID={os.getpid()}")
-
-
-def sd_notify(state: str) -> None:
-    """Send systemd's notification protocol's state lines to $NOTIFY_SOCKET, if set: one Unix
-    datagram, as systemd reads it (a name starting with @ is an abstract socket)."""
-    target = os.environ.get("NOTIFY_SOCKET")
-    if target:
-        if target.startswith("@"):
-            target = "\0" + target[1:]
-        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            s.sendto(state.encode(), target)
-
-
-def watchdog_interval() -> float | None:
-    """Half of $WATCHDOG_USEC, when systemd watches this process (WatchdogSec=); else None."""
-    usec, pid = os.environ.get("WATCHDOG_USEC", ""), os.environ.get("WATCHDOG_PID", "")
-    if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
-        return None
-    return int(usec) / 2e6
 
 
 # The commands' side
@@ -474,7 +404,7 @@ def format_status(status: dict[str, Any]) -> str:
     notes = [
         f"connections: as each worker last reported (every {master['heartbeat_interval']:g}s)",
         f"last rolling restart: {_restart_line(master)}",
-        f"last upgrade: {master.get('last_upgrade', 'not supported')}",
+        f"last upgrade: {_upgrade_line(master)}",
     ]
     if "log_file" in master:
         notes.append(f"log: {master['log_file'] or 'standard error'}")
@@ -492,6 +422,13 @@ def _restart_line(master: dict[str, Any]) -> str:
     if outcome["kind"] in ("in_progress", "done") and outcome.get("old_workers"):
         text += f"; {_old_workers(outcome)}"
     return text
+
+
+def _upgrade_line(master: dict[str, Any]) -> str:
+    """The last upgrade, from its data (a master of an older wsfleet: its sentence)."""
+    if "upgrade" in master:
+        return upgrade_text(master["upgrade"])
+    return str(master.get("last_upgrade", "not supported"))
 
 
 def _age(seconds: float) -> str:
@@ -558,6 +495,13 @@ def outcome_text(reload: dict[str, Any]) -> str:
         "stopped": f"stopped by {detail}",
     }.get(kind, f"{kind}: {detail}")  # failed, refused
     return text
+
+
+def upgrade_text(upgrade: dict[str, Any]) -> str:
+    """The last upgrade (the status's "upgrade") in words, for `wsfleet status`."""
+    if upgrade["kind"] == "done":
+        return f"done: master {upgrade.get('new_master')} serves"
+    return outcome_text(upgrade)  # none yet, in progress, failed/refused: why, stopped by
 
 
 def _old_workers(reload: dict[str, Any]) -> str:
@@ -656,14 +600,14 @@ def upgrade(master: str | Locator, timeout: float = 300.0) -> str:
             if where.names(pid):
                 raise
             break  # it handed over (the new master is the one meant now), or it is gone
-        if state["upgrades"] >= asked and state["last_upgrade"] != "in progress":
-            outcome = state["last_upgrade"]
+        if state["upgrades"] >= asked and (done := _upgrade_over(state)) is not None:
+            outcome = done
         elif time.monotonic() > deadline:
             raise ControlError(f"master {pid}: the upgrade is not over after {timeout:g}s")
         else:
             time.sleep(0.1)  # the poll interval
-    if outcome is not None and not outcome.startswith("done"):
-        raise ControlError(f"master {pid}: upgrade {outcome}; it goes on serving")
+    if outcome is not None and outcome[0] != "done":
+        raise ControlError(f"master {pid}: upgrade {outcome[1]}; it goes on serving")
     try:
         new = read_pid(where.pidfile) if where.pidfile else where.discover(exclude=pid)
     except ControlError:
@@ -675,3 +619,17 @@ def upgrade(master: str | Locator, timeout: float = 300.0) -> str:
         f"master {pid} upgraded: master {new} (wsfleet {version}) serves; the old workers "
         f"close their connections with 1012 over the drain window, then master {pid} exits"
     )
+
+
+def _upgrade_over(master: dict[str, Any]) -> tuple[str, str] | None:
+    """The last upgrade's kind and words once it is over, else None. A master of an older
+    wsfleet (upgraded by this command: the one installed now) says it in words only."""
+    if "upgrade" in master:
+        upgrade = master["upgrade"]
+        if upgrade["kind"] == "in_progress":
+            return None
+        return upgrade["kind"], upgrade_text(upgrade)
+    text = str(master["last_upgrade"])
+    if text == "in progress":
+        return None
+    return ("done" if text.startswith("done") else "not done"), text

@@ -13,32 +13,46 @@ on disk now, as with nginx's and gunicorn's binary upgrade. What it hands over:
 - its pidfile's descriptor, whose lock (flock belongs to the open file, which both share) the
   new master then holds even if the old one dies;
 - a pipe on which the new master says it is ready, or why it failed: the lines a --daemon
-  master writes to its waiting command (control.notify_ready, control.notify_failure);
+  master writes to its waiting command (notify.notify_ready, notify.notify_failure);
 - a pipe on which the old master says "ok" once it has handed over: only then does the new
   master count the pidfile and the Unix sockets' files as its own (to remove at exit), serve
   the --metrics port and go to its configuration's number of workers. Until then the old
   master may still give up on it (too slow, a shutdown) and go on serving.
 
-The old master decides what follows (arbiter.Fleet): on "ready" it writes the new master's
-pid in the pidfile, says "ok", its workers stop accepting and close their connections with
-1012 over the drain window, and it exits; on a failure, an exit, or no word within
+The old master's fleet decides what follows (wsfleet/fleet.py): on "ready" it writes the new
+master's pid in the pidfile, says "ok", its workers stop accepting and close their connections
+with 1012 over the drain window, and it exits; on a failure, an exit, or no word within
 ``config.upgrade_limit`` it keeps serving, and the new master (stopped, if still running) is
 reaped. A new master whose old one dies before deciding takes over by itself.
+
+Both ends are here: :class:`OldEnd` in the old master (the fleet's :class:`fleet.Upgrades`:
+start the new master, read what it says, hand over) and :class:`NewEnd` in the new master
+(wait for the old master's word, take over). Each works on the master it belongs to
+(:class:`Host`: wsfleet/master.py) and tells its fleet what happened; the fleet decides.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import functools
 import json
+import logging
 import os
 import signal
 import socket
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-from . import sockets
+from . import control, notify, sockets
+from .fleet import Fleet, Upgrade
+from .processes import HANDLED_SIGNALS, Listeners
+from .web import WebServer
+
+log = logging.getLogger("wsfleet.master")
 
 ENV = "WSFLEET_UPGRADE"
 
@@ -74,10 +88,10 @@ def describe(handoff: Handoff) -> tuple[str, list[int], int]:
     if handoff.metrics is not None:
         listening.append(handoff.metrics)
     fds = [s.fileno() for s in listening]
-    extra = [fd for fd in (handoff.pidfile_fd, handoff.ready_fd, handoff.handed_fd)]
-    extra = [fd for fd in extra if fd is not None]
+    given = (handoff.pidfile_fd, handoff.ready_fd, handoff.handed_fd)
+    extra = [fd for fd in given if fd is not None]
     start = sockets.LISTEN_FDS_START + len(fds)
-    where = dict(zip(extra, range(start, start + len(extra)), strict=True))
+    where: dict[int | None, int] = dict(zip(extra, range(start, start + len(extra)), strict=True))
     text = json.dumps(
         {
             "from": handoff.old_pid,
@@ -87,9 +101,9 @@ def describe(handoff: Handoff) -> tuple[str, list[int], int]:
             "shared": [[s.path, s.inode] for s in handoff.shared],  # (read into files)
             "metrics": handoff.metrics is not None,
             "pidfile": handoff.pidfile,
-            "pidfile_fd": where.get(handoff.pidfile_fd),  # type: ignore[arg-type]
-            "ready_fd": where.get(handoff.ready_fd),  # type: ignore[arg-type]
-            "handed_fd": where.get(handoff.handed_fd),  # type: ignore[arg-type]
+            "pidfile_fd": where.get(handoff.pidfile_fd),
+            "ready_fd": where.get(handoff.ready_fd),
+            "handed_fd": where.get(handoff.handed_fd),
         }
     )
     return text, fds + extra, len(fds)
@@ -148,7 +162,7 @@ def ready_fd() -> int | None:
     return fd if isinstance(fd, int) else None
 
 
-def take_over() -> Handoff | None:
+def inherited() -> Handoff | None:
     """In a new master: what the old master handed over (None when not an upgrade). The
     variables are removed, so that nothing this master starts takes them for its own.
     HandoffError if they do not say what they should."""
@@ -187,3 +201,170 @@ def take_over() -> Handoff | None:
         if fd is not None:
             os.set_inheritable(fd, False)
     return handoff
+
+
+class Host(Protocol):
+    """The master that an upgrade's end works on (wsfleet/master.py)."""
+
+    fleet: Fleet
+    listeners: Listeners
+    pidfile: control.Pidfile | None
+    web: WebServer | None
+
+    def watch(self, fileobj: Any, what: str, step: Callable[[], None]) -> None: ...
+    def unwatch(self, fileobj: Any) -> None: ...
+    def open_web(self, sock: socket.socket) -> None: ...
+
+
+@dataclass
+class Pipes:
+    """The old master's ends of the pipes with its new master: the handle of the fleet's
+    record of that child (fleet.Upgrade.pipes)."""
+
+    says: int | None  # read end: "listening on ..." once ready, or "failed N reason"
+    handed: int | None  # write end: "ok" once this master hands over
+    said: bytes = b""
+
+    def fds(self) -> list[int]:
+        return [fd for fd in (self.says, self.handed) if fd is not None]
+
+
+class OldEnd:
+    """In the old master: start a new master, read what it says, hand over to it."""
+
+    def __init__(self, master: Host) -> None:
+        self.master = master
+
+    def start_master(self, slots: list[list[socket.socket]]) -> tuple[int, Pipes]:
+        """Start a new master from the installed code, handing it every socket, the pidfile
+        and two pipes: one it says on when it is ready (or why it failed), one this master
+        says on that it handed over."""
+        master = self.master
+        says_r, says_w = os.pipe()
+        handed_r, handed_w = os.pipe()
+        pidfile = master.pidfile
+        handoff = Handoff(
+            old_pid=os.getpid(),
+            listening=[str(a) for a in master.listeners.listening],
+            per_slot=[str(a) for a in master.listeners.per_slot],
+            slots=slots,
+            shared=master.listeners.shared,
+            metrics=master.web.sock if master.web is not None else None,
+            pidfile=pidfile.path if pidfile is not None else None,
+            pidfile_fd=pidfile.fd if pidfile is not None else None,
+            ready_fd=says_w,
+            handed_fd=handed_r,
+        )
+        try:
+            pid = start(handoff, HANDLED_SIGNALS)
+        except BaseException:
+            os.close(says_r)
+            os.close(handed_w)
+            raise
+        finally:
+            os.close(says_w)
+            os.close(handed_r)
+        os.set_blocking(says_r, False)
+        pipes = Pipes(says_r, handed_w)
+        master.watch(says_r, "the new master's word", functools.partial(self.read, pid, pipes))
+        return pid, pipes
+
+    def read(self, pid: int, pipes: Pipes, exited: bool = False) -> None:
+        """Read what new master pid says; at the end of it (it closes the pipe once ready,
+        or when it fails) tell the fleet. Said nothing: its exit tells why. Called with
+        exited when it was reaped: a "ready" it said before dying is not taken."""
+        if pipes.says is None:
+            return
+        while True:
+            try:
+                data = os.read(pipes.says, 4096)
+            except BlockingIOError:
+                return
+            if not data:
+                break
+            pipes.said += data
+        self.master.unwatch(pipes.says)
+        os.close(pipes.says)
+        pipes.says = None
+        line = pipes.said.decode(errors="replace").partition("\n")[0]
+        # Not reaped yet is not alive: it could have died right after saying it was ready.
+        dead = exited or os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        if notify.LISTENING.match(line) and not dead:
+            self.master.fleet.on_new_master_ready()
+        elif failed := notify.FAILED.match(line):
+            self.master.fleet.on_new_master_failed(failed.group(2))
+
+    def hand_over(self, upgrade: Upgrade) -> None:
+        """The new master serves: write its pid in the pidfile (it holds the lock too, by
+        the same open file) and let go of the file; tell the new master (which then counts
+        the pidfile and the Unix sockets' files as its own, to remove at exit) and systemd
+        (NotifyAccess=main listens to this master until told MAINPID=). The --metrics port
+        stops taking requests here; those in progress are answered."""
+        master, pipes = self.master, upgrade.pipes
+        if master.pidfile is not None:
+            master.pidfile.claim(upgrade.pid)
+            master.pidfile.release()
+            master.pidfile = None
+        if pipes.handed is not None:
+            with contextlib.suppress(OSError):
+                os.write(pipes.handed, b"ok\n")
+            os.close(pipes.handed)
+            pipes.handed = None
+        notify.sd_notify(f"MAINPID={upgrade.pid}")
+        if master.web is not None:
+            master.web.stop_listening()
+
+    def close(self, pipes: Pipes) -> None:
+        """The new master is gone (or this one exits): close what is left of the pipes."""
+        if pipes.says is not None:
+            self.master.unwatch(pipes.says)
+            os.close(pipes.says)
+            pipes.says = None
+        if pipes.handed is not None:
+            os.close(pipes.handed)
+            pipes.handed = None
+
+
+class NewEnd:
+    """In an upgrade's new master: wait for the old master's word, then take over."""
+
+    def __init__(self, master: Host, handoff: Handoff) -> None:
+        self.master = master
+        self.handoff = handoff
+
+    def fds(self) -> list[int]:
+        """What a forked worker must not keep (a pipe's end held by a worker would hide
+        its closing; the --metrics port is the master's)."""
+        handoff = self.handoff
+        fds = [handoff.handed_fd] if handoff.handed_fd is not None else []
+        return fds + ([handoff.metrics.fileno()] if handoff.metrics is not None else [])
+
+    def on_old_master_says(self) -> None:
+        """The old master handed over ("ok"), or it closed the pipe without a word: it gave
+        up on this master (which it is stopping), or it died (this master is the only one
+        left: it takes over)."""
+        handoff = self.handoff
+        assert handoff.handed_fd is not None
+        try:
+            data = os.read(handoff.handed_fd, 16)
+        except BlockingIOError:
+            return
+        self.master.unwatch(handoff.handed_fd)
+        os.close(handoff.handed_fd)
+        handoff.handed_fd = None
+        if data.startswith(b"ok") or not control.is_master(handoff.old_pid):
+            self.take_over()
+
+    def take_over(self) -> None:
+        """This master is the fleet's now: the pidfile names it, the Unix sockets' files are
+        its to remove at exit, it serves the --metrics port, and it runs as many workers as
+        its configuration says (it started as many as the old master had)."""
+        master, handoff = self.master, self.handoff
+        log.info("took over from master %d", handoff.old_pid)
+        if master.pidfile is not None:
+            master.pidfile.claim()
+        take_files(handoff)
+        if handoff.metrics is not None:
+            master.open_web(handoff.metrics)
+            handoff.metrics = None
+        master.fleet.on_taken_over()

@@ -6,7 +6,7 @@ leave that lock held forever in the child. Nothing here can make the master wait
 
 - every socket is non-blocking; a request is read as it arrives, up to MAX_REQUEST bytes;
 - a client has DEADLINE seconds to send its request and read the answer, then it is dropped
-  (the Arbiter's loop wakes for the earliest deadline);
+  (the master's loop wakes for the earliest deadline);
 - at most MAX_CLIENTS at once: a new one beyond that replaces the oldest;
 - answers are small (the fleet's state, rendered when asked), written as the client reads.
 
@@ -41,8 +41,10 @@ class Client:
 
 
 class WebServer:
-    """Accepts on a listening socket; the Arbiter calls on_ready() for each readiness event
-    its selector reports, and expire() when next_deadline() has passed."""
+    """Accepts on a listening socket; the master's loop calls on_ready() for each readiness
+    event its selector reports, and expire() when next_deadline() has passed."""
+
+    what = "the metrics port"  # (the master's log, if handling an event fails)
 
     def __init__(
         self, sock: socket.socket, routes: dict[str, Route], selector: selectors.BaseSelector

@@ -14,14 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import grp
 import http
 import importlib
 import inspect
 import ipaddress
 import logging
 import os
-import pwd
 import random
 import resource
 import signal
@@ -31,8 +29,9 @@ import sys
 import sysconfig
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from asyncio import sslproto
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, cast
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -40,9 +39,11 @@ from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFact
 from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
-from . import channel, control, logs, metrics
+from . import channel, logs, notify
+from .channel import Message
 from .config import HURRY_CLOSE, Config, drain_duration, heartbeat_interval, url, uses_uvloop
 from .connection import Connection, CountedConnection, with_metrics, with_proxy_header
+from .counts import COUNTS
 from .drain import PacedClose
 from .sockets import sock_address
 
@@ -82,47 +83,6 @@ def client_address(connection: ServerConnection) -> str:
         if last := forwarded.rpartition(",")[2].strip():
             return last
     return str(peer[0]) if isinstance(peer, tuple) and peer else "unix"
-
-
-def identity(config: Config) -> tuple[int, int] | None:
-    """(uid, gid) that --user/--group name, or None; ValueError says which is unknown or that
-    switching is not permitted."""
-    if not config.user and not config.group:
-        return None
-    uid, gid = os.getuid(), os.getgid()
-    if config.user:
-        try:
-            entry = (
-                pwd.getpwuid(int(config.user))
-                if config.user.isdigit()
-                else pwd.getpwnam(config.user)
-            )
-        except KeyError:
-            raise ValueError(f"--user {config.user}: no such user") from None
-        uid, gid = entry.pw_uid, entry.pw_gid
-    if config.group:
-        try:
-            gid = (
-                grp.getgrgid(int(config.group)).gr_gid
-                if config.group.isdigit()
-                else grp.getgrnam(config.group).gr_gid
-            )
-        except KeyError:
-            raise ValueError(f"--group {config.group}: no such group") from None
-    if os.getuid() != 0 and (uid, gid) != (os.getuid(), os.getgid()):
-        raise ValueError("--user/--group: only root may switch the workers to another identity")
-    return uid, gid
-
-
-def drop_privileges(config: Config) -> None:
-    """Become --user/--group (a worker, its sockets bound, before it imports the app)."""
-    if (ids := identity(config)) is None:
-        return
-    uid, gid = ids
-    if os.getuid() == 0:
-        os.setgroups([gid])
-    os.setgid(gid)
-    os.setuid(uid)
 
 
 class AppError(Exception):
@@ -228,7 +188,7 @@ def check_handler(target: Any, name: str) -> Handler:
         ) from None
     except ValueError:
         pass  # no signature to inspect (a builtin); let it run
-    return target
+    return cast(Handler, target)  # a coroutine function of one argument, as checked above
 
 
 def websockets_options(config: Config) -> dict[str, Any]:
@@ -311,8 +271,9 @@ def _handshake_peer() -> str:
     knows its transport; uvloop's, compiled, shows no frame to look at."""
     with contextlib.suppress(Exception):
         caller = sys._getframe(2).f_locals.get("self")
-        if isinstance(caller, asyncio.sslproto.SSLProtocol):
-            peer = caller._transport.get_extra_info("peername")
+        if isinstance(caller, sslproto.SSLProtocol):
+            transport = caller._transport
+            peer = transport.get_extra_info("peername") if transport is not None else None
             return str(peer[0]) if isinstance(peer, tuple) and peer else "unix"
     return "an unknown address"
 
@@ -359,7 +320,7 @@ async def stop_accepting(servers: list[Server]) -> None:
         server.server.close()
 
 
-def run(config: Config, main: Awaitable[int]) -> int:
+def run(config: Config, main: Coroutine[Any, Any, int]) -> int:
     """Run the worker's coroutine on the event loop that --loop names."""
     factory = None
     if uses_uvloop(config):
@@ -372,7 +333,7 @@ def run(config: Config, main: Awaitable[int]) -> int:
             factory = uvloop.new_event_loop
     runner = asyncio.Runner(loop_factory=factory)
     try:
-        return runner.run(main)  # type: ignore[arg-type]
+        return runner.run(main)
     finally:
         if _cancel_tasks(runner.get_loop(), HURRY_CLOSE):
             runner.close()
@@ -458,7 +419,7 @@ class Worker:
         self._hurry: asyncio.TimerHandle | None = None  # ending now: when to drop the rest
         self._status = 0  # the exit status once the drain is over (1: a lone worker's 2nd TERM)
         self._tasks: set[asyncio.Task[Any]] = set()  # the loop holds tasks only weakly
-        self._inbox: list[tuple[channel.Message, list[int]]] = []
+        self._inbox: list[tuple[Message, list[int]]] = []
         self._accept_failures = Occurrences()
         self._tls_failures = Occurrences()
         if tls is not None:  # (this process's copy of the context: the master's is untouched)
@@ -511,7 +472,7 @@ class Worker:
         if self.channel is None:
             # The readiness lines that scripts and tests wait for; always on stderr.
             for url in self.urls:
-                print(control.ready_line(url), file=sys.stderr, flush=True)
+                print(notify.ready_line(url), file=sys.stderr, flush=True)
         else:
             loop.add_reader(self.channel, self._on_message)
             self._send({"t": "ready"})
@@ -565,7 +526,7 @@ class Worker:
     ) -> None:
         """--access-log and --metrics: every answered request but the health path's."""
         if self.config.metrics and request.path.partition("?")[0] != self.config.health_path:
-            metrics.COUNTS.handshakes[str(response.status_code)] += 1
+            COUNTS.handshakes[str(response.status_code)] += 1
         if self.config.access_log:
             access.info(
                 '%s "GET %s" %d', client_address(connection), request.path, response.status_code
@@ -861,7 +822,7 @@ class Worker:
         """A heartbeat: the open connections, and with --metrics the totals so far."""
         message: channel.Message = {"t": "hb", "conns": len(self.connections)}
         if self.config.metrics:
-            message["n"] = metrics.COUNTS.report()
+            message["n"] = COUNTS.report()
         self._send(message)
 
     def _finish(self, status: int) -> None:

@@ -39,7 +39,7 @@ import psutil
 from websockets.sync.client import connect
 
 from wsfleet import control
-from wsfleet.control import READY
+from wsfleet.notify import READY
 
 __all__ = [
     "READY",

@@ -1,0 +1,296 @@
+"""The master's process layer: its listening sockets, and its workers as processes.
+
+What the fleet decides (wsfleet/fleet.py), this does with system calls: it implements
+:class:`fleet.Processes`: open and close a slot's sockets, fork a worker (and, in the forked
+child, drop what belongs to the master and start serving), signal a process, send a message
+on a worker's channel, say that the fleet serves. It decides nothing.
+
+Why the master owns the sockets: it opens one SO_REUSEPORT socket per worker slot (per TCP
+address, with several --bind) and keeps it for its whole life. The kernel spreads connections
+evenly over the slots, and a connection queued on a slot's socket while its worker restarts or
+crashes waits for the next worker instead of being reset, as it would be if the socket closed
+with its worker. While a slot has no ready worker, its sockets are lent to a ready worker over
+the channel (SCM_RIGHTS), so its connections do not wait either. A Unix socket is one for the
+fleet, accepted on by every worker: the kernel does not spread AF_UNIX connections over
+sockets, so there is nothing per slot to keep or lend. The master never imports the app:
+workers do, after fork.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import ssl
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from setproctitle import setproctitle
+
+from . import channel, control, logs, notify, sockets
+from . import config as cfg
+from .fleet import EXIT_APP, Fleet, Slot, Worker, with_details
+from .privileges import drop_privileges, identity
+
+log = logging.getLogger("wsfleet.master")
+
+# The master's signals (wsfleet/master.py handles them): blocked across fork, so that none
+# is handled in a child by the master's handlers; the child resets them before unblocking.
+HANDLED_SIGNALS = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGHUP,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGCHLD,
+)
+# What a new worker ignores until its event loop installs its own handlers: a log rotation's
+# USR1 or a stray HUP must not kill it while it starts; the master's own signals stay ignored.
+# (TERM and QUIT keep their default: a worker asked to stop before it serves may just die.)
+IGNORED_WHILE_STARTING = (
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGHUP,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+)
+
+
+@dataclass
+class Listeners:
+    """Every address in its order, as bound (a port 0 became the kernel's choice) or as
+    inherited; those with a socket per slot; the sockets every worker accepts on."""
+
+    listening: list[cfg.Address] = field(default_factory=list)
+    per_slot: list[cfg.Address] = field(default_factory=list)
+    shared: list[sockets.SharedListener] = field(default_factory=list)
+
+    def inherit(
+        self, listening: list[str], per_slot: list[str], shared: list[sockets.SharedListener]
+    ) -> None:
+        """An upgrade's new master: the old master's (its slots' sockets come with them)."""
+        self.listening = [cfg.parse_address(a) for a in listening]
+        self.per_slot = [cfg.parse_address(a) for a in per_slot]
+        self.shared = shared
+
+    def open(self, config: cfg.Config) -> list[list[socket.socket]]:
+        """The sockets systemd passed, else bind every address. Returns the slots' sockets:
+        every slot's when passed, the first slot's when bound here (open_slot opens the
+        others)."""
+        activated = sockets.listen_fds()
+        if activated:
+            return self.adopt(config, activated)
+        return [self.bind(config)]
+
+    def adopt(
+        self, config: cfg.Config, activated: list[socket.socket]
+    ) -> list[list[socket.socket]]:
+        """Socket activation: as many sockets on one address as workers are one per slot
+        (systemd's ReusePort=yes: the kernel spreads connections over them, as over the
+        sockets wsfleet binds); otherwise every worker accepts on each one."""
+        if config.bind:
+            log.warning(
+                "--bind ignored: serving the %s systemd passed",
+                logs.plural(len(activated), "socket"),
+            )
+        self.listening = list(dict.fromkeys(map(sockets.address_of, activated)))
+        if len(activated) == config.workers > 1 and len(self.listening) == 1:
+            self.per_slot = self.listening[:]
+            return [[sock] for sock in activated]
+        self.shared = [sockets.SharedListener(sock) for sock in activated]
+        return [[]]
+
+    def bind(self, config: cfg.Config) -> list[socket.socket]:
+        """Bind every address: the first slot's TCP sockets, refused if anything listens
+        there already, and the fleet's Unix sockets. Returns the first slot's sockets."""
+        first: list[socket.socket] = []
+        owner = identity(config)  # the Unix sockets belong to the workers' identity
+        try:
+            for address in cfg.addresses(config):
+                if address.path is not None:
+                    self.shared.append(
+                        sockets.bind_unix(address.path, config.backlog, config.umask, owner)
+                    )
+                    self.listening.append(address)
+                    continue
+                sock = sockets.bind_exclusive(address, config.backlog)
+                first.append(sock)
+                self.listening.append(sockets.address_of(sock))
+                self.per_slot.append(self.listening[-1])
+        except BaseException:
+            for sock in first:
+                sock.close()
+            raise
+        return first
+
+    def open_slot(self, backlog: int) -> list[socket.socket]:
+        """A new slot's sockets, one per TCP address (SO_REUSEPORT, beside the others')."""
+        opened: list[socket.socket] = []
+        try:
+            for address in self.per_slot:
+                opened.append(sockets.bind(address, backlog))
+        except BaseException:
+            for sock in opened:
+                sock.close()
+            raise
+        return opened
+
+    def urls(self, config: cfg.Config) -> list[str]:
+        """What the listening lines and the status say: ws:// or wss:// as configured now."""
+        return [cfg.url(config, str(address)) for address in self.listening]
+
+    def title(self) -> str:
+        """The addresses as the processes' titles list them (control.Locator reads them)."""
+        return ", ".join(map(str, self.listening))
+
+
+class ProcessLayer:
+    """The fleet's processes and sockets (fleet.Processes), with system calls.
+
+    ``watch(channel, pid)`` is called with a new worker's channel, for the master's loop to
+    read; ``leave_master()`` is called in a forked child, to close the master's own
+    descriptors (its loop's, its status socket, its pidfile...). ``fleet`` is set by the
+    master once the fleet is made (the fleet is given this layer)."""
+
+    fleet: Fleet
+
+    def __init__(
+        self,
+        listeners: Listeners,
+        handler: Any,
+        tls: ssl.SSLContext | None,
+        watch: Callable[[socket.socket, int], None],
+        leave_master: Callable[[], None],
+    ) -> None:
+        self.listeners = listeners
+        self.handler = handler  # an app object given to wsfleet.run(); else workers import
+        # Loaded in the master, inherited by every worker forked after: a reload whose
+        # certificate files do not load keeps serving the ones that did.
+        self.tls = tls
+        self.watch = watch
+        self.leave_master = leave_master
+
+    # fleet.Processes
+
+    def open_slot(self, index: int) -> list[socket.socket]:
+        return self.listeners.open_slot(self.fleet.config.backlog)
+
+    def close_slot(self, slot: Slot) -> None:
+        for sock in slot.sockets:
+            sock.close()
+
+    def close_shared(self) -> None:
+        for listener in self.listeners.shared:
+            listener.sock.close()  # the file stays until the master exits
+
+    def fork(self, slot: Slot) -> tuple[int, socket.socket]:
+        master_end, worker_end = channel.pair()
+        # No signal may be handled in the child by the master's handlers: block them across
+        # fork; the child resets their dispositions before unblocking.
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        try:
+            pid = os.fork()
+        except OSError:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+            master_end.close()
+            worker_end.close()
+            raise
+        if pid == 0:  # the child never returns from here
+            status = 1
+            try:
+                self.become_child(slot, master_end)
+                status = self.run_worker(slot, worker_end)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(status)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+        worker_end.close()
+        self.watch(master_end, pid)
+        return pid, master_end
+
+    def signal(self, pid: int, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+    def send(self, worker: Worker, message: channel.Message, fds: Sequence[int] = ()) -> bool:
+        return channel.send(worker.channel, message, fds)
+
+    def all_ready(self) -> None:
+        urls = self.listeners.urls(self.fleet.config)
+        for url in urls:
+            print(notify.ready_line(url), file=sys.stderr, flush=True)
+        notify.notify_ready(urls)  # (an upgrade's new master: to the old master)
+
+    # Reaping
+
+    def exited(self) -> Iterator[tuple[int, int]]:
+        """Every child that has exited, as (pid, exit code; negative: killed by that signal),
+        without waiting for any other."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            yield pid, os.waitstatus_to_exitcode(status)
+
+    def wait(self, pids: list[int], timeout: float) -> Iterator[tuple[int, int]]:
+        """Wait for these children to exit, SIGKILL those still there after timeout; as
+        (pid, exit code) each."""
+        deadline = time.monotonic() + timeout
+        for pid in pids:
+            if not control.wait_exit(pid, deadline - time.monotonic()):
+                self.signal(pid, signal.SIGKILL)
+            try:
+                _, status = os.waitpid(pid, 0)
+            except ChildProcessError:
+                continue
+            yield pid, os.waitstatus_to_exitcode(status)
+
+    # Inside a new worker
+
+    def become_child(self, slot: Slot, master_end: socket.socket) -> None:
+        """In a new worker: drop the master's signal set-up and every descriptor it does not
+        need, so that only the master holds channels (whose closing tells a worker the
+        master died) and each worker holds only its own slot's sockets (and the shared)."""
+        signal.set_wakeup_fd(-1)
+        for sig in HANDLED_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN if sig in IGNORED_WHILE_STARTING else signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the master decides
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+        self.leave_master()
+        master_end.close()
+        for worker_channel in self.fleet.channels():
+            worker_channel.close()
+        for other in self.fleet.other_slots(slot):
+            self.close_slot(other)
+        notify.set_ready_fd(None)
+
+    def run_worker(self, slot: Slot, worker_end: socket.socket) -> int:
+        from . import worker  # (after fork: the master imports it only to preload it)
+
+        setproctitle(f"wsfleet: worker {slot.index} [{self.listeners.title()}]")
+        config = self.fleet.config
+        drop_privileges(config)  # its socket is bound; the app comes next
+        try:
+            handler = self.handler or worker.load_app(config.app)
+        except worker.AppError as exc:
+            # The master logs it (or, at start, says it in start's message): once, however
+            # many workers fail alike. Alone with no master to tell, say it here.
+            if not channel.send(worker_end, channel.error(str(exc), exc.details)):
+                logging.getLogger("wsfleet.worker").error("%s", with_details(exc))
+            return EXIT_APP
+        listening = [*slot.sockets, *(listener.sock for listener in self.listeners.shared)]
+        serving = worker.Worker(config, listening, handler, worker_end, self.tls)
+        return worker.run(config, serving.run())
