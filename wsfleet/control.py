@@ -599,6 +599,11 @@ def upgrade(master: str | Locator, timeout: float = 300.0) -> str:
         except ControlError:
             if where.names(pid):
                 raise
+            if where.pidfile is None and is_master(pid) and time.monotonic() < deadline:
+                # Found by address, the old master is not "the one meant" once its new one
+                # lists the same address; while it lives, its answer is the outcome.
+                time.sleep(0.1)
+                continue
             break  # it handed over (the new master is the one meant now), or it is gone
         if state["upgrades"] >= asked and (done := _upgrade_over(state)) is not None:
             outcome = done

@@ -750,7 +750,8 @@ class Fleet:
                 continue
             if worker.state is not WorkerState.DRAINING:
                 self.set_state(worker, WorkerState.DRAINING)
-            worker.hurried = now
+            if worker.hurried is None:  # a third TERM does not push its kill back
+                worker.hurried = now
             if not self.processes.send(worker, {"t": "hurry"}):
                 self.stop_now(worker, signal.SIGQUIT)  # no channel: drop its connections
 

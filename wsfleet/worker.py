@@ -335,8 +335,14 @@ def run(config: Config, main: Coroutine[Any, Any, int]) -> int:
     try:
         return runner.run(main)
     finally:
-        if _cancel_tasks(runner.get_loop(), HURRY_CLOSE):
-            runner.close()
+        loop = runner.get_loop()
+        if _cancel_tasks(loop, HURRY_CLOSE):
+            with contextlib.suppress(Exception):
+                loop.run_until_complete(asyncio.wait_for(loop.shutdown_asyncgens(), HURRY_CLOSE))
+        # Not runner.close(): on 3.11 it waits without a bound for the default executor's
+        # threads, and one a handler left blocked would keep the worker alive (an orphan, if
+        # the master is gone). loop.close() leaves them; the process exits without them.
+        loop.close()
 
 
 def _cancel_tasks(loop: asyncio.AbstractEventLoop, bound: float) -> bool:
@@ -440,8 +446,6 @@ class Worker:
         if self.channel is None:
             loop.add_signal_handler(signal.SIGINT, self._on_stop_signal, signal.SIGINT)
             loop.add_signal_handler(signal.SIGHUP, self._on_restart_signal)
-            if _early_restart:
-                loop.call_soon(self._on_restart_signal)
         else:
             # (HUP stays ignored, as the master set it: the master runs the rolling restarts.)
             # Ctrl-C reaches the whole process group; the master decides what happens.
@@ -473,6 +477,8 @@ class Worker:
             # The readiness lines that scripts and tests wait for; always on stderr.
             for url in self.urls:
                 print(notify.ready_line(url), file=sys.stderr, flush=True)
+            if _early_restart:  # once every server exists, so that the drain stops them all
+                loop.call_soon(self._on_restart_signal)
         else:
             loop.add_reader(self.channel, self._on_message)
             self._send({"t": "ready"})
@@ -739,12 +745,12 @@ class Worker:
         self.phase = Phase.DRAINING
         if self._hurry is None:  # else it is 1001, whatever was asked before
             self.drain_code, self.drain_reason = code, reason
-        code, reason = self.drain_code, self.drain_reason
         # Stop accepting now rather than when websockets' close task first runs. In-flight
         # handshakes go on and succeed (see _DrainingServer), then _handle closes them.
         await stop_accepting(self.servers)
         for server in self.servers:
             server.close(close_connections=False)
+        code, reason = self.drain_code, self.drain_reason  # (a hurry meanwhile made it 1001)
         count = len(self.connections)
         paced = 0.0 if self._hurry is not None else drain_duration(self.config, count)
         if self.channel is not None:
@@ -783,7 +789,7 @@ class Worker:
                 self.config.graceful_timeout,
                 logs.plural(sum(len(s.all_connections) for s in self.servers), "connection"),
             )
-            self.abort(status=0)
+            self.abort(status=self._status)
             return
         finally:
             lingering.cancel()
