@@ -2,7 +2,8 @@
 back up the layers. docs/how-it-works.md's layout table names the same layers.
 
 - shared: what both processes use (the option table, the channel, the readiness protocol,
-  sockets, logs, the counts, the identity, the drain, the PROXY header);
+  sockets, logs, the counts, the identity, the drain, the PROXY header, publish/subscribe's
+  core);
 - the worker's side: serving connections;
 - the master's side: the fleet's decisions, the process layer, upgrades, the loop, the
   --metrics port, the pidfile and status socket;
@@ -11,7 +12,8 @@ back up the layers. docs/how-it-works.md's layout table names the same layers.
 A worker imports nothing of the master's (it runs alone under supervisord too); the master
 imports the worker module only inside a function: to preload it before forking (the pages
 are then shared), and in a forked child. The fleet's decisions import only shared modules and
-no system-call module: time and processes come from the shell (wsfleet/master.py).
+no system-call module: time and processes come from the shell (wsfleet/master.py); so does
+publish/subscribe's core (wsfleet/topics.py), whose I/O is the relay's and the broker's.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ SHARED = {
     "privileges",
     "drain",
     "proxy",
+    "topics",
 }
 WORKER = {"worker", "connection"}
 MASTER = {"fleet", "processes", "upgrade", "master", "metrics", "web", "control"}
@@ -157,17 +160,20 @@ def test_no_import_runs_back_up_the_layers() -> None:
     assert not wrong, "\n".join(wrong)
 
 
-def test_the_fleets_decisions_import_no_system_calls() -> None:
-    tree = ast.parse((PACKAGE / "fleet.py").read_text())
-    stdlib = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            stdlib |= {alias.name.split(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            stdlib.add(node.module.split(".")[0])
-    forbidden = {"os", "time", "socket", "selectors", "subprocess", "select", "fcntl"}
-    assert not stdlib & forbidden, f"wsfleet/fleet.py imports {sorted(stdlib & forbidden)}"
-    assert {i.imported for i in imports("fleet")} <= SHARED
+def test_the_decisions_import_no_system_calls() -> None:
+    """The fleet's decisions and publish/subscribe's core: no clock, socket or process."""
+    for module in ("fleet", "topics"):
+        tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+        stdlib = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                stdlib |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                stdlib.add(node.module.split(".")[0])
+        forbidden = {"os", "time", "socket", "selectors", "subprocess", "select", "fcntl"}
+        forbidden |= {"asyncio", "threading", "signal"} if module == "topics" else set()
+        assert not stdlib & forbidden, f"wsfleet/{module}.py imports {sorted(stdlib & forbidden)}"
+        assert {i.imported for i in imports(module)} <= SHARED
 
 
 def test_the_checks_see_a_cycle_and_a_wrong_way_import(tmp_path, monkeypatch) -> None:
