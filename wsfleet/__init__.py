@@ -2,10 +2,62 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "client_address", "run"]
+__all__ = [
+    "Subscription",
+    "__version__",
+    "client_address",
+    "publish",
+    "run",
+    "subscribe",
+]
+
+if TYPE_CHECKING:
+    from .pubsub import Envelope, Subscription
+
+
+async def publish(topic: str, message: str | bytes) -> int:
+    """Publish ``message`` on ``topic`` to every subscriber of the fleet; return its offset.
+
+    In an app that wsfleet serves (a worker's handler). TypeError for a topic that is not a
+    str or a message neither str nor bytes-like; ValueError for an empty topic, one over 256
+    characters, or a message over --max-size (a str measured UTF-8 encoded): raised at once,
+    nothing published. (The pub/sub code is imported by workers only, when first used.)
+    """
+    from .pubsub import publish as publish_
+
+    return await publish_(topic, message)
+
+
+async def subscribe(
+    websocket: Any,
+    topic: str,
+    *,
+    since: tuple[str, int] | None = None,
+    envelope: Envelope | None = None,
+) -> Subscription:
+    """Send every message published on ``topic`` (by any worker) to ``websocket``, in the
+    topic's one order, each once, until ``await subscription.unsubscribe()`` or the
+    connection closes.
+
+    ``since=(epoch, offset)``, the last a client saw: first what it missed, if the history
+    still holds it (``subscription.recovered``), then the live messages. ``envelope(topic,
+    epoch, offset, message) -> str | bytes`` makes what is sent (once per message for all its
+    subscribers); without it, the message as published.
+    """
+    from .pubsub import subscribe as subscribe_
+
+    return await subscribe_(websocket, topic, since=since, envelope=envelope)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Subscription":
+        from .pubsub import Subscription
+
+        return Subscription
+    raise AttributeError(f"module 'wsfleet' has no attribute {name!r}")
 
 
 def client_address(websocket: Any) -> str:

@@ -503,6 +503,27 @@ class Config:
         parse=_integer(1),
         metavar="BYTES",
     )
+    history_size: int = option(
+        1000,
+        "pub/sub: messages each topic keeps, so that a client that reconnects (after a "
+        "reload, say) resumes from its last offset; 0: none (docs/pubsub.md measures the "
+        "memory and the default)",
+        parse=_integer(0, 10**7),
+        metavar="N",
+    )
+    history_ttl: float = option(
+        300.0,
+        "pub/sub: seconds a topic keeps each message at most; 0: none",
+        parse=_seconds,
+        metavar="S",
+    )
+    max_backlog: int = option(
+        2**20,
+        "pub/sub: a subscriber with more unsent bytes than this is closed with 1013 (try "
+        "again later; it can resume from the history), so that it slows nobody else",
+        parse=_integer(1),
+        metavar="BYTES",
+    )
     max_queue: int = option(
         16,
         "incoming frames buffered per connection before reading from the network pauses",
@@ -581,7 +602,17 @@ KILL_MARGIN = 1.0  # what the master adds to a worker's own deadlines before it 
 # What a running master cannot change: its sockets stay those it opened at start, so a SIGHUP
 # that finds one of these changed logs a warning and keeps the old value (docs/options.md
 # lists them, from here).
-RELOAD_IGNORES = ("host", "port", "bind", "umask", "backlog", "metrics")
+# (The hub keeps its history's bounds until the next start or upgrade: it is not reloaded.)
+RELOAD_IGNORES = (
+    "host",
+    "port",
+    "bind",
+    "umask",
+    "backlog",
+    "metrics",
+    "history_size",
+    "history_ttl",
+)
 
 
 def uses_uvloop(config: Config) -> bool:

@@ -893,7 +893,7 @@ class Fleet:
         """Every worker's channel (a new worker closes the others' copies)."""
         return [worker.channel for worker in self.workers.values()]
 
-    def other_slots(self, slot: Slot) -> list[Slot]:
+    def other_slots(self, slot: Slot | None) -> list[Slot]:
         return [other for other in self.slots if other is not slot]
 
     # Status

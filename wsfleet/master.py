@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import logging
 import os
+import secrets
 import selectors
 import signal
 import socket
@@ -35,12 +36,13 @@ from typing import Any, Protocol
 
 from setproctitle import setproctitle
 
-from . import __version__, channel, control, logs, metrics, notify, sockets, upgrade, web
+from . import __version__, channel, control, hub, logs, metrics, notify, sockets, upgrade, web
 from . import config as cfg
 from .fleet import BootError, Fleet, MasterState, UpgradeState, WorkerState, with_details
-from .processes import HANDLED_SIGNALS, Listeners, ProcessLayer
+from .processes import HANDLED_SIGNALS, HubChild, Listeners, ProcessLayer
 
 log = logging.getLogger("wsfleet.master")
+HUB_STOP = 2.0  # seconds the hub has to exit at the end, before SIGKILL
 
 
 class Handler(Protocol):
@@ -147,6 +149,7 @@ class Master:
             handed = self.new_end.handoff.handed_fd
             self.watch(handed, "the old master's word", self.new_end.on_old_master_says)
         self.open_metrics_port(handoff)
+        self.start_hub(handoff)
         self.events_handler = _Events(self.events)
         log.addHandler(self.events_handler)
         log.info(
@@ -161,6 +164,82 @@ class Master:
         preload(config)
         return slots
 
+    # The hub (wsfleet/hub.py): forked before the workers, replaced at once when it dies
+
+    def start_hub(self, handoff: upgrade.Handoff | None) -> None:
+        """The hub's socket (an old master's, on upgrade: its hub then hands the topics
+        over once this master serves), and the hub process."""
+        if handoff is not None and handoff.hub is not None:
+            child = HubChild(handoff.hub, handoff.hub_token, wait_for_takeover=True)
+        else:
+            token = secrets.token_hex(16)
+            child = HubChild(hub.listen(hub.address(os.getpid(), token)), token)
+        self.processes.hub = child
+        self.fork_hub()
+
+    def fork_hub(self) -> None:
+        child = self.processes.hub
+        assert child is not None
+        self.processes.fork_hub(child)
+        assert child.channel is not None
+        self.watch(child.channel, "the hub's figures", self.on_hub_messages)
+
+    def on_hub_messages(self) -> None:
+        child = self.processes.hub
+        if child is None or child.channel is None:
+            return
+        while True:
+            try:
+                message, fds = channel.receive(child.channel)
+            except BlockingIOError:
+                return
+            for fd in fds:
+                os.close(fd)
+            if message is None:  # exiting: SIGCHLD follows
+                self.unwatch(child.channel)
+                child.channel.close()
+                child.channel = None
+                return
+            if message.get("t") == "stats":
+                child.stats = {
+                    k: v for k, v in message.items() if k in hub.FIGURES and isinstance(v, int)
+                }
+
+    def on_hub_exit(self, code: int) -> None:
+        child = self.processes.hub
+        assert child is not None
+        self.on_hub_messages()  # (its last figures)
+        if child.channel is not None:
+            self.unwatch(child.channel)
+            child.channel.close()
+            child.channel = None
+        child.pid = 0
+        if self.fleet.handed_over or (self.fleet.state is MasterState.STOPPING and code == 0):
+            return  # handed over to an upgrade's new hub, or stopped
+        log.error(
+            "the hub (pub/sub) exited with %s: replaced at once; its topics start anew, "
+            "with new epochs",
+            f"status {code}" if code >= 0 else f"signal {signal.Signals(-code).name}",
+        )
+        child.wait_for_takeover = False
+        self.fork_hub()
+
+    def take_over_hub(self) -> None:
+        """An upgrade's new master serves: its hub takes the old hub's topics over."""
+        child = self.processes.hub
+        if child is not None and child.channel is not None and child.wait_for_takeover:
+            channel.send(child.channel, {"t": "takeover"})
+            child.wait_for_takeover = False
+
+    def stop_hub(self) -> None:
+        child = self.processes.hub
+        if child is None or not child.pid:
+            return
+        self.processes.signal(child.pid, signal.SIGTERM)
+        for _ in self.processes.wait([child.pid], HUB_STOP):
+            pass
+        child.pid = 0
+
     def open_metrics_port(self, handoff: upgrade.Handoff | None) -> None:
         """--metrics: bound here, or handed over by an old master (served once it has handed
         over: NewEnd.take_over); an upgrade's new master without --metrics closes it."""
@@ -173,7 +252,9 @@ class Master:
 
     def open_web(self, sock: socket.socket) -> None:
         """--metrics: the HTTP port, served from this loop (wsfleet/web.py says why)."""
-        collector = metrics.FleetCollector(self.fleet, self.fleet.tally)
+        collector = metrics.FleetCollector(
+            self.fleet, self.fleet.tally, lambda: self.status()["pubsub"]
+        )
         routes: dict[str, web.Route] = {
             "/metrics": lambda: metrics.exposition(collector),
             "/status.json": lambda: web.as_json(self.status()),
@@ -365,6 +446,9 @@ class Master:
         """Collect every child that exited, as soon as SIGCHLD says so: what it said last
         first, then its exit, to the fleet."""
         for pid, code in self.processes.exited():
+            if self.processes.hub is not None and pid == self.processes.hub.pid:
+                self.guarded("the hub's exit", functools.partial(self.on_hub_exit, code))
+                continue
             worker = self.fleet.worker(pid)
             upgrade_ = self.fleet.upgrade
             if upgrade_ is not None and upgrade_.pid == pid:
@@ -416,6 +500,7 @@ class Master:
         """Leave: on an error path, workers still running see their channels close and drain
         with 1001 by themselves, as when the master is killed; nothing kills them here."""
         fleet = self.fleet
+        self.stop_hub()
         for slot in fleet.slots:
             self.processes.close_slot(slot)
         for listener in self.listeners.shared:
@@ -457,6 +542,9 @@ class Master:
         }
         if self.metrics_url is not None:
             status["master"]["metrics"] = self.metrics_url
+        child = self.processes.hub
+        figures = child.stats if child is not None else {}
+        status["pubsub"] = {key: figures.get(key, 0) for key in hub.FIGURES}
         status["events"] = list(self.events)
         return status
 

@@ -9,7 +9,7 @@ kept here. prometheus-client is imported only when a scrape comes (--metrics nee
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .counts import Tally
@@ -19,8 +19,11 @@ from .fleet import RESTART_REASONS, Fleet, WorkerState
 class FleetCollector:
     """A prometheus-client collector reading the fleet's state at each scrape."""
 
-    def __init__(self, fleet: Fleet, tally: Tally) -> None:
+    def __init__(
+        self, fleet: Fleet, tally: Tally, pubsub: Callable[[], dict[str, int]] | None = None
+    ) -> None:
         self.fleet, self.tally = fleet, tally
+        self.pubsub = pubsub  # the hub's last figures (wsfleet/hub.py)
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -82,6 +85,27 @@ class FleetCollector:
             "Workers closing their connections.",
             value=states[WorkerState.DRAINING],
         )
+        if self.pubsub is not None:
+            figures = self.pubsub()
+            for name, kind, text in _PUBSUB:
+                family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+                yield family(f"wsfleet_pubsub_{name}", text, value=figures.get(name, 0))
+
+
+# The hub's figures: (name, kind, help). Counters start anew when the hub is replaced after
+# a crash (Prometheus sees a counter reset); an upgrade's new hub continues them.
+_PUBSUB = (
+    ("published", "counter", "Messages published (pub/sub)."),
+    ("delivered", "counter", "Messages sent to subscribers, one per message per subscription."),
+    (
+        "dropped_subscribers",
+        "counter",
+        "Subscribers closed with 1013 for a backlog over --max-backlog.",
+    ),
+    ("topics", "gauge", "Topics with at least one subscription on this fleet."),
+    ("subscriptions", "gauge", "Subscriptions, on every worker."),
+    ("history", "gauge", "Messages held in the topics' history."),
+)
 
 
 def exposition(collector: FleetCollector) -> tuple[bytes, str]:

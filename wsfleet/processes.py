@@ -66,6 +66,24 @@ IGNORED_WHILE_STARTING = (
 
 
 @dataclass
+class HubChild:
+    """The master's hub process (wsfleet/hub.py): its listening socket (the master's, kept
+    for the fleet's life and handed over on upgrade, so that workers always reach a hub at
+    one name), the token an upgrade's new hub shows the old one, and the running child."""
+
+    listener: socket.socket
+    token: str
+    pid: int = 0
+    channel: socket.socket | None = None
+    wait_for_takeover: bool = False  # an upgrade's new master: serve once told to take over
+    stats: dict[str, int] = field(default_factory=dict)  # its last report
+    name: str = ""  # its abstract name, which workers connect to
+
+    def __post_init__(self) -> None:
+        self.name = self.listener.getsockname()
+
+
+@dataclass
 class Listeners:
     """Every address in its order, as bound (a port 0 became the kernel's choice) or as
     inherited; those with a socket per slot; the sockets every worker accepts on."""
@@ -178,6 +196,7 @@ class ProcessLayer:
         self.tls = tls
         self.watch = watch
         self.leave_master = leave_master
+        self.hub: HubChild | None = None
 
     # fleet.Processes
 
@@ -217,6 +236,30 @@ class ProcessLayer:
         worker_end.close()
         self.watch(master_end, pid)
         return pid, master_end
+
+    def fork_hub(self, hub: HubChild) -> None:
+        """Start the hub process (its pid and channel go into ``hub``)."""
+        master_end, hub_end = channel.pair()
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        try:
+            pid = os.fork()
+        except OSError:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+            master_end.close()
+            hub_end.close()
+            raise
+        if pid == 0:
+            status = 1
+            try:
+                self.become_child(None, master_end)
+                status = self.run_hub(hub, hub_end)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(status)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+        hub_end.close()
+        hub.pid, hub.channel = pid, master_end
 
     def signal(self, pid: int, sig: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -260,10 +303,11 @@ class ProcessLayer:
 
     # Inside a new worker
 
-    def become_child(self, slot: Slot, master_end: socket.socket) -> None:
-        """In a new worker: drop the master's signal set-up and every descriptor it does not
-        need, so that only the master holds channels (whose closing tells a worker the
-        master died) and each worker holds only its own slot's sockets (and the shared)."""
+    def become_child(self, slot: Slot | None, master_end: socket.socket) -> None:
+        """In a new worker (or the hub: no slot): drop the master's signal set-up and every
+        descriptor it does not need, so that only the master holds channels (whose closing
+        tells a worker the master died) and each worker holds only its own slot's sockets
+        (and the shared)."""
         signal.set_wakeup_fd(-1)
         for sig in HANDLED_SIGNALS:
             signal.signal(sig, signal.SIG_IGN if sig in IGNORED_WHILE_STARTING else signal.SIG_DFL)
@@ -275,7 +319,31 @@ class ProcessLayer:
             worker_channel.close()
         for other in self.fleet.other_slots(slot):
             self.close_slot(other)
+        if self.hub is not None:
+            if self.hub.channel is not None:
+                self.hub.channel.close()
+            if slot is not None:  # (a worker reaches the hub by name)
+                self.hub.listener.close()
+        if slot is None:
+            for listener in self.listeners.shared:
+                listener.sock.close()
         notify.set_ready_fd(None)
+
+    def run_hub(self, hub: HubChild, hub_end: socket.socket) -> int:
+        from . import hub as hub_module
+        from .topics import MAX_IDLE_TOPICS, Topics
+
+        setproctitle(f"wsfleet: hub [{self.listeners.title()}]")
+        config = self.fleet.config
+        drop_privileges(config)  # the workers' user: they connect, it checks who
+        topics = Topics(
+            history_size=config.history_size,
+            history_ttl=config.history_ttl,
+            max_idle_topics=MAX_IDLE_TOPICS,
+        )
+        return hub_module.run_process(
+            hub.listener, hub_end, topics, hub.token, hub.wait_for_takeover
+        )
 
     def run_worker(self, slot: Slot, worker_end: socket.socket) -> int:
         from . import worker  # (after fork: the master imports it only to preload it)
@@ -292,5 +360,6 @@ class ProcessLayer:
                 logging.getLogger("wsfleet.worker").error("%s", with_details(exc))
             return EXIT_APP
         listening = [*slot.sockets, *(listener.sock for listener in self.listeners.shared)]
-        serving = worker.Worker(config, listening, handler, worker_end, self.tls)
+        hub_name = self.hub.name if self.hub is not None else None
+        serving = worker.Worker(config, listening, handler, worker_end, self.tls, hub_name)
         return worker.run(config, serving.run())

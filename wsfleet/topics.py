@@ -261,6 +261,12 @@ class Topics:
         self._forgotten = 0
         self._lost = 0
 
+    def configure(self, history_size: int, history_ttl: float, max_idle_topics: int) -> None:
+        """New bounds (an upgrade's new hub takes the old store with its own options)."""
+        self.history_size, self.history_ttl = history_size, history_ttl
+        self.max_idle_topics = max_idle_topics
+        self._keeps = history_size > 0 and history_ttl > 0
+
     def publish(self, topic: str, message: Message, now: float) -> Position:
         """Sequence ``message`` on ``topic``: its ``(epoch, offset)``."""
         self._expire(now)
@@ -524,6 +530,24 @@ class Cursor:
                 self._live(item[0], item[1], item[2], actions)
             else:
                 self.held.append(item)
+        return actions
+
+    def heard(self, position: Position) -> list[Action]:
+        """The topic's position, heard again after the stream was cut (a reconnect to the
+        hub): what was published meanwhile is fetched, and a new epoch (the store was
+        replaced) is said, with its messages fetched from the first."""
+        if self.state is not CursorState.LIVE:
+            return []  # (the answer awaited, or the live messages held, come anyway)
+        epoch, offset = position
+        actions: list[Action] = []
+        if epoch != self.epoch:
+            if epoch == self.previous:
+                return []
+            actions.append(NewEpoch(Position(self.epoch, self.offset), epoch))
+            self.previous, self.epoch, self.offset = self.epoch, epoch, 0
+        if offset > self.offset:
+            self.state = CursorState.FILLING
+            actions.append(Fetch(self.epoch, self.offset))
         return actions
 
     def _live(self, epoch: str, offset: int, message: Message, actions: list[Action]) -> None:

@@ -49,7 +49,7 @@ from typing import Any, Protocol
 
 from . import control, notify, sockets
 from .fleet import Fleet, Upgrade
-from .processes import HANDLED_SIGNALS, Listeners
+from .processes import HANDLED_SIGNALS, Listeners, ProcessLayer
 from .web import WebServer
 
 log = logging.getLogger("wsfleet.master")
@@ -74,6 +74,8 @@ class Handoff:
     # new master's to remove at exit once it serves (take_files), not before.
     files: list[tuple[str | None, int]] = field(default_factory=list)
     metrics: socket.socket | None = None
+    hub: socket.socket | None = None  # the hub's listening socket (wsfleet/hub.py)
+    hub_token: str = ""  # what the new hub shows the old one to take its topics over
     pidfile: str | None = None
     pidfile_fd: int | None = None
     ready_fd: int | None = None  # where the new master says it is ready, or why it failed
@@ -87,6 +89,8 @@ def describe(handoff: Handoff) -> tuple[str, list[int], int]:
     listening = [s for slot in handoff.slots for s in slot] + [s.sock for s in handoff.shared]
     if handoff.metrics is not None:
         listening.append(handoff.metrics)
+    if handoff.hub is not None:
+        listening.append(handoff.hub)
     fds = [s.fileno() for s in listening]
     given = (handoff.pidfile_fd, handoff.ready_fd, handoff.handed_fd)
     extra = [fd for fd in given if fd is not None]
@@ -100,6 +104,7 @@ def describe(handoff: Handoff) -> tuple[str, list[int], int]:
             "slots": len(handoff.slots),
             "shared": [[s.path, s.inode] for s in handoff.shared],  # (read into files)
             "metrics": handoff.metrics is not None,
+            "hub": handoff.hub_token if handoff.hub is not None else None,
             "pidfile": handoff.pidfile,
             "pidfile_fd": where.get(handoff.pidfile_fd),
             "ready_fd": where.get(handoff.ready_fd),
@@ -174,7 +179,11 @@ def inherited() -> Handoff | None:
         info = json.loads(text)
         slots, per_slot = int(info["slots"]), list(info["per_slot"])
         shared_info, metrics = list(info["shared"]), bool(info["metrics"])
-        if len(passed) != slots * len(per_slot) + len(shared_info) + metrics:
+        hub_token = info.get("hub")  # (None: an older wsfleet, or no hub)
+        if hub_token is not None and not isinstance(hub_token, str):
+            raise ValueError(f"hub: {hub_token!r}")
+        hub = hub_token is not None
+        if len(passed) != slots * len(per_slot) + len(shared_info) + metrics + hub:
             raise ValueError(f"{len(passed)} sockets passed for {text}")
         handoff = Handoff(
             old_pid=int(info["from"]),
@@ -195,6 +204,9 @@ def inherited() -> Handoff | None:
     for sock, (path, inode) in zip(rest, shared_info, strict=False):
         handoff.shared.append(sockets.SharedListener(sock))  # no file of its own yet
         handoff.files.append((path, inode))
+    if hub:
+        handoff.hub, handoff.hub_token = rest[-1], str(hub_token)
+        rest = rest[:-1]
     if metrics:
         handoff.metrics = rest[-1]
     for fd in (handoff.pidfile_fd, handoff.ready_fd, handoff.handed_fd):
@@ -210,10 +222,12 @@ class Host(Protocol):
     listeners: Listeners
     pidfile: control.Pidfile | None
     web: WebServer | None
+    processes: ProcessLayer
 
     def watch(self, fileobj: Any, what: str, step: Callable[[], None]) -> None: ...
     def unwatch(self, fileobj: Any) -> None: ...
     def open_web(self, sock: socket.socket) -> None: ...
+    def take_over_hub(self) -> None: ...
 
 
 @dataclass
@@ -250,6 +264,8 @@ class OldEnd:
             slots=slots,
             shared=master.listeners.shared,
             metrics=master.web.sock if master.web is not None else None,
+            hub=master.processes.hub.listener if master.processes.hub is not None else None,
+            hub_token=master.processes.hub.token if master.processes.hub is not None else "",
             pidfile=pidfile.path if pidfile is not None else None,
             pidfile_fd=pidfile.fd if pidfile is not None else None,
             ready_fd=says_w,
@@ -367,4 +383,5 @@ class NewEnd:
         if handoff.metrics is not None:
             master.open_web(handoff.metrics)
             handoff.metrics = None
+        master.take_over_hub()
         master.fleet.on_taken_over()

@@ -22,6 +22,7 @@ import logging
 import os
 import random
 import resource
+import secrets
 import signal
 import socket
 import ssl
@@ -39,13 +40,14 @@ from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFact
 from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
-from . import channel, logs, notify
+from . import channel, hub, logs, notify, pubsub
 from .channel import Message
 from .config import HURRY_CLOSE, Config, drain_duration, heartbeat_interval, url, uses_uvloop
 from .connection import Connection, CountedConnection, with_metrics, with_proxy_header
 from .counts import COUNTS
 from .drain import PacedClose
 from .sockets import sock_address
+from .topics import MAX_IDLE_TOPICS, Topics
 
 Handler = Callable[[ServerConnection], Awaitable[None]]
 
@@ -398,8 +400,10 @@ class Worker:
         handler: Handler,
         channel: socket.socket | None = None,
         tls: ssl.SSLContext | None = None,
+        hub_name: str | None = None,
     ) -> None:
         self.config = config
+        self.hub_name = hub_name  # where the fleet's hub listens; None: alone, its own hub
         self.sockets = sockets  # its slot's, one per TCP address, and the fleet's Unix ones
         self.handler = handler
         self.channel = channel
@@ -425,6 +429,8 @@ class Worker:
         self._hurry: asyncio.TimerHandle | None = None  # ending now: when to drop the rest
         self._status = 0  # the exit status once the drain is over (1: a lone worker's 2nd TERM)
         self._tasks: set[asyncio.Task[Any]] = set()  # the loop holds tasks only weakly
+        self.pubsub: pubsub.Client | None = None
+        self._own_hub: hub.Hub | None = None
         self._inbox: list[tuple[Message, list[int]]] = []
         self._accept_failures = Occurrences()
         self._tls_failures = Occurrences()
@@ -451,6 +457,7 @@ class Worker:
             # Ctrl-C reaches the whole process group; the master decides what happens.
             loop.add_signal_handler(signal.SIGINT, lambda: None)
 
+        await self._start_pubsub()
         for sock in self.sockets:
             await self._serve(sock)
         fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -484,6 +491,22 @@ class Worker:
             self._send({"t": "ready"})
             self._heartbeat(heartbeat_interval(self.config))
         return await self._stopped
+
+    async def _start_pubsub(self) -> None:
+        """Reach the fleet's hub; alone (no master), be its own: wsfleet.publish() then
+        reaches this process's subscribers only."""
+        name = self.hub_name
+        if name is None:
+            token = secrets.token_hex(16)
+            name = hub.address(os.getpid(), token)
+            store = Topics(
+                history_size=self.config.history_size,
+                history_ttl=self.config.history_ttl,
+                max_idle_topics=MAX_IDLE_TOPICS,
+            )
+            self._own_hub = hub.Hub(store, token)
+            await self._own_hub.serve(hub.listen(name))
+        self.pubsub = pubsub.start(name, self.config.max_backlog, self.config.max_size)
 
     async def _serve(self, sock: socket.socket) -> Server:
         server = await serve(
@@ -570,6 +593,11 @@ class Worker:
             )
             response.headers["Retry-After"] = "1"  # another worker, or this one, then
             return response
+        # The app's own, as websockets' process_request (a handler's attribute: the README).
+        app_hook = getattr(self.handler, "process_request", None)
+        if app_hook is not None:
+            answer: Response | None = app_hook(connection, request)
+            return answer
         return None
 
     def _spawn(self, coro: Any) -> None:

@@ -1,0 +1,386 @@
+"""The hub: the one process of a host that sequences its topics and relays their messages.
+
+Every worker connects to it (wsfleet/pubsub.py) on a Unix socket that the master opened and
+keeps (an abstract name, checked by peer credentials: only this user and root). A publish is
+given its offset here, stored in the topic's history (wsfleet/topics.py) and written, as one
+encoded frame, to each worker that subscribes to the topic, then acknowledged: every worker
+sees a topic's messages in one order, the hub's. The hub never decodes a message.
+
+Why a process of its own and not the master's loop: the master's duties (signals, heartbeats,
+the watchdog, status) never wait behind pub/sub traffic, whatever its rate (docs/pubsub.md
+measures the master's loop under the heaviest publishing). The master forks it before its
+workers and replaces it at once if it dies: the new one's topics have new epochs, which the
+workers' cursors see (their subscribers are told by the envelope's epoch). A reload does not
+touch it: the history stays. A lone ``wsfleet worker`` runs it in its own event loop.
+
+An upgrade hands the history over: the new master's hub waits, not accepting, until the new
+master serves; then it connects to the listening socket (which only the old hub accepts on),
+sends TAKEOVER with the token the old master handed over, and receives the old hub's state.
+The old hub stops accepting, processes what it has read, sends its state and closes every
+worker's connection: the workers reconnect to the same name, where the new hub now accepts,
+subscribe again and send again what was not acknowledged (the old hub had not read it: what
+it read, it answered before closing). So nothing is sequenced twice, and the offsets go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import pickle
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from . import control, relay
+from .relay import Fields
+from .topics import Topics
+
+log = logging.getLogger("wsfleet.hub")
+
+# A worker that stops reading (a blocked event loop) is dropped past this much unsent: it
+# reconnects and takes what it missed from the history, or tells its subscribers they missed.
+MAX_UNSENT = 64 * 2**20
+TAKEOVER_LIMIT = 5.0  # seconds a new hub waits for the old one's state before starting anew
+STATS = ("delivered", "dropped_subscribers", "subscriptions")
+# The figures of the status's "pubsub" (and the metrics), as the hub reports them.
+FIGURES = ("published", "delivered", "dropped_subscribers", "topics", "subscriptions", "history")
+STATS_INTERVAL = 1.0  # seconds between the figures sent to the master
+
+
+def address(master_pid: int, token: str) -> str:
+    """The hub's abstract socket name: a fleet's own, kept across upgrades (the socket is)."""
+    return f"\0wsfleet-hub-{master_pid}-{token[:8]}"
+
+
+def listen(name: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(name)
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+@dataclass
+class Totals:
+    """What the hub has counted, and the figures of workers gone (kept across an upgrade)."""
+
+    published: int = 0  # before this store (an upgrade's old hub)
+    delivered: int = 0
+    dropped_subscribers: int = 0
+
+
+class Peer(asyncio.Protocol):
+    """One worker's connection to the hub (or, in an upgrade, the new hub asking)."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self.reader = relay.Reader()
+        self.topics: set[str] = set()
+        self.stats: dict[str, int] = {}
+        self.transport: asyncio.Transport | None = None
+        self.dropped = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is None or not control.peer_allowed(sock):
+            log.warning("a process of another user connected to the hub: refused")
+            self.dropped = True
+            transport.abort()
+            return
+        self.hub.peers.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.dropped:
+            return
+        try:
+            for frame in self.reader.feed(data):
+                self.hub.on_frame(self, frame)
+                if self.closed():
+                    return
+        except (relay.ProtocolError, ValueError) as exc:
+            log.warning("the hub dropped a worker's connection: %s", exc)
+            self.drop()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.hub.forget(self)
+
+    def closed(self) -> bool:
+        return self.dropped
+
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None or self.dropped:
+            return
+        transport.write(data)
+        if transport.get_write_buffer_size() > MAX_UNSENT:
+            log.warning(
+                "a worker read nothing of its last %d MiB from the hub: dropped (it reconnects "
+                "and resumes from the history)",
+                MAX_UNSENT >> 20,
+            )
+            self.drop()
+
+    def drop(self) -> None:
+        self.dropped = True
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class Hub:
+    """The sequencer and relay of one host's topics (see the module's docstring)."""
+
+    def __init__(
+        self,
+        topics: Topics,
+        token: str,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.topics = topics
+        self.token = token
+        self.clock = clock
+        self.totals = Totals()
+        self.peers: set[Peer] = set()
+        self.subscribers: dict[str, set[Peer]] = {}
+        self.server: asyncio.AbstractServer | None = None
+        self.handing_over = False
+        self.handed_over = asyncio.Event()  # set once handed over, every worker's connection closed
+
+    async def serve(self, listener: socket.socket) -> None:
+        """Accept the workers' connections on ``listener`` (from now on)."""
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_unix_server(lambda: Peer(self), sock=listener)
+
+    # What a worker asks
+
+    def on_frame(self, peer: Peer, frame: relay.Frame) -> None:
+        kind, fields = frame.kind, Fields(frame.body)
+        if kind == relay.PUBLISH:
+            request, topic = fields.integer(), fields.text()
+            data = fields.rest()
+            if not data:
+                raise relay.ProtocolError("a message without its kind")
+            epoch, offset = self.topics.publish(topic, data, self.clock())
+            out = relay.encode_message(topic, epoch, offset, data)
+            for subscriber in self.subscribers.get(topic, ()):
+                subscriber.write(out)
+            peer.write(relay.encode_ack(request, epoch, offset))
+        elif kind == relay.SUBSCRIBE:
+            topic = fields.text()
+            if topic in peer.topics:
+                raise relay.ProtocolError(f"subscribed twice to {topic!r}")
+            recovery = self.topics.subscribe(topic, None, self.clock())
+            peer.topics.add(topic)
+            self.subscribers.setdefault(topic, set()).add(peer)
+            peer.write(relay.encode_position(topic, recovery.epoch, recovery.offset))
+        elif kind == relay.UNSUBSCRIBE:
+            topic = fields.text()
+            if topic not in peer.topics:
+                raise relay.ProtocolError(f"not subscribed to {topic!r}")
+            self._leave(peer, topic)
+        elif kind == relay.HISTORY:
+            request, offset = fields.integer(), fields.integer()
+            epoch, topic = fields.text(), fields.text()
+            answer = self.topics.since(topic, epoch, offset, self.clock())
+            messages: Any = answer.messages  # (the hub stores payloads: bytes)
+            peer.write(
+                relay.encode_recovery(
+                    request, answer.epoch, answer.offset, answer.recovered, messages
+                )
+            )
+        elif kind == relay.STATS:
+            stats = json.loads(fields.rest())
+            if not isinstance(stats, dict) or not all(
+                isinstance(stats.get(key), int) for key in STATS
+            ):
+                raise relay.ProtocolError(f"bad figures: {stats!r:.80}")
+            peer.stats = {key: stats[key] for key in STATS}
+        elif kind == relay.TAKEOVER:
+            pid, token = fields.integer(), fields.text()
+            if token != self.token or pid == os.getpid():
+                raise relay.ProtocolError("a takeover without the fleet's token")
+            self.hand_over(peer, pid)
+        else:
+            raise relay.ProtocolError(f"unknown frame kind {kind!r}")
+
+    def _leave(self, peer: Peer, topic: str) -> None:
+        peer.topics.discard(topic)
+        self.topics.unsubscribe(topic)
+        subscribers = self.subscribers[topic]
+        subscribers.discard(peer)
+        if not subscribers:
+            del self.subscribers[topic]
+
+    def forget(self, peer: Peer) -> None:
+        """A worker's connection ended (it exited, or was dropped)."""
+        if peer not in self.peers:
+            return
+        self.peers.discard(peer)
+        for topic in list(peer.topics):
+            self._leave(peer, topic)
+        self.totals.delivered += peer.stats.get("delivered", 0)
+        self.totals.dropped_subscribers += peer.stats.get("dropped_subscribers", 0)
+        if not self.peers and self.handing_over:
+            self.handed_over.set()
+
+    # Figures
+
+    def stats(self) -> dict[str, int]:
+        """The fleet's pub/sub figures (the status's ``pubsub``; the metrics)."""
+        figures = {key: 0 for key in STATS}
+        for peer in self.peers:
+            for key in STATS:
+                figures[key] += peer.stats.get(key, 0)
+        store = self.topics.stats()
+        return {
+            "published": self.totals.published + store.published,
+            "delivered": self.totals.delivered + figures["delivered"],
+            "dropped_subscribers": (
+                self.totals.dropped_subscribers + figures["dropped_subscribers"]
+            ),
+            "topics": store.subscribed,
+            "subscriptions": figures["subscriptions"],
+            "history": store.held,
+        }
+
+    # Upgrades
+
+    def hand_over(self, asking: Peer, pid: int) -> None:
+        """An upgrade's new hub takes over: stop accepting, send it the state, close every
+        worker's connection (what each was sent is flushed first: acknowledgements too)."""
+        log.info("hub %d handing its topics over to hub %d", os.getpid(), pid)
+        self.handing_over = True
+        if self.server is not None:
+            self.server.close()  # (this process's copy of the listening socket)
+            self.server = None
+        asking.write(relay.encode_snapshot(pickle.dumps((self.topics, self.stats()))))
+        for peer in list(self.peers):
+            if peer.transport is not None:
+                peer.transport.close()
+        if not self.peers:
+            self.handed_over.set()
+
+
+def restore(data: bytes, topics: Topics) -> tuple[Topics, Totals]:
+    """A new hub's state from an old hub's snapshot; the options are this hub's."""
+    old, figures = pickle.loads(data)
+    if not isinstance(old, Topics) or not isinstance(figures, dict):
+        raise ValueError("not a hub's state")
+    old.configure(topics.history_size, topics.history_ttl, topics.max_idle_topics)
+    totals = Totals(
+        published=int(figures["published"]) - old.stats().published,
+        delivered=int(figures["delivered"]),
+        dropped_subscribers=int(figures["dropped_subscribers"]),
+    )
+    return old, totals
+
+
+async def take_over_from(name: str, token: str) -> bytes | None:
+    """An upgrade's new hub: the old hub's state, or None (logged) if it did not answer."""
+    try:
+        async with asyncio.timeout(TAKEOVER_LIMIT):
+            reader, writer = await asyncio.open_unix_connection(name)
+            try:
+                writer.write(relay.encode_takeover(token, os.getpid()))
+                frames = relay.Reader()
+                while data := await reader.read(2**20):
+                    for frame in frames.feed(data):
+                        if frame.kind == relay.SNAPSHOT:
+                            return bytes(frame.body)
+            finally:
+                writer.close()
+    except (OSError, TimeoutError, relay.ProtocolError) as exc:
+        log.warning(
+            "the old hub did not hand its topics over (%s): topics start anew, with new epochs",
+            str(exc) or type(exc).__name__,
+        )
+        return None
+    log.warning("the old hub closed without handing its topics over: topics start anew")
+    return None
+
+
+# The hub as a process of the master's
+
+
+def run_process(
+    listener: socket.socket,
+    master: socket.socket,
+    topics: Topics,
+    token: str,
+    wait_for_takeover: bool,
+) -> int:
+    """The hub child's life: serve (at once, or once told to take an old hub's topics
+    over), send the master its figures every second, exit when the master's channel closes
+    or on SIGTERM."""
+    return asyncio.run(_serve_process(listener, master, topics, token, wait_for_takeover))
+
+
+async def _serve_process(
+    listener: socket.socket,
+    master: socket.socket,
+    topics: Topics,
+    token: str,
+    wait_for_takeover: bool,
+) -> int:
+    from . import channel
+
+    loop = asyncio.get_running_loop()
+    hub = Hub(topics, token)
+    done: asyncio.Future[int] = loop.create_future()
+    def stop() -> None:
+        if not done.done():
+            done.set_result(0)
+
+    loop.add_signal_handler(signal.SIGTERM, stop)
+    loop.add_signal_handler(signal.SIGINT, lambda: None)  # Ctrl-C: the master decides
+    name: str = listener.getsockname()
+
+    async def take_over() -> None:
+        data = await take_over_from(name, token)
+        if data is not None:
+            try:
+                hub.topics, hub.totals = restore(data, topics)
+            except Exception as exc:  # an older wsfleet's state: start anew, say why
+                log.warning("the old hub's topics could not be read (%s): they start anew", exc)
+        await hub.serve(listener)
+
+    def on_master() -> None:
+        while True:
+            try:
+                message, fds = channel.receive(master)
+            except BlockingIOError:
+                return
+            for fd in fds:
+                os.close(fd)
+            if message is None:  # the master is gone
+                loop.remove_reader(master)
+                stop()
+                return
+            if message.get("t") == "takeover" and hub.server is None and not tasks:
+                log.debug("hub %d taking the old hub's topics over", os.getpid())
+                tasks.add(loop.create_task(take_over()))
+
+    def report() -> None:
+        channel.send(master, {"t": "stats", **hub.stats()})
+        loop.call_later(STATS_INTERVAL, report)
+
+    tasks: set[asyncio.Task[None]] = set()
+    loop.add_reader(master, on_master)
+    if not wait_for_takeover:
+        await hub.serve(listener)
+    report()
+    handed: asyncio.Task[Any] = loop.create_task(hub.handed_over.wait())
+    await asyncio.wait([done, handed], return_when=asyncio.FIRST_COMPLETED)
+    handed.cancel()
+    if hub.handing_over and not hub.handed_over.is_set():
+        # (a worker that reads nothing keeps its connection from closing: not for long)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(hub.handed_over.wait(), TAKEOVER_LIMIT)
+    return 0
