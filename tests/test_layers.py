@@ -3,7 +3,7 @@ back up the layers. docs/how-it-works.md's layout table names the same layers.
 
 - shared: what both processes use (the option table, the channel, the readiness protocol,
   sockets, logs, the counts, the identity, the drain, the PROXY header, publish/subscribe's
-  core);
+  core, the wire to the hub and the hub, which the master forks and a lone worker runs);
 - the worker's side: serving connections;
 - the master's side: the fleet's decisions, the process layer, upgrades, the loop, the
   --metrics port, the pidfile and status socket;
@@ -38,12 +38,14 @@ SHARED = {
     "drain",
     "proxy",
     "topics",
+    "relay",
+    "hub",
 }
-WORKER = {"worker", "connection"}
+WORKER = {"worker", "connection", "pubsub"}
 MASTER = {"fleet", "processes", "upgrade", "master", "metrics", "web", "control"}
 # The command line, the public API and what is built on them (the default app, supervisord's
 # rolling restart, the `wsfleet bench` load client).
-TOP = {"__init__", "__main__", "cli", "arbiter", "echo", "rolling", "bench"}
+TOP = {"__init__", "__main__", "cli", "arbiter", "echo", "chat", "rolling", "bench"}
 LAYERS = {"shared": SHARED, "worker": WORKER, "master": MASTER, "top": TOP}
 # Which layers each may import from.
 ALLOWED = {

@@ -43,9 +43,14 @@ async def chat(websocket: ServerConnection) -> None:
 
 PAGE = """<!doctype html>
 <meta charset="utf-8"><title>wsfleet chat</title>
-<style>body{font:16px sans-serif;max-width:40em;margin:2em auto}#log{height:60vh;overflow:auto}</style>
+<style>
+body { font: 16px sans-serif; max-width: 40em; margin: 2em auto }
+#log { height: 60vh; overflow: auto }
+</style>
 <p id="state">connecting...</p><ul id="log"></ul>
-<form id="form"><input id="text" autocomplete="off" size="50" autofocus> <button>Send</button></form>
+<form id="form">
+<input id="text" autocomplete="off" size="50" autofocus> <button>Send</button>
+</form>
 <script>
 const log = document.getElementById("log"), state = document.getElementById("state");
 const text = document.getElementById("text");

@@ -23,7 +23,6 @@ import os
 import select
 import signal
 import socket
-import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from typing import Any
 
 from . import logs
 from .config import Address, parse_address
+from .privileges import peer_credentials
 
 
 class ControlError(Exception):
@@ -61,18 +61,6 @@ def listen_status(pid: int) -> socket.socket | None:
     server.listen(8)
     server.setblocking(False)
     return server
-
-
-def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the process at the other end of a Unix socket."""
-    data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", data)
-    return pid, uid, gid
-
-
-def peer_allowed(conn: socket.socket) -> bool:
-    """The status socket answers only the master's own user and root."""
-    return peer_credentials(conn)[1] in (0, os.getuid())
 
 
 def encode_status(status: dict[str, Any]) -> bytes:

@@ -37,7 +37,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import control, relay
+from . import relay
+from .privileges import peer_allowed
 from .relay import Fields
 from .topics import Topics
 
@@ -90,7 +91,7 @@ class Peer(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         sock = transport.get_extra_info("socket")
-        if sock is None or not control.peer_allowed(sock):
+        if sock is None or not peer_allowed(sock):
             log.warning("a process of another user connected to the hub: refused")
             self.dropped = True
             transport.abort()
@@ -334,6 +335,7 @@ async def _serve_process(
     loop = asyncio.get_running_loop()
     hub = Hub(topics, token)
     done: asyncio.Future[int] = loop.create_future()
+
     def stop() -> None:
         if not done.done():
             done.set_result(0)

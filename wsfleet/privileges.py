@@ -10,6 +10,8 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import socket
+import struct
 
 from .config import Config
 
@@ -53,3 +55,16 @@ def drop_privileges(config: Config) -> None:
         os.setgroups([gid])
     os.setgid(gid)
     os.setuid(uid)
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a Unix socket."""
+    data = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", data)
+    return pid, uid, gid
+
+
+def peer_allowed(conn: socket.socket) -> bool:
+    """Only this process's own user and root may talk to it on a Unix socket (the master's
+    status socket, the hub's)."""
+    return peer_credentials(conn)[1] in (0, os.getuid())

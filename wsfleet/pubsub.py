@@ -235,7 +235,7 @@ class Client:
     def _on_readable(self) -> None:
         assert self.sock is not None
         try:
-            data = self.sock.recv(2**18)
+            data = self.sock.recv(65536)
         except BlockingIOError:
             return
         except OSError as exc:
