@@ -39,6 +39,7 @@ from setproctitle import setproctitle
 from . import __version__, channel, control, hub, logs, metrics, notify, sockets, upgrade, web
 from . import config as cfg
 from .fleet import BootError, Fleet, MasterState, UpgradeState, WorkerState, with_details
+from .privileges import peer_allowed
 from .processes import HANDLED_SIGNALS, HubChild, Listeners, ProcessLayer
 
 log = logging.getLogger("wsfleet.master")
@@ -435,7 +436,7 @@ class Master:
         except BlockingIOError:
             return
         with conn:
-            if not control.peer_allowed(conn):
+            if not peer_allowed(conn):
                 log.warning("status request from a process of another user refused")
                 return
             conn.settimeout(1.0)
