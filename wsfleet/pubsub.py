@@ -45,6 +45,7 @@ from .topics import (
     Fetch,
     Missed,
     NewEpoch,
+    Position,
     Recovery,
     check_message,
     check_since,
@@ -280,7 +281,7 @@ class Client:
                 feed.delivered = (feed.cursor.epoch, feed.cursor.offset)
                 self._promote(feed)
             else:
-                self._act(feed, feed.cursor.heard((epoch, offset)))  # type: ignore[arg-type]
+                self._act(feed, feed.cursor.heard(Position(epoch, offset)))
         else:
             raise relay.ProtocolError(f"unexpected frame kind {kind!r}")
 
@@ -391,7 +392,7 @@ class Client:
     def _act(self, feed: Feed, actions: list[Any]) -> None:
         for action in actions:
             if isinstance(action, Deliver):
-                self._deliver(feed, action.epoch, action.offset, action.message)  # type: ignore[arg-type]
+                self._deliver(feed, action.epoch, action.offset, _bytes(action.message))
             elif isinstance(action, Fetch):
                 self._fetch(feed, action)
             elif isinstance(action, Missed):
@@ -448,7 +449,7 @@ class Client:
         """A starting subscription's own deliveries (the history it recovers)."""
         for action in actions:
             if isinstance(action, Deliver):
-                data: bytes = action.message  # type: ignore[assignment]
+                data = _bytes(action.message)
                 text, body = data[:1] == relay.TEXT, data[1:]
                 if subscription.envelope is not None:
                     try:
@@ -546,6 +547,12 @@ def _wrap(
     if isinstance(out, bytes | bytearray | memoryview):
         return False, bytes(out)
     raise TypeError(f"an envelope returns str or bytes, not {type(out).__name__}")
+
+
+def _bytes(message: str | bytes) -> bytes:
+    """A payload as the hub relays it (the store holds payloads, which are bytes, here)."""
+    assert isinstance(message, bytes)
+    return message
 
 
 def _recovery(fields: relay.Fields) -> Recovery:
