@@ -238,7 +238,7 @@ def test_python_api_runs_the_same_master(tmp_path: Path) -> None:
     try:
         port = runner.wait_ready()
         assert echo_once(f"ws://127.0.0.1:{port}/", "loud") == "LOUD"
-        assert len(runner.children()) == 2
+        assert len(runner.workers()) == 2
         runner.signal(signal.SIGTERM)
         assert runner.wait() == 0
     finally:

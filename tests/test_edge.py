@@ -324,10 +324,12 @@ def test_workers_switch_to_user_and_group_the_master_keeps_root(spawn, tmp_path:
     )
     port = proc.wait_ready(timeout=30)
     assert echo_once(f"ws://127.0.0.1:{port}/") == "hi"
-    workers = [child.pid for child in proc.children()]
+    workers = [child.pid for child in proc.workers()]
     assert len(workers) == 2
     for pid in workers:
         assert ids(pid) == (nobody.pw_uid, nobody.pw_gid)
+    hub = proc.hub()  # (the workers' user: they connect to it, it checks who)
+    assert hub is not None and ids(hub.pid) == (nobody.pw_uid, nobody.pw_gid)
     assert ids(proc.pid) == (0, 0)  # the master: still root
 
 

@@ -120,14 +120,14 @@ def test_usr1_while_workers_start_kills_nobody(spawn, tmp_path: Path) -> None:
         "app:handler",
         cwd=tmp_path,
     )
-    wait_for(lambda: len(proc.children()) == 2, what="the workers to be forked")
-    starting = {child.pid for child in proc.children()}
+    wait_for(lambda: len(proc.workers()) == 2, what="the workers to be forked")
+    starting = {child.pid for child in proc.workers()}
     for _ in range(3):
         proc.signal(signal.SIGUSR1)  # the master passes it on to every worker
         for pid in starting:
             os.kill(pid, signal.SIGUSR1)
     proc.wait_ready(timeout=20)
-    assert {child.pid for child in proc.children()} == starting
+    assert {child.pid for child in proc.workers()} == starting
 
 
 def test_usr1_with_its_log_directory_gone_keeps_the_old_log(spawn, tmp_path: Path) -> None:

@@ -110,7 +110,7 @@ def test_a_new_master_that_cannot_start_leaves_the_old_one_serving(spawn, tmp_pa
         assert master.worker_pids() == workers
         assert echo_once(master.url, "version?") == "v1"
         # The new master is reaped: the old master's children are its workers again.
-        wait_for(lambda: {p.pid for p in master.proc.children()} == workers, 30, "no orphan")
+        wait_for(lambda: {p.pid for p in master.proc.workers()} == workers, 30, "no orphan")
 
     with new_masters(master):
         # Its workers cannot import the app: the new master says why, and exits.

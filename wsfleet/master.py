@@ -109,6 +109,9 @@ class Master:
         try:
             slots = self.start_up()
             self.fleet.start(slots, reason="upgrade" if self.new_end is not None else None)
+            # After the slots exist (the hub closes them all); workers reach it by name
+            # whenever it accepts, its socket queues them meanwhile.
+            self.fork_hub()
             self.fleet.reconcile()
             while not self.fleet.finished:
                 self.loop_once()
@@ -169,14 +172,13 @@ class Master:
 
     def start_hub(self, handoff: upgrade.Handoff | None) -> None:
         """The hub's socket (an old master's, on upgrade: its hub then hands the topics
-        over once this master serves), and the hub process."""
+        over once this master serves); the process is forked once the slots exist."""
         if handoff is not None and handoff.hub is not None:
             child = HubChild(handoff.hub, handoff.hub_token, wait_for_takeover=True)
         else:
             token = secrets.token_hex(16)
             child = HubChild(hub.listen(hub.address(os.getpid(), token)), token)
         self.processes.hub = child
-        self.fork_hub()
 
     def fork_hub(self) -> None:
         child = self.processes.hub

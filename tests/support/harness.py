@@ -221,6 +221,23 @@ class Process:
         except psutil.NoSuchProcess:
             return []
 
+    def workers(self) -> list[psutil.Process]:
+        """The master's workers (its children but the hub), by process title."""
+        found = []
+        for child in self.children():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if child.name().startswith("wsfleet: worker"):
+                    found.append(child)
+        return found
+
+    def hub(self) -> psutil.Process | None:
+        """The master's hub process (pub/sub), by process title."""
+        for child in self.children():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if child.name().startswith("wsfleet: hub"):
+                    return child
+        return None
+
     def kill(self) -> None:
         """Make sure the process and every process it started are gone: children first,
         found by pid while the parent still exists."""
