@@ -35,7 +35,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from . import relay
 from .privileges import peer_allowed
@@ -88,13 +88,13 @@ class Peer(asyncio.Protocol):
         self.dropped = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # (uvloop's transports are not asyncio.Transport instances; they have its methods)
+        self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is None or not peer_allowed(sock):
             log.warning("a process of another user connected to the hub: refused")
             self.dropped = True
-            transport.abort()
+            self.transport.abort()
             return
         self.hub.peers.add(self)
 

@@ -202,11 +202,12 @@ class Client:
         self.connected.clear()
 
     def _lost(self) -> None:
-        """The hub closed (replaced, handing over, or gone): reach it again."""
+        """The hub closed (replaced, handing over, or gone): reach it again, soon, then
+        less and less often while it closes at once (the delay is reset by its answers)."""
         self._disconnect()
         if not self._closed:
-            self.retry = RECONNECT[0]
-            asyncio.get_running_loop().call_soon(self._connect)
+            asyncio.get_running_loop().call_later(self.retry, self._connect)
+            self.retry = min(self.retry * 2, RECONNECT[1])
 
     def _write(self, frame: bytes) -> None:
         self.out += frame
@@ -246,6 +247,7 @@ class Client:
         if not data:
             self._lost()
             return
+        self.retry = RECONNECT[0]  # (it answers)
         try:
             for frame in self.reader.feed(data):
                 self._on_frame(frame)
