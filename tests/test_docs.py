@@ -81,12 +81,30 @@ def test_readme_is_a_front_page() -> None:
         "Install and run",
         "Connect a client",
         "Write your own handler",
+        "Share messages across workers",
         "Operate it",
         "Where to go next",
         "Contributing",
     ]
     lines = len(readme.splitlines())
-    assert lines <= 150, f"README.md has {lines} lines: move the details to docs/"
+    assert lines <= 175, f"README.md has {lines} lines: move the details to docs/"
+
+
+def test_the_readme_chat_handler_is_the_example_s() -> None:
+    """The handler the README shows is wsfleet/chat.py's, line for line (which the tests run,
+    tests/test_pubsub_browser.py with a browser)."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Share messages across workers")[1].split("\n## ")[0]
+    (shown,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    example = (ROOT / "wsfleet" / "chat.py").read_text()
+    (body,) = re.findall(r"^async def chat\(.*?\n((?:    .*\n|\n)+)", example, re.M)
+    code = [
+        line.split("  # ")[0]  # (the example's comments and type checker's notes)
+        for line in body.splitlines()
+        if line and not line.strip().startswith("#")
+    ]
+    assert shown.splitlines()[0].startswith("async def chat(websocket")
+    assert shown.splitlines()[1:] == code
 
 
 def test_relative_links_lead_to_files_of_the_repository() -> None:

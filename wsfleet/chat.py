@@ -26,8 +26,7 @@ def envelope(topic: str, epoch: str, offset: int, message: str | bytes) -> str:
 
 
 async def chat(websocket: ServerConnection) -> None:
-    assert websocket.request is not None
-    query = parse_qs(urlsplit(websocket.request.path).query)
+    query = parse_qs(urlsplit(websocket.request.path).query)  # type: ignore[union-attr]  # a handler's connection has its request
     room = "chat:" + query.get("room", ["lobby"])[0][:64]
     since = None
     if "epoch" in query and query.get("offset", [""])[0].isdigit():
