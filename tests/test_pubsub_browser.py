@@ -35,7 +35,8 @@ def test_the_chat_page_resumes_across_a_reload(spawn, tmp_path: Path) -> None:  
         deadline = time.monotonic() + 30
         while not stop.is_set() and time.monotonic() < deadline:
             try:
-                with connect(master.url + "?room=t", open_timeout=5) as ws:
+                # (it is subscribed too: an unbounded queue keeps it reading, closes included)
+                with connect(master.url + "?room=t", open_timeout=5, max_queue=None) as ws:
                     ws.recv(timeout=5)  # its hello
                     while not stop.is_set() and time.monotonic() < deadline:
                         number += 1
@@ -72,12 +73,16 @@ def test_the_chat_page_resumes_across_a_reload(spawn, tmp_path: Path) -> None:  
             "the page to reconnect",
         )
         seen = len(lines())
-        wait_for(lambda: len(lines()) >= seen + 20, 20, "more messages after the reload")
+        wait_for(
+            lambda: len(lines()) >= seen + 20 or failures,
+            20,
+            "more messages after the reload",
+        )
+        assert not failures, failures
         stop.set()
         writer.join(30)
         assert not failures, failures
         # The page joined the room before its first message: it shows offsets 1 to its last.
-        final = master.status()
         wait_for(
             lambda: browser.evaluate("offset") == master.status()["pubsub"]["published"],
             20,
@@ -91,7 +96,9 @@ def test_the_chat_page_resumes_across_a_reload(spawn, tmp_path: Path) -> None:  
         numbers = [int(line[1:]) for line in published]
         assert numbers == sorted(numbers), "out of order"
         # Every offset once: as many messages shown as the last offset says were published.
-        assert len(published) == browser.evaluate("offset") == final["pubsub"]["published"]
+        assert (
+            len(published) == browser.evaluate("offset") == master.status()["pubsub"]["published"]
+        )
     finally:
         stop.set()
         browser.close()
