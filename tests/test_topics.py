@@ -415,6 +415,37 @@ def test_an_epoch_change_that_missed_the_first_messages_fetches_them() -> None:
     assert deliveries(actions) == [("e2", 1, "n1"), ("e2", 2, "n2"), ("e2", 3, "n3")]
 
 
+def test_a_position_heard_after_a_cut_fetches_what_was_published_meanwhile() -> None:
+    """A worker reconnected to the hub hears each topic's position again (wsfleet/pubsub.py)."""
+    cursor = Cursor()
+    cursor.start(Recovery("e1", 4, False))
+    assert cursor.heard(Position("e1", 4)) == []  # nothing was published meanwhile
+    assert cursor.heard(Position("e1", 6)) == [Fetch("e1", 4)]
+    assert cursor.state is CursorState.FILLING
+    actions = cursor.filled(Recovery("e1", 6, True, ((5, "m5"), (6, "m6"))))
+    assert deliveries(actions) == [("e1", 5, "m5"), ("e1", 6, "m6")]
+
+
+def test_a_position_heard_in_a_new_epoch_says_so_and_fetches_it_from_the_first() -> None:
+    """The hub was replaced: its topics have new epochs (and maybe messages already)."""
+    cursor = Cursor()
+    cursor.start(Recovery("e1", 4, False))
+    assert cursor.heard(Position("e2", 0)) == [NewEpoch(Position("e1", 4), "e2")]
+    assert cursor.received("e2", 1, "n1") == [Deliver("e2", 1, "n1")]
+    other = Cursor()
+    other.start(Recovery("e1", 4, False))
+    assert other.heard(Position("e2", 2)) == [NewEpoch(Position("e1", 4), "e2"), Fetch("e2", 0)]
+    assert other.heard(Position("e1", 9)) == []  # (an answer about the epoch it left: stale)
+
+
+def test_a_position_heard_while_starting_or_filling_waits_for_the_answer() -> None:
+    cursor = Cursor()
+    assert cursor.heard(Position("e1", 3)) == []
+    cursor.start(Recovery("e1", 1, False))
+    cursor.received("e1", 3, "m3")  # a gap: filling
+    assert cursor.heard(Position("e1", 5)) == []
+
+
 def test_a_cursor_is_told_its_answers_in_its_states_only() -> None:
     cursor = Cursor()
     with pytest.raises(RuntimeError, match="filled\\(\\) of a cursor that is starting"):
