@@ -380,6 +380,14 @@ def format_status(status: dict[str, Any]) -> str:
         rows.append(
             ("worker", str(w["slot"]), str(w["pid"]), state, _age(w["age"]), str(w["connections"]))
         )
+    if (hub := status.get("hub")) is not None:  # (None: an older master)
+        pid, age = hub["pid"], hub["age"]
+        state = "running" if pid else "starting"
+        if hub["restarts"]:
+            state += f" (replaced {logs.plural(hub['restarts'], 'time')})"
+        rows.append(
+            ("hub", "-", str(pid or "-"), state, _age(age) if age is not None else "-", "-")
+        )
     for s in status.get("empty_slots", []):
         crashes = logs.plural(s["crashes"], "crash", "crashes")
         state = f"none: restart in {s['restart_in']:g}s after {crashes} at start"
@@ -394,6 +402,13 @@ def format_status(status: dict[str, Any]) -> str:
         f"last rolling restart: {_restart_line(master)}",
         f"last upgrade: {_upgrade_line(master)}",
     ]
+    if (pubsub := status.get("pubsub")) is not None:  # (None: an older master)
+        notes.append(
+            f"pub/sub: {logs.plural(pubsub['topics'], 'topic')} subscribed, "
+            f"{logs.plural(pubsub['subscriptions'], 'subscription')}; "
+            f"{pubsub['published']} published, {pubsub['delivered']} delivered, "
+            f"{pubsub['dropped_subscribers']} slow subscribers closed"
+        )
     if "log_file" in master:
         notes.append(f"log: {master['log_file'] or 'standard error'}")
     body = "\n".join(line.rstrip() for line in lines)

@@ -225,6 +225,7 @@ class Master:
             f"status {code}" if code >= 0 else f"signal {signal.Signals(-code).name}",
         )
         child.wait_for_takeover = False
+        child.restarts += 1
         self.fork_hub()
 
     def take_over_hub(self) -> None:
@@ -548,6 +549,12 @@ class Master:
         child = self.processes.hub
         figures = child.stats if child is not None else {}
         status["pubsub"] = {key: figures.get(key, 0) for key in hub.FIGURES}
+        if child is not None:
+            status["hub"] = {
+                "pid": child.pid or None,
+                "age": round(time.monotonic() - child.started, 1) if child.pid else None,
+                "restarts": child.restarts,
+            }
         status["events"] = list(self.events)
         return status
 

@@ -77,6 +77,8 @@ class HubChild:
     channel: socket.socket | None = None
     wait_for_takeover: bool = False  # an upgrade's new master: serve once told to take over
     stats: dict[str, int] = field(default_factory=dict)  # its last report
+    started: float = 0.0  # (monotonic)
+    restarts: int = 0  # replaced after it died
     name: str = ""  # its abstract name, which workers connect to
 
     def __post_init__(self) -> None:
@@ -259,7 +261,7 @@ class ProcessLayer:
                 os._exit(status)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
         hub_end.close()
-        hub.pid, hub.channel = pid, master_end
+        hub.pid, hub.channel, hub.started = pid, master_end, time.monotonic()
 
     def signal(self, pid: int, sig: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError):
