@@ -44,6 +44,7 @@ from .processes import HANDLED_SIGNALS, HubChild, Listeners, ProcessLayer
 
 log = logging.getLogger("wsfleet.master")
 HUB_STOP = 2.0  # seconds the hub has to exit at the end, before SIGKILL
+HUB_RETRY = 1.0  # a hub that dies within this of its start twice running waits this long
 
 
 class Handler(Protocol):
@@ -100,6 +101,7 @@ class Master:
         self.watchdog = notify.watchdog_interval()
         self.watchdog_due = time.monotonic()
         self._wake_r, self._wake_w = os.pipe()
+        self.hub_due: float | None = None  # when to replace a hub that died as it started
 
     # Start-up and the main loop
 
@@ -219,14 +221,28 @@ class Master:
         child.pid = 0
         if self.fleet.handed_over or (self.fleet.state is MasterState.STOPPING and code == 0):
             return  # handed over to an upgrade's new hub, or stopped
-        log.error(
-            "the hub (pub/sub) exited with %s: replaced at once; its topics start anew, "
-            "with new epochs",
-            f"status {code}" if code >= 0 else f"signal {signal.Signals(-code).name}",
-        )
         child.wait_for_takeover = False
         child.restarts += 1
-        self.fork_hub()
+        # Replaced at once; one that keeps dying as it starts, every HUB_RETRY seconds.
+        quick = time.monotonic() - child.started < HUB_RETRY
+        child.quick_exits = child.quick_exits + 1 if quick else 0
+        log.error(
+            "the hub (pub/sub) exited with %s: %s; its topics start anew, with new epochs",
+            f"status {code}" if code >= 0 else f"signal {signal.Signals(-code).name}",
+            f"replaced in {HUB_RETRY:g}s (it died at start)"
+            if child.quick_exits > 1
+            else "replaced at once",
+        )
+        if child.quick_exits > 1:
+            self.hub_due = time.monotonic() + HUB_RETRY
+        else:
+            self.fork_hub()
+
+    def on_hub_due(self) -> None:
+        if self.hub_due is not None and time.monotonic() >= self.hub_due:
+            self.hub_due = None
+            if self.fleet.state is not MasterState.STOPPING and not self.fleet.handed_over:
+                self.fork_hub()
 
     def take_over_hub(self) -> None:
         """An upgrade's new master serves: its hub takes the old hub's topics over."""
@@ -293,7 +309,7 @@ class Master:
 
     def loop_once(self) -> None:
         web_deadline = self.web.next_deadline() if self.web is not None else None
-        deadlines = [self.fleet.next_deadline(), web_deadline]
+        deadlines = [self.fleet.next_deadline(), web_deadline, self.hub_due]
         if self.watchdog is not None:
             deadlines.append(self.watchdog_due)
         deadline = min((d for d in deadlines if d is not None), default=None)
@@ -304,6 +320,7 @@ class Master:
         if self.web is not None:
             self.guarded("the metrics port's deadlines", self.web.expire)
         self.guarded("deadlines", self.fleet.on_time)
+        self.guarded("the hub's replacement", self.on_hub_due)
         self.guarded("reconciling", self.fleet.reconcile)
         self.guarded("telling systemd", self.tell_systemd)
 

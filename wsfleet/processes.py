@@ -79,6 +79,7 @@ class HubChild:
     stats: dict[str, int] = field(default_factory=dict)  # its last report
     started: float = 0.0  # (monotonic)
     restarts: int = 0  # replaced after it died
+    quick_exits: int = 0  # died within a second of its start, running
     name: str = ""  # its abstract name, which workers connect to
 
     def __post_init__(self) -> None:

@@ -142,7 +142,9 @@ class Client:
         self.requests: dict[int, tuple[bytes, Callable[[relay.Fields], None]]] = {}
         self.feeds: dict[str, Feed] = {}
         self.subscriptions: dict[WebSocket, list[Subscription]] = {}
+        # Messages waiting for a fragmented message to end, and their size in bytes.
         self.pending: dict[WebSocket, collections.deque[tuple[bool, bytes]]] = {}
+        self.pending_bytes: dict[WebSocket, int] = {}
         self.delivered = 0
         self.dropped = 0
         self.connected = asyncio.Event()
@@ -383,6 +385,7 @@ class Client:
         for subscription in list(self.subscriptions.get(websocket, ())):
             self.leave(subscription)
         self.pending.pop(websocket, None)
+        self.pending_bytes.pop(websocket, None)
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
@@ -439,8 +442,9 @@ class Client:
                             subscription.websocket, "envelope failed", CloseCode.INTERNAL_ERROR
                         )
                     continue
-            for subscription in group:
-                self._send(subscription.websocket, out_text, out)
+            slow = [s.websocket for s in group if self._send(s.websocket, out_text, out)]
+            for websocket in slow:  # (after the loop: dropping changes the group)
+                self._drop(websocket, "too slow")
         if feed.starting:
             for subscription in list(feed.starting):
                 if subscription.cursor is not None:
@@ -469,7 +473,9 @@ class Client:
                             subscription.websocket, "envelope failed", CloseCode.INTERNAL_ERROR
                         )
                         return
-                self._send(subscription.websocket, text, body)
+                if self._send(subscription.websocket, text, body):
+                    self._drop(subscription.websocket, "too slow")
+                    return
 
     def _promote(self, feed: Feed) -> None:
         """Starting subscriptions that caught up with the feed join its live list."""
@@ -483,11 +489,12 @@ class Client:
             subscription.cursor = None
             feed.live.setdefault(subscription.envelope, []).append(subscription)
 
-    def _send(self, websocket: WebSocket, text: bool, data: bytes) -> None:
-        """Write one message to a subscriber without waiting, as websockets.broadcast does."""
+    def _send(self, websocket: WebSocket, text: bool, data: bytes) -> bool:
+        """Write one message to a subscriber without waiting, as websockets.broadcast does;
+        True when its unsent bytes are now past --max-backlog (the caller drops it)."""
         protocol = websocket.protocol
         if protocol.state is not State.OPEN:
-            return
+            return False
         if websocket.send_in_progress is not None or websocket in self.pending:
             # A fragmented message is being sent: this one follows it, in order.
             queue = self.pending.get(websocket)
@@ -495,7 +502,9 @@ class Client:
                 queue = self.pending[websocket] = collections.deque()
                 self._spawn(self._send_later(websocket, queue))
             queue.append((text, data))
-            return
+            waiting = self.pending_bytes.get(websocket, 0) + len(data)
+            self.pending_bytes[websocket] = waiting
+            return waiting > self.max_backlog
         try:
             if text:
                 protocol.send_text(data)
@@ -504,13 +513,10 @@ class Client:
             websocket.send_data()
         except Exception as exc:  # as broadcast: the connection's end is its handler's to see
             log.debug("delivering to a subscriber failed: %s", exc)
-            return
+            return False
         self.delivered += 1
-        transport = websocket.transport
-        if transport.get_write_buffer_size() + getattr(websocket, "_writes_size", 0) > (
-            self.max_backlog
-        ):
-            self._drop(websocket, "too slow")
+        unsent = websocket.transport.get_write_buffer_size()
+        return unsent + getattr(websocket, "_writes_size", 0) > self.max_backlog
 
     async def _send_later(
         self, websocket: WebSocket, queue: collections.deque[tuple[bool, bytes]]
@@ -520,11 +526,13 @@ class Client:
                 text, data = queue[0]
                 await websocket.send(data, text=text)
                 queue.popleft()
+                self.pending_bytes[websocket] -= len(data)
                 self.delivered += 1
         except Exception:
             pass
         finally:
             self.pending.pop(websocket, None)
+            self.pending_bytes.pop(websocket, None)
 
     def _drop(self, websocket: WebSocket, why: str, code: int = TRY_AGAIN_LATER) -> None:
         """Close a subscriber (its subscriptions end now): too slow (1013), or its
@@ -534,6 +542,7 @@ class Client:
         for subscription in list(self.subscriptions[websocket]):
             self.leave(subscription)
         self.pending.pop(websocket, None)
+        self.pending_bytes.pop(websocket, None)
         self.dropped += 1
         if code == TRY_AGAIN_LATER:
             log.info("subscriber %s closed (1013): %s", _peer(websocket), why)
