@@ -436,7 +436,9 @@ class Client:
                             subscription.websocket, "envelope failed", CloseCode.INTERNAL_ERROR
                         )
                     continue
-            for subscription in group:
+            # (a copy: a subscriber closed for its backlog leaves the group in _send, which
+            # would skip the next one's delivery)
+            for subscription in tuple(group):
                 self._send(subscription.websocket, out_text, out)
         if feed.starting:
             for subscription in list(feed.starting):
