@@ -317,7 +317,10 @@ class Client:
         since: tuple[str, int] | None,
         envelope: Envelope | None,
     ) -> Subscription:
-        if websocket.protocol.state is not State.OPEN:
+        state = websocket.protocol.state
+        if state is not State.OPEN:
+            if state is State.CLOSING:  # (its close code is known once closed, as send() waits)
+                await websocket.wait_closed()
             raise websocket.protocol.close_exc
         feed = self.feeds.get(topic)
         if feed is None:
