@@ -529,15 +529,16 @@ class Client:
             self.pending.pop(websocket, None)
 
     def _drop(self, websocket: WebSocket, why: str, code: int = TRY_AGAIN_LATER) -> None:
-        """Close a subscriber (its subscriptions end now): too slow (1013), or its
-        envelope failed (1011)."""
+        """Close a subscriber (its subscriptions end now): too slow, or its worker missed
+        messages (1013, counted in dropped_subscribers), or its envelope failed (1011: the
+        app's error, logged with its traceback, not counted as dropped)."""
         if websocket not in self.subscriptions:
             return
         for subscription in list(self.subscriptions[websocket]):
             self.leave(subscription)
         self.pending.pop(websocket, None)
-        self.dropped += 1
         if code == TRY_AGAIN_LATER:
+            self.dropped += 1
             log.info("subscriber %s closed (1013): %s", _peer(websocket), why)
         self._spawn(websocket.close(code, why))
 
