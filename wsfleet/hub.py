@@ -35,7 +35,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from . import control, relay
 from .relay import Fields
@@ -87,13 +87,14 @@ class Peer(asyncio.Protocol):
         self.dropped = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # (not an isinstance check: uvloop's transports, a lone worker's hub, are not
+        # asyncio.Transport subclasses, and have the same methods)
+        self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is None or not control.peer_allowed(sock):
             log.warning("a process of another user connected to the hub: refused")
             self.dropped = True
-            transport.abort()
+            self.transport.abort()
             return
         self.hub.peers.add(self)
 
@@ -334,6 +335,7 @@ async def _serve_process(
     loop = asyncio.get_running_loop()
     hub = Hub(topics, token)
     done: asyncio.Future[int] = loop.create_future()
+
     def stop() -> None:
         if not done.done():
             done.set_result(0)
