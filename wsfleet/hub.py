@@ -88,7 +88,8 @@ class Peer(asyncio.Protocol):
         self.dropped = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # (uvloop's transports are not asyncio.Transport instances; they have its methods)
+        # (not an isinstance check: uvloop's transports, a lone worker's hub, are not
+        # asyncio.Transport subclasses, and have the same methods)
         self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is None or not peer_allowed(sock):

@@ -100,7 +100,8 @@ _PUBSUB = (
     (
         "dropped_subscribers",
         "counter",
-        "Subscribers closed with 1013 for a backlog over --max-backlog.",
+        "Subscribers closed with 1013: a backlog over --max-backlog, or messages their "
+        "worker missed.",
     ),
     ("topics", "gauge", "Topics with at least one subscription on this fleet."),
     ("subscriptions", "gauge", "Subscriptions, on every worker."),

@@ -322,7 +322,10 @@ class Client:
         since: tuple[str, int] | None,
         envelope: Envelope | None,
     ) -> Subscription:
-        if websocket.protocol.state is not State.OPEN:
+        state = websocket.protocol.state
+        if state is not State.OPEN:
+            if state is State.CLOSING:  # (its close code is known once closed, as send() waits)
+                await websocket.wait_closed()
             raise websocket.protocol.close_exc
         feed = self.feeds.get(topic)
         if feed is None:
@@ -535,16 +538,17 @@ class Client:
             self.pending_bytes.pop(websocket, None)
 
     def _drop(self, websocket: WebSocket, why: str, code: int = TRY_AGAIN_LATER) -> None:
-        """Close a subscriber (its subscriptions end now): too slow (1013), or its
-        envelope failed (1011)."""
+        """Close a subscriber (its subscriptions end now): too slow, or its worker missed
+        messages (1013, counted in dropped_subscribers), or its envelope failed (1011: the
+        app's error, logged with its traceback, not counted as dropped)."""
         if websocket not in self.subscriptions:
             return
         for subscription in list(self.subscriptions[websocket]):
             self.leave(subscription)
         self.pending.pop(websocket, None)
         self.pending_bytes.pop(websocket, None)
-        self.dropped += 1
         if code == TRY_AGAIN_LATER:
+            self.dropped += 1
             log.info("subscriber %s closed (1013): %s", _peer(websocket), why)
         self._spawn(websocket.close(code, why))
 
