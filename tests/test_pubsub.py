@@ -458,6 +458,31 @@ def test_since_replays_what_the_history_holds_and_says_when_it_cannot(
 # Observability
 
 
+def test_unsubscribe_ends_one_subscription_and_leaves_the_others(spawn, tmp_path: Path) -> None:
+    """A connection subscribed to two topics leaves one: it gets nothing more of it, the
+    other goes on, and the fleet counts one subscription less; leaving twice does nothing."""
+    master, _ = fleet(spawn, tmp_path)
+
+    async def scenario() -> None:
+        control = await open_client(master.url)
+        client = await open_client(master.url, path("u", "v"))
+        assert await control.call("publish", topic="u", text="u1") == 1
+        assert await client.messages(1) == ["u1"]
+        await settles(
+            lambda: pubsub(master, "subscriptions", "topics"), {"subscriptions": 2, "topics": 2}
+        )
+        assert await client.call("unsubscribe", topic="u") == [True, False]
+        await control.call("publish", topic="u", text="u2")
+        await control.call("publish", topic="v", text="v1")
+        assert await client.messages(1) == ["v1"]  # not u2, which came first
+        await settles(
+            lambda: pubsub(master, "subscriptions", "topics"), {"subscriptions": 1, "topics": 1}
+        )
+        await close_all([control, client])
+
+    run(scenario())
+
+
 def scrape(url: str) -> dict[str, float]:
     with urllib.request.urlopen(url + "metrics", timeout=5) as answer:
         text = answer.read().decode()

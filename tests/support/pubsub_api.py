@@ -43,6 +43,7 @@ import wsfleet
 
 CALLS = {}  # envelope name -> calls in this worker
 CONNECTIONS = {}  # ?name= -> the connection
+SUBSCRIPTIONS = {}  # (id of the connection, topic) -> its subscription
 
 
 def counted(name, make):
@@ -132,6 +133,12 @@ async def request(websocket, message):
         return await publish_paced(**call)
     if op == "calls":
         return CALLS
+    if op == "unsubscribe":  # one of this connection's subscriptions: whether it was active
+        subscription = SUBSCRIPTIONS[id(websocket), call["topic"]]
+        was = subscription.active
+        await subscription.unsubscribe()
+        await subscription.unsubscribe()  # (twice: nothing more)
+        return [was, subscription.active]
     if op == "eval":
         # (the test's own expressions: bad calls to the API, whose exception it checks)
         scope = {"wsfleet": wsfleet, "websocket": websocket, "asyncio": asyncio,
@@ -154,6 +161,7 @@ async def handler(websocket):
     hello = {"pid": os.getpid(), "subscriptions": []}
     for topic in query.get("sub", []):
         subscription = await wsfleet.subscribe(websocket, topic, since=since, envelope=envelope)
+        SUBSCRIPTIONS[id(websocket), topic] = subscription
         hello["subscriptions"].append({
             "topic": topic, "epoch": subscription.epoch, "offset": subscription.offset,
             "recovered": subscription.recovered, "active": subscription.active,
