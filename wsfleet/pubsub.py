@@ -182,11 +182,11 @@ class Client:
         self.sock, self.writable, self.reader = sock, True, relay.Reader()
         loop.add_reader(sock, self._on_readable)
         # Again, in order: the topics, then every request not answered (publishes the last
-        # hub did not read, history questions), then what comes next.
+        # hub did not read, history questions), then what comes next. What was left of the
+        # last connection's output goes (a frame cut in the middle, frames for it only).
         self.out = bytearray()
-        for topic, feed in self.feeds.items():
+        for topic in self.feeds:  # (each feed's cursor then hears where its topic is)
             self.out += relay.encode_subscribe(topic)
-            feed.delivered = feed.delivered  # (its cursor hears the position: _on_position)
         for frame, _ in self.requests.values():
             self.out += frame
         self._flush()
