@@ -1,0 +1,395 @@
+"""Pub/sub through restarts and faults, with real processes: a reload and an upgrade under
+load, a worker and the hub killed, a history that overflows.
+
+Subscribers and publishers are spread over every worker (each connection is told its
+worker's pid) and run on an event loop in a thread of the test (tests/support/pubsub.py)
+while the test restarts or kills processes. What each subscriber received is checked against
+the topic's one sequence: every message once, in order, no gap, every resume recovered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from wsfleet import control
+
+from .support import harness
+from .support.harness import gone, wait_for
+from .support.helpers import Master, installed, run_wsfleet
+from .support.pubsub import (
+    Clients,
+    Publisher,
+    Subscriber,
+    check,
+    last_offsets,
+    one_order,
+    publishers_on,
+    repeated,
+    settle,
+    subscribe_all,
+    unseen_acks,
+    write_app,
+)
+
+TOPIC = "room"
+RATE = 200.0  # messages per second, over all the publishers
+SUBSCRIBERS = 200
+# A restart under load: its closes spread over a second; a history larger than the default
+# (1,000 messages: 5 s at RATE), since what is tested here is the resume, not the bound
+# (the last test is), and a client that reads late on a busy machine resumes late.
+RESTART = ("-w", "2", "--drain-window", "1", "--history-size", "20000")
+# A restart test takes 3-4 s on this 2-core machine, 6 s with another run of this module
+# beside it; when other processes load the machine, the clients read late and each drain
+# waits for them (11 s for a reload was seen): room for that.
+SLOW = pytest.mark.timeout(120)
+
+
+def start(spawn: Any, tmp_path: Path, *args: str, site: Path | None = None) -> Master:
+    """A master serving the test app (tests/support/pubsub.py) with ``args``; from a copy of
+    the package (``site``) for an upgrade."""
+    app = write_app(tmp_path)
+    env = {"PYTHONDONTWRITEBYTECODE": "1"}
+    if site is not None:
+        env["PYTHONPATH"] = str(site)
+    master = Master(spawn, tmp_path, *args, "--app", app, cwd=tmp_path, env=env)
+    master.wait_workers(int(args[args.index("-w") + 1]) if "-w" in args else 1)
+    return master
+
+
+@contextlib.contextmanager
+def new_masters(master: Master) -> Iterator[None]:
+    """End, by pid, whatever master the pidfile names at the end besides the test's own (an
+    upgrade's new master is not the test's child)."""
+    try:
+        yield
+    finally:
+        with contextlib.suppress(control.ControlError):
+            pid = control.read_pid(master.pidfile)
+            if pid != master.proc.pid:
+                harness.end(pid)
+
+
+def hub_pid(master_pid: int) -> int:
+    """The master's hub process, found by its title among the master's children."""
+    found = []
+    for child in psutil.Process(master_pid).children():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if " ".join(child.cmdline()).startswith("wsfleet: hub [") and not gone(child.pid):
+                found.append(child.pid)
+    assert len(found) <= 1, f"two hubs: {found}"
+    return found[0] if found else 0
+
+
+def acked(clients: Clients, publishers: list[Publisher]) -> int:
+    return int(clients.call(lambda: sum(len(p.acked()) for p in publishers)))
+
+
+def publish_for(clients: Clients, publishers: list[Publisher], count: int, timeout: float = 30):
+    """Wait until ``count`` more messages than now are acknowledged: the load ran (not a
+    sleep: the count is what the test needs before and after a restart)."""
+    target = acked(clients, publishers) + count
+    wait_for(lambda: acked(clients, publishers) >= target, timeout, f"{count} more publishes")
+
+
+def finish(
+    clients: Clients, subscribers: list[Subscriber], publishers: list[Publisher]
+) -> tuple[int, dict[tuple[str, int], str]]:
+    """Stop publishing, publish a last message and wait until every subscriber has it: its
+    offset, and the topic's messages as the subscribers received them."""
+
+    async def last() -> int:
+        await asyncio.gather(*(publisher.stop() for publisher in publishers))
+        sent = await publishers[0].publish("last")
+        assert sent.offset, f"the last message was not acknowledged: {sent}"
+        await settle(subscribers, "last", timeout=40)
+        return sent.offset
+
+    offset = clients.run(last(), 60)
+    return offset, clients.call(one_order, subscribers)
+
+
+def restart_under_load(master: Master, restart: Callable[[Master], None]) -> int:
+    """200 subscribers over both workers of a fleet and publishers on each worker at 200
+    messages per second in all; ``restart`` (a reload, an upgrade) closes every connection
+    with 1012: every subscriber resumes from its last position and ends with every message
+    once, in order, and every acknowledged publish is where it was acknowledged. Returns
+    the topic's last offset."""
+    workers = master.worker_pids()
+    with Clients() as clients:
+        subscribers = clients.run(subscribe_all(master.url, TOPIC, SUBSCRIBERS))
+        assert {s.pid for s in subscribers} == workers  # spread over both, checked by pid
+        (epoch,) = {s.sessions[0].epoch for s in subscribers}
+        publishers = clients.run(publishers_on(master.url, TOPIC, workers, per_worker=2))
+        for publisher in publishers:
+            clients.call(publisher.start, RATE / len(publishers))
+        publish_for(clients, publishers, 100)
+        restart(master)
+        new_workers = master.worker_pids()  # (the pidfile names the master that serves)
+        assert not new_workers & workers
+        publish_for(clients, publishers, 100)  # (every connection was closed meanwhile)
+        last, found = finish(clients, subscribers, publishers)
+
+        for subscriber in subscribers:
+            first, *resumed = subscriber.sessions
+            assert first.close_code == 1012, first
+            assert len(resumed) == 1, subscriber.sessions
+            assert resumed[0].recovered is True, resumed
+            assert resumed[0].close_code is None and resumed[0].epoch == epoch, resumed
+        # They resumed on the new workers, on both.
+        assert {s.pid for s in subscribers} == new_workers
+        assert last_offsets(found) == {epoch: last}  # one epoch: the history was kept
+        assert repeated(found) == {}  # (nothing sequenced twice)
+        reports = [(s.pid, check(s, {epoch: last})) for s in subscribers]
+        bad = [f"{pid}: {report}" for pid, report in reports if not report.clean]
+        assert not bad, f"{len(bad)} of {len(reports)} subscribers: {bad[:3]}"
+        assert unseen_acks(publishers, found) == []
+        for publisher in publishers:
+            assert publisher.errors == [], publisher.errors
+            assert not [s for s in publisher.sent if s.error], publisher.sent
+            assert publisher.close_codes == [1012], publisher.close_codes
+        assert len(found) == last > 200  # (every offset was received by someone)
+        # The whole history is there: a client that saw nothing of the epoch gets it all.
+        probe = Subscriber(master.url, TOPIC, resume=False)
+        clients.run(probe.connect(since=(epoch, 0)))
+        clients.run(settle([probe], "last"))
+        assert probe.sessions[0].recovered is True
+        assert clients.call(lambda: list(probe.received)) == [
+            (epoch, offset, found[epoch, offset]) for offset in range(1, last + 1)
+        ]
+    return last
+
+
+@SLOW
+def test_a_reload_under_load_loses_and_repeats_nothing(spawn, tmp_path: Path) -> None:
+    master = start(spawn, tmp_path, *RESTART)
+    hub = hub_pid(master.proc.pid)
+
+    def reload(master: Master) -> None:
+        result = run_wsfleet(["reload", "--wait", "--pidfile", master.pidfile], timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+    last = restart_under_load(master, reload)
+    assert hub_pid(master.proc.pid) == hub  # a reload does not touch the hub
+    # The hub counted each message once.
+    wait_for(lambda: master.status()["pubsub"]["published"] == last, 5, "the figures")
+
+
+@SLOW
+def test_an_upgrade_hands_the_history_to_the_new_master(spawn, tmp_path: Path) -> None:
+    master = start(spawn, tmp_path, *RESTART, site=installed(tmp_path))
+    hub = hub_pid(master.proc.pid)
+
+    def upgrade(master: Master) -> None:
+        result = run_wsfleet(["upgrade", "--pidfile", master.pidfile], timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
+        new = control.read_pid(master.pidfile)
+        assert new != master.proc.pid
+        # The old master (and its hub) exit once its workers have closed their connections.
+        assert master.proc.popen.wait(30) == 0
+        assert gone(hub)
+        assert hub_pid(new) not in (0, hub)
+
+    with new_masters(master):
+        last = restart_under_load(master, upgrade)
+        # The new hub took the history over: the same epoch and the offsets went on (both
+        # checked), and its figures count what the old one published.
+        wait_for(lambda: master.status()["pubsub"]["published"] == last, 5, "the figures")
+
+
+def ready_workers(master: Master) -> dict[int, dict[str, Any]]:
+    return {w["pid"]: w for w in master.status()["workers"] if w["state"] == "ready"}
+
+
+def test_a_worker_killed_while_publishing_costs_the_others_nothing(spawn, tmp_path) -> None:
+    """kill -9 of a worker: the other worker's subscribers miss nothing and its publishes all
+    succeed; the killed worker's subscribers reconnect and resume, recovered."""
+    master = start(spawn, tmp_path, "-w", "2")
+    workers = master.worker_pids()
+    with Clients() as clients:
+        subscribers = clients.run(subscribe_all(master.url, TOPIC, 100))
+        assert {s.pid for s in subscribers} == workers
+        publishers = clients.run(publishers_on(master.url, TOPIC, workers, per_worker=2))
+        for publisher in publishers:
+            clients.call(publisher.start, 100 / len(publishers))
+        publish_for(clients, publishers, 100)
+        # (a worker that served past --start-seconds: replaced at once, no backoff)
+        wait_for(lambda: min(w["age"] for w in ready_workers(master).values()) >= 1.3)
+        victim = min(workers)
+        os.kill(victim, signal.SIGKILL)
+        wait_for(
+            lambda: len(ready := ready_workers(master)) == 2 and victim not in ready,
+            10,
+            "the killed worker's replacement",
+        )
+        orphans = [s for s in subscribers if s.sessions[0].pid == victim]
+
+        def resumed() -> bool:  # (a second connection, greeted)
+            return all(len(s.sessions) == 2 and s.sessions[1].offset >= 0 for s in orphans)
+
+        wait_for(lambda: clients.call(resumed), 10, "the killed worker's subscribers to resume")
+        publish_for(clients, publishers, 100)
+        last, found = finish(clients, subscribers, publishers)
+
+    (epoch,) = last_offsets(found)  # the hub was not touched: one epoch
+    assert last_offsets(found) == {epoch: last}
+    assert repeated(found) == {}
+    bad = [f"{s.pid}: {r}" for s in subscribers if not (r := check(s, {epoch: last})).clean]
+    assert not bad, bad[:3]
+    assert unseen_acks(publishers, found) == []
+    for subscriber in subscribers:
+        first, *resumed_ = subscriber.sessions
+        if first.pid == victim:
+            assert first.close_code == 1006 and len(resumed_) == 1, subscriber.sessions
+            assert resumed_[0].recovered is True, resumed_
+        else:  # never closed
+            assert first.close_code is None and not resumed_, subscriber.sessions
+    assert orphans and len(orphans) < len(subscribers)
+    for publisher in publishers:
+        assert publisher.errors == []
+        if publisher.pids[0] != victim:
+            # Every publish from the other worker succeeded, on its one connection.
+            assert publisher.failed() == [] and publisher.close_codes == [], publisher.failed()
+        else:
+            assert publisher.close_codes[0] == 1006
+            assert not [s for s in publisher.sent if s.error]
+
+
+def test_a_killed_hub_is_replaced_at_once_with_new_epochs(spawn, tmp_path: Path) -> None:
+    """kill -9 of the hub while publishing: the master forks a new one at once; the
+    subscribers stay connected and go on in the new epoch from offset 1; what was in flight
+    (publishes, subscriptions) is sent again to the new hub, and nothing hangs; a resume
+    from the old epoch is not recovered."""
+    master = start(spawn, tmp_path, "-w", "2")
+    workers = master.worker_pids()
+    hub = hub_pid(master.proc.pid)
+    assert hub
+    with Clients() as clients:
+        subscribers = clients.run(subscribe_all(master.url, TOPIC, 40))
+        assert {s.pid for s in subscribers} == workers
+        (old,) = {s.sessions[0].epoch for s in subscribers}
+        publishers = clients.run(publishers_on(master.url, TOPIC, workers, per_worker=2))
+        for publisher in publishers:
+            clients.call(publisher.start, 50 / len(publishers))
+        publish_for(clients, publishers, 50)
+        # Stopped first, so that it dies with requests certainly in flight: the publishes
+        # sent meanwhile, and subscribers that join meanwhile (their hello waits).
+        os.kill(hub, signal.SIGSTOP)
+        stopped = time.monotonic()
+        wait_for(lambda: psutil.Process(hub).status() == psutil.STATUS_STOPPED, 5, "the stop")
+        joining = [Subscriber(master.url, TOPIC) for _ in range(20)]
+        tasks = clients.call(lambda: [asyncio.ensure_future(s.connect()) for s in joining])
+
+        def in_flight() -> bool:
+            opened = all(s.sessions for s in joining)
+            return opened and all(
+                len([m for m in p.sent if m.at > stopped]) >= 5 for p in publishers
+            )
+
+        wait_for(lambda: clients.call(in_flight), 10, "publishes and subscriptions in flight")
+        os.kill(hub, signal.SIGKILL)
+        killed = time.monotonic()
+        wait_for(lambda: hub_pid(master.proc.pid) not in (0, hub), 5, "a new hub")
+        replaced = time.monotonic() - killed
+
+        async def joined() -> list[BaseException | None]:
+            return await asyncio.gather(*tasks, return_exceptions=True)
+
+        # (each connect() waits 10 s at most for its hello)
+        failed = [repr(e) for e in clients.run(joined(), 20) if e is not None]
+        assert not failed, f"subscribers that joined while the hub was stopped: {failed[:3]}"
+        publish_for(clients, publishers, 50)  # publishing works again
+        everyone = subscribers + joining
+        last, found = finish(clients, everyone, publishers)
+        # A client that resumes from the old epoch: not recovered, told the new one.
+        late = Subscriber(master.url, TOPIC, resume=False)
+        clients.run(late.connect(since=(old, 10)))
+        hello = late.sessions[0]
+
+    assert replaced < 2.0, replaced
+    lasts = last_offsets(found)
+    assert len(lasts) == 2 and old in lasts, f"the epochs received: {lasts}"
+    (new,) = set(lasts) - {old}
+    assert lasts[new] == last, lasts
+    # A message the hub sequenced but did not acknowledge before it died is sent again to
+    # the new one, so it may be in both epochs; never twice in one.
+    for text, places in repeated(found).items():
+        assert [epoch for epoch, _ in places] in ([old, new], [new, old]), (text, places)
+    assert (hello.epoch, hello.offset, hello.recovered) == (new, last, False)
+    # The old epoch's last message was maybe not sent to every worker when the hub stopped
+    # (its publisher was not told its offset, and its worker sends it again to the new hub):
+    # each subscriber has the old epoch to where its worker's stream ended, at least to the
+    # last message acknowledged before, and the new epoch whole, from offset 1.
+    before = max(m.offset for p in publishers for m in p.acked() if m.acked_at < stopped)
+    for subscriber in subscribers:
+        assert len(subscriber.sessions) == 1 and subscriber.sessions[0].close_code is None
+        ended = max(o for e, o, _ in subscriber.received if e == old)
+        assert ended >= before
+        report = check(subscriber, {old: ended, new: last})
+        assert report.clean, f"{subscriber.pid}: {report}"
+    # Those that joined while the hub was stopped: in the new epoch, each message once from
+    # where their subscription began; on both workers.
+    assert {s.pid for s in joining} == workers
+    for subscriber in joining:
+        assert subscriber.sessions[0].epoch == new and len(subscriber.sessions) == 1
+        report = check(subscriber, {new: last})
+        assert report.clean, f"{subscriber.pid}: {report}"
+    # Nothing hangs: every publish was acknowledged, those in flight at the kill too.
+    for publisher in publishers:
+        assert publisher.errors == [] and publisher.close_codes == []
+        assert publisher.failed() == [], publisher.failed()[:3]
+    assert unseen_acks(publishers, found) == []
+    assert master.worker_pids() == workers  # the workers were not touched
+    assert master.status()["master"]["pid"] == master.proc.pid
+
+
+def test_a_resume_past_the_history_is_told_not_recovered(spawn, tmp_path: Path) -> None:
+    """--history-size 5: a client that missed 6 messages is told it was not recovered and
+    gets the live messages after; one that missed 5 gets exactly those, then the live ones."""
+    master = start(spawn, tmp_path, "-w", "2", "--history-size", "5")
+    with Clients() as clients:
+        publisher = Publisher(master.url, TOPIC, "p")
+
+        async def publish(count: int) -> list[int]:
+            sent = [await publisher.publish(f"m{len(publisher.sent)}") for _ in range(count)]
+            assert all(s.offset for s in sent), sent
+            return [s.offset for s in sent]
+
+        async def scenario() -> tuple[Subscriber, Subscriber, list[int], list[int]]:
+            await publish(2)
+            over, within = Subscriber(master.url, TOPIC), Subscriber(master.url, TOPIC)
+            await over.connect()
+            await publish(1)  # (one it received live)
+            await over.drop()
+            missed = await publish(6)
+            await within.connect()
+            await within.drop()
+            missed_within = await publish(5)
+            await over.connect()
+            await within.connect()
+            return over, within, missed, missed_within
+
+        over, within, missed, missed_within = clients.run(scenario())
+        live = clients.run(publish(1))
+        clients.run(settle([over, within], publisher.sent[-1].text))
+        texts = clients.call(lambda: [list(s.received) for s in (over, within)])
+
+    assert len(master.worker_pids()) == 2
+    epoch = over.sessions[0].epoch
+    # Over the bound: not recovered, told where the topic stands; then live messages only.
+    resumed = over.sessions[1]
+    assert (resumed.recovered, resumed.epoch, resumed.offset) == (False, epoch, missed_within[-1])
+    assert [o for _, o, _ in texts[0]] == [missed[0] - 1, *live], texts[0]
+    # Within the bound: exactly what it missed, then the live message.
+    resumed = within.sessions[1]
+    assert (resumed.recovered, resumed.epoch) == (True, epoch), resumed
+    assert [o for _, o, _ in texts[1]] == [*missed_within, *live], texts[1]
