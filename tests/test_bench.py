@@ -182,6 +182,57 @@ def test_bench_throughput_script_compares_the_servers(tmp_path: Path) -> None:
             assert costs["writes"][0] > 0, costs
 
 
+def test_bench_pubsub_script_measures_both_setups(tmp_path: Path) -> None:
+    """scripts/bench-pubsub, tiny: one websockets process and a fleet each deliver every
+    message to every subscriber in order; the latency, the master's status times and the
+    hub's memory are measured."""
+    out = tmp_path / "pubsub.json"
+    script = Path(__file__).parent.parent / "scripts" / "bench-pubsub"
+    args = ["--subscribers", "20", "--processes", "2", "--runs", "1", "--warmup", "0.3"]
+    args += ["--duration", "0.5", "--window", "8", "--client-pause", "0.005", "--flood", "2"]
+    args += ["--flood-topics", "1", "--memory-topics", "20", "--memory-history", "3"]
+    proc = subprocess.Popen(
+        [sys.executable, str(script), *args, "--json", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        descendants = (
+            psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
+        )
+        proc.terminate()  # the script stops its servers and clients on SIGTERM
+        proc.wait(30)
+        for child in descendants:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+    assert proc.returncode == 0, stderr.decode()
+    table = stdout.decode()
+    assert "| one websockets process, `broadcast` |" in table
+    assert "| `wsfleet start -w 2`, `wsfleet.publish` |" in table
+    data = json.loads(out.read_text())
+    runs = {run["server"]: run for run in data["deliveries"]}
+    assert set(runs) == {"single", "fleet"}
+    assert sum(runs["fleet"]["spread"]) == 21  # the subscribers and the publisher, counted
+    for run in runs.values():
+        saturation, latency = run["saturation"], run["latency"]
+        assert saturation["deliveries_per_s"] > 1000, run
+        # Each message reached each subscriber once, in order: what the figures count.
+        assert saturation["gaps"] == saturation["closed"] == 0, run
+        assert saturation["cpu"]["clients"] > 0, run
+        assert latency["rate"] == runs["single"]["latency"]["rate"]  # the same for both
+        assert latency["samples"] > 0 and latency["gaps"] == latency["closed"] == 0, run
+        assert 0 < latency["p50_ms"] <= latency["p99_ms"], run
+    assert runs["fleet"]["saturation"]["cpu"]["hub"] > 0
+    master = data["master"][0]
+    assert master["idle"]["requests"] > 0 and master["load"]["requests"] > 0, master
+    assert master["published_per_s"] > 0 and master["subscribers_closed"] == 0, master
+    steps = data["memory"]["run"]["steps"]
+    assert [step["held"] for step in steps] == [0, 20, 60], steps
+    assert steps[-1]["uss"] > 0 and data["memory"]["in_process"]["topic_bytes"] > 0
+
+
 # Import every module of the installed package (not __main__, which runs the command line).
 IMPORT_ALL = """
 import importlib, pkgutil, wsfleet
