@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from .support.harness import Browser, wait_for
@@ -71,14 +72,16 @@ def described(message: str | bytes) -> dict[str, Any]:
 # Order and once
 
 
+@pytest.mark.parametrize("compression", ["deflate", "none"])
 def test_every_subscriber_on_every_worker_gets_each_message_once_in_one_order(
-    spawn, tmp_path: Path
+    spawn, tmp_path: Path, compression: str
 ) -> None:
     """Publishers on both workers publish at once to two topics (some awaiting each publish,
     some not); six subscribers over both workers, with and without an envelope, each receive
     every message of each topic once, at offsets 1..N without a gap, in the order of the
-    offsets that publish() returned: the same order for all."""
-    master, pids = fleet(spawn, tmp_path)
+    offsets that publish() returned: the same order for all. With compression (each
+    connection's frames its own) and without (one frame written to every subscriber)."""
+    master, pids = fleet(spawn, tmp_path, "--compression", compression)
     per_publisher = 60  # per topic
     topics = ("a", "b")
 
