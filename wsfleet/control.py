@@ -30,6 +30,7 @@ from typing import Any
 
 from . import logs
 from .config import Address, parse_address
+from .hub import STATS_INTERVAL
 from .privileges import peer_credentials
 
 
@@ -407,7 +408,8 @@ def format_status(status: dict[str, Any]) -> str:
             f"pub/sub: {logs.plural(pubsub['topics'], 'topic')} subscribed, "
             f"{logs.plural(pubsub['subscriptions'], 'subscription')}; "
             f"{pubsub['published']} published, {pubsub['delivered']} delivered, "
-            f"{pubsub['dropped_subscribers']} slow subscribers closed"
+            f"{pubsub['dropped_subscribers']} slow subscribers closed (as last reported, "
+            f"every {STATS_INTERVAL:g}s)"
         )
     if "log_file" in master:
         notes.append(f"log: {master['log_file'] or 'standard error'}")

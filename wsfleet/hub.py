@@ -51,7 +51,7 @@ TAKEOVER_LIMIT = 5.0  # seconds a new hub waits for the old one's state before s
 STATS = ("delivered", "dropped_subscribers", "subscriptions")
 # The figures of the status's "pubsub" (and the metrics), as the hub reports them.
 FIGURES = ("published", "delivered", "dropped_subscribers", "topics", "subscriptions", "history")
-STATS_INTERVAL = 1.0  # seconds between the figures sent to the master
+STATS_INTERVAL = 1.0  # seconds between the figures each worker sends the hub, and it the master
 
 
 def address(master_pid: int, token: str) -> str:

@@ -38,6 +38,7 @@ from websockets.frames import CloseCode, Frame, Opcode
 from websockets.protocol import State
 
 from . import relay
+from .hub import STATS_INTERVAL
 from .topics import (
     Cursor,
     CursorState,
@@ -55,7 +56,6 @@ from .topics import (
 log = logging.getLogger("wsfleet.pubsub")
 
 Envelope: TypeAlias = Callable[[str, str, int, "str | bytes"], "str | bytes"]
-STATS_INTERVAL = 1.0  # seconds between the figures sent to the hub
 RECONNECT = (0.01, 1.0)  # first and longest wait between attempts to reach the hub
 TRY_AGAIN_LATER = CloseCode.TRY_AGAIN_LATER  # 1013
 
