@@ -460,10 +460,14 @@ def test_twenty_hups_with_lingering_handlers_settle(spawn, tmp_path: Path) -> No
                 async with connect(master.url, open_timeout=10) as ws:
                     await ws.send("pid?")
                     await ws.recv()
-                    await asyncio.wait(
-                        [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(ws.recv())],
-                        return_when=asyncio.FIRST_COMPLETED,
-                    )
+                    stopped = asyncio.ensure_future(stop.wait())
+                    closed = asyncio.ensure_future(ws.recv())  # (the close, as an exception)
+                    await asyncio.wait([stopped, closed], return_when=asyncio.FIRST_COMPLETED)
+                    stopped.cancel()
+                    closed.cancel()
+                    if closed.done() and not closed.cancelled():
+                        if (error := closed.exception()) is not None:
+                            raise error  # ConnectionClosed: its code is counted below
             except ConnectionClosed as exc:
                 codes.append(exc.rcvd.code if exc.rcvd else None)
 
