@@ -465,9 +465,9 @@ def test_twenty_hups_with_lingering_handlers_settle(spawn, tmp_path: Path) -> No
                     await asyncio.wait([stopped, closed], return_when=asyncio.FIRST_COMPLETED)
                     stopped.cancel()
                     closed.cancel()
-                    if closed.done() and not closed.cancelled():
-                        if (error := closed.exception()) is not None:
-                            raise error  # ConnectionClosed: its code is counted below
+                    error = closed.exception() if closed.done() and not closed.cancelled() else None
+                    if error is not None:
+                        raise error  # ConnectionClosed: its code is counted below
             except ConnectionClosed as exc:
                 codes.append(exc.rcvd.code if exc.rcvd else None)
 
