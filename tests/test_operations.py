@@ -462,9 +462,11 @@ def test_twenty_hups_with_lingering_handlers_settle(spawn, tmp_path: Path) -> No
                     await ws.recv()
                     stopped = asyncio.ensure_future(stop.wait())
                     closed = asyncio.ensure_future(ws.recv())  # (the close, as an exception)
-                    await asyncio.wait([stopped, closed], return_when=asyncio.FIRST_COMPLETED)
-                    stopped.cancel()
-                    closed.cancel()
+                    try:
+                        await asyncio.wait([stopped, closed], return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        stopped.cancel()
+                        closed.cancel()
                     error = closed.exception() if closed.done() and not closed.cancelled() else None
                     if error is not None:
                         raise error  # ConnectionClosed: its code is counted below
