@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import itertools
 import json
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -21,7 +23,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .support.harness import Browser, wait_for
+from .support.harness import Browser, clean_env, free_port, wait_for
 from .support.helpers import Master, app_master, start_worker
 from .support.pubsub_api import (
     APP,
@@ -484,6 +486,50 @@ def test_unsubscribe_ends_one_subscription_and_leaves_the_others(spawn, tmp_path
         await close_all([control, client])
 
     run(scenario())
+
+
+def publish_command(master: Master, *args: str, data: bytes | None = None) -> Any:
+    """``wsfleet publish`` run as a user would, finding the master by its port."""
+    return subprocess.run(
+        [sys.executable, "-m", "wsfleet", "publish", *args, "--port", str(master.port)],
+        input=data if data is not None else b"",
+        capture_output=True,
+        env=clean_env(),
+        timeout=30,
+    )
+
+
+def test_wsfleet_publish_reaches_every_subscriber_from_outside(spawn, tmp_path: Path) -> None:
+    """A script publishes with `wsfleet publish`: text from the command line, standard input
+    as text when UTF-8 and as bytes otherwise; the offset printed; bad input refused (2), no
+    master (1)."""
+    master, pids = fleet(spawn, tmp_path, "--max-size", "1000")
+
+    async def scenario() -> None:
+        subscribers = await spread(master.url, path("news"), 1, pids)
+        done = await asyncio.to_thread(publish_command, master, "news", "héllo")
+        assert (done.returncode, done.stdout, done.stderr) == (0, b"1\n", b"")
+        done = await asyncio.to_thread(publish_command, master, "news", data=b"from stdin\n")
+        assert done.stdout == b"2\n"
+        done = await asyncio.to_thread(publish_command, master, "news", "-", data=b"\xff\x00")
+        assert done.stdout == b"3\n"
+        for subscriber in subscribers:
+            assert await subscriber.messages(3) == ["héllo", "from stdin\n", b"\xff\x00"]
+        await close_all(subscribers)
+
+    run(scenario())
+    too_big = publish_command(master, "news", "x" * 1001)
+    assert too_big.returncode == 2 and b"over the limit of 1000" in too_big.stderr
+    bad_topic = publish_command(master, "t" * 257, "x")
+    assert bad_topic.returncode == 2 and b"at most 256 characters" in bad_topic.stderr
+    wait_for(lambda: pubsub(master, "published") == {"published": 3}, what="the figures")
+    nobody = subprocess.run(
+        [sys.executable, "-m", "wsfleet", "publish", "news", "x", "--port", str(free_port())],
+        capture_output=True,
+        env=clean_env(),
+        timeout=30,
+    )
+    assert nobody.returncode == 1 and b"no wsfleet master" in nobody.stderr
 
 
 def scrape(url: str) -> dict[str, float]:

@@ -28,10 +28,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import logs
+from . import logs, relay
 from .config import Address, parse_address
 from .hub import STATS_INTERVAL
 from .privileges import peer_credentials
+from .topics import check_message, check_topic
 
 
 class ControlError(Exception):
@@ -368,6 +369,45 @@ def query_status(pid: int, timeout: float = 5.0) -> dict[str, Any]:
     except ValueError:
         raise ControlError(f"master {pid} sent a status that is not JSON (cut short?)") from None
     return result
+
+
+def publish(locator: Locator, topic: str, message: str | bytes, timeout: float) -> int:
+    """``wsfleet publish``: the message sequenced by the master's hub, as wsfleet.publish()
+    in a worker; its offset. TypeError or ValueError for a bad topic or message (the
+    master's --max-size), ControlError when no master or hub answers. The hub is the one
+    the status names, and only an answer from its pid is trusted."""
+    check_topic(topic)
+    pid = locator.pid()
+    status = query_status(pid)
+    hub = status.get("hub") or {}
+    if not hub.get("address") or not hub.get("pid"):
+        raise ControlError(
+            f"master {pid} has no hub running (it is starting or replacing it, or it is an "
+            "older wsfleet): publish again"
+        )
+    data = relay.payload(check_message(message, hub["max_size"]))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect("\0" + hub["address"][1:])
+            if (peer := peer_credentials(s)[0]) != hub["pid"]:
+                raise ControlError(
+                    f"the hub's socket of master {pid} is held by another process (pid "
+                    f"{peer}): not publishing there"
+                )
+            s.sendall(relay.encode_publish(1, topic, data))
+            reader = relay.Reader()
+            while chunk := s.recv(65536):
+                for frame in reader.feed(chunk):
+                    fields = relay.Fields(frame.body)
+                    if frame.kind == relay.ACK and fields.integer() == 1:
+                        return fields.integer()
+        except (OSError, relay.ProtocolError) as exc:
+            raise ControlError(f"the hub of master {pid} did not answer: {exc}") from None
+    raise ControlError(
+        f"the hub of master {pid} closed before acknowledging the message (replaced "
+        "meanwhile?): it may not have been published; publish again"
+    )
 
 
 def format_status(status: dict[str, Any]) -> str:

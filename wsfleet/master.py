@@ -569,6 +569,8 @@ class Master:
         if child is not None:
             status["hub"] = {
                 "pid": child.pid or None,
+                "address": "@" + child.name[1:],  # (abstract: the leading NUL as @)
+                "max_size": self.fleet.config.max_size,  # (what wsfleet publish may send)
                 "age": round(time.monotonic() - child.started, 1) if child.pid else None,
                 "restarts": child.restarts,
             }

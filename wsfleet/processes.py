@@ -83,7 +83,8 @@ class HubChild:
     name: str = ""  # its abstract name, which workers connect to
 
     def __post_init__(self) -> None:
-        self.name = self.listener.getsockname()
+        name = self.listener.getsockname()  # (bytes for an abstract name)
+        self.name = name.decode() if isinstance(name, bytes) else name
 
 
 @dataclass
