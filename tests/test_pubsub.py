@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -484,6 +486,44 @@ def test_unsubscribe_ends_one_subscription_and_leaves_the_others(spawn, tmp_path
             lambda: pubsub(master, "subscriptions", "topics"), {"subscriptions": 1, "topics": 1}
         )
         await close_all([control, client])
+
+    run(scenario())
+
+
+def test_a_worker_back_on_a_new_hub_catches_up_on_a_topic_that_went_quiet(
+    spawn, tmp_path: Path
+) -> None:
+    """A worker that reaches a replaced hub late (stopped meanwhile) asks each topic's
+    position as it subscribes again, and fetches what was published while it was away, with
+    no further message to reveal the gap: its subscriber gets the new epoch's first message."""
+    master, pids = fleet(spawn, tmp_path, "--timeout", "30")
+    hub = master.proc.hub()
+    assert hub is not None
+
+    async def scenario() -> None:
+        subscribers = await spread(master.url, path("q"), 1, pids)
+        (late,) = [c for c in subscribers if c.pid == min(pids)]
+        (control,) = await spread(master.url, "/", 1, {max(pids)})
+        assert await control.call("publish", topic="q", text="before") == 1
+        for subscriber in subscribers:
+            assert await subscriber.messages(1) == ["before"]
+        os.kill(late.pid, signal.SIGSTOP)
+        try:
+            hub.kill()
+            await until(
+                lambda: asyncio.to_thread(
+                    lambda: (master.status()["hub"]["pid"] or hub.pid) != hub.pid
+                ),
+                what="a new hub",
+            )
+            # The other worker reconnects and publishes in the new epoch; then silence.
+            assert await control.call("publish", topic="q", text="while away") == 1
+            (others,) = [c for c in subscribers if c is not late]
+            assert await others.messages(1) == ["while away"]
+        finally:
+            os.kill(late.pid, signal.SIGCONT)
+        assert await late.messages(1, timeout=10) == ["while away"]
+        await close_all(subscribers, [control])
 
     run(scenario())
 
