@@ -19,6 +19,7 @@ workers do, after fork.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -216,7 +217,21 @@ class ProcessLayer:
             listener.sock.close()  # the file stays until the master exits
 
     def fork(self, slot: Slot) -> tuple[int, socket.socket]:
-        master_end, worker_end = channel.pair()
+        pid, master_end = self._fork(slot, functools.partial(self.run_worker, slot))
+        self.watch(master_end, pid)
+        return pid, master_end
+
+    def fork_hub(self, hub: HubChild) -> None:
+        """Start the hub process (its pid and channel go into ``hub``)."""
+        pid, master_end = self._fork(None, functools.partial(self.run_hub, hub))
+        hub.pid, hub.channel, hub.started = pid, master_end, time.monotonic()
+
+    def _fork(
+        self, slot: Slot | None, run: Callable[[socket.socket], int]
+    ) -> tuple[int, socket.socket]:
+        """Fork a worker of ``slot`` (or the hub: None) that runs ``run(its channel end)``
+        and exits with what it returns; (its pid, the master's end of its channel)."""
+        master_end, child_end = channel.pair()
         # No signal may be handled in the child by the master's handlers: block them across
         # fork; the child resets their dispositions before unblocking.
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
@@ -225,45 +240,20 @@ class ProcessLayer:
         except OSError:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
             master_end.close()
-            worker_end.close()
+            child_end.close()
             raise
         if pid == 0:  # the child never returns from here
             status = 1
             try:
                 self.become_child(slot, master_end)
-                status = self.run_worker(slot, worker_end)
+                status = run(child_end)
             except BaseException:
                 traceback.print_exc()
             finally:
                 os._exit(status)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
-        worker_end.close()
-        self.watch(master_end, pid)
+        child_end.close()
         return pid, master_end
-
-    def fork_hub(self, hub: HubChild) -> None:
-        """Start the hub process (its pid and channel go into ``hub``)."""
-        master_end, hub_end = channel.pair()
-        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
-        try:
-            pid = os.fork()
-        except OSError:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
-            master_end.close()
-            hub_end.close()
-            raise
-        if pid == 0:
-            status = 1
-            try:
-                self.become_child(None, master_end)
-                status = self.run_hub(hub, hub_end)
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                os._exit(status)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
-        hub_end.close()
-        hub.pid, hub.channel, hub.started = pid, master_end, time.monotonic()
 
     def signal(self, pid: int, sig: signal.Signals) -> None:
         with contextlib.suppress(ProcessLookupError):
