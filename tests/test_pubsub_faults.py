@@ -14,7 +14,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +23,8 @@ import pytest
 
 from wsfleet import control
 
-from .support import harness
 from .support.harness import gone, wait_for
-from .support.helpers import Master, installed, run_wsfleet
+from .support.helpers import Master, installed, new_masters, run_wsfleet
 from .support.pubsub import (
     Clients,
     Publisher,
@@ -64,19 +63,6 @@ def start(spawn: Any, tmp_path: Path, *args: str, site: Path | None = None) -> M
     master = Master(spawn, tmp_path, *args, "--app", app, cwd=tmp_path, env=env)
     master.wait_workers(int(args[args.index("-w") + 1]) if "-w" in args else 1)
     return master
-
-
-@contextlib.contextmanager
-def new_masters(master: Master) -> Iterator[None]:
-    """End, by pid, whatever master the pidfile names at the end besides the test's own (an
-    upgrade's new master is not the test's child)."""
-    try:
-        yield
-    finally:
-        with contextlib.suppress(control.ControlError):
-            pid = control.read_pid(master.pidfile)
-            if pid != master.proc.pid:
-                harness.end(pid)
 
 
 def hub_pid(master_pid: int) -> int:

@@ -12,7 +12,6 @@ import socket
 import struct
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,6 +28,7 @@ from .support.helpers import (
     Master,
     echo_once,
     installed,
+    new_masters,
     run_wsfleet,
     set_version,
     unix_echo,
@@ -45,19 +45,6 @@ def start(spawn, tmp_path: Path, site: Path, *args: str, env: dict[str, str] | N
         cwd=tmp_path,  # (not the repository: `python -m wsfleet` would import it from there)
         env={"PYTHONPATH": str(site), "PYTHONDONTWRITEBYTECODE": "1", **(env or {})},
     )
-
-
-@contextlib.contextmanager
-def new_masters(master: Master) -> Iterator[None]:
-    """End, by pid, whatever master the pidfile names at the end besides the test's own (an
-    upgrade's new master is not the test's child)."""
-    try:
-        yield
-    finally:
-        with contextlib.suppress(control.ControlError):
-            pid = control.read_pid(master.pidfile)
-            if pid != master.proc.pid:
-                harness.end(pid)
 
 
 def upgrade(master: Master, timeout: float = 120):

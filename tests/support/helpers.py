@@ -4,16 +4,19 @@ masters, supervisord) is in :mod:`tests.support.harness`, which the scripts shar
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import psutil
 from websockets.sync.client import connect, unix_connect
+
+from wsfleet import control
 
 from . import harness
 from .harness import ROOT, Process, clean_env
@@ -44,6 +47,19 @@ class Master(harness.Master):
 
     def __init__(self, spawn: Any, tmp_path: Path, *args: str, **kw: Any) -> None:
         super().__init__(tmp_path, *args, spawn=spawn, **kw)
+
+
+@contextlib.contextmanager
+def new_masters(master: Master) -> Iterator[None]:
+    """End, by pid, whatever master the pidfile names at the end besides the test's own (an
+    upgrade's new master is not the test's child)."""
+    try:
+        yield
+    finally:
+        with contextlib.suppress(control.ControlError):
+            pid = control.read_pid(master.pidfile)
+            if pid != master.proc.pid:
+                harness.end(pid)
 
 
 def app_master(spawn: Any, tmp_path: Path, source: str, *args: str) -> Master:
