@@ -311,26 +311,16 @@ async def take_over_from(name: str, token: str) -> bytes | None:
 # The hub as a process of the master's
 
 
-def run_process(
+async def serve_process(
     listener: socket.socket,
     master: socket.socket,
     topics: Topics,
     token: str,
     wait_for_takeover: bool,
 ) -> int:
-    """The hub child's life: serve (at once, or once told to take an old hub's topics
-    over), send the master its figures every second, exit when the master's channel closes
-    or on SIGTERM."""
-    return asyncio.run(_serve_process(listener, master, topics, token, wait_for_takeover))
-
-
-async def _serve_process(
-    listener: socket.socket,
-    master: socket.socket,
-    topics: Topics,
-    token: str,
-    wait_for_takeover: bool,
-) -> int:
+    """The hub child's life (``asyncio.run`` it): serve at once, or once told to take an old
+    hub's topics over; send the master its figures every second; exit when the master's
+    channel closes or on SIGTERM."""
     from . import channel
 
     loop = asyncio.get_running_loop()

@@ -18,6 +18,7 @@ workers do, after fork.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
@@ -335,8 +336,10 @@ class ProcessLayer:
             history_ttl=config.history_ttl,
             max_idle_topics=MAX_IDLE_TOPICS,
         )
-        return hub_module.run_process(
-            hub.listener, hub_end, topics, hub.token, hub.wait_for_takeover
+        return asyncio.run(
+            hub_module.serve_process(
+                hub.listener, hub_end, topics, hub.token, hub.wait_for_takeover
+            )
         )
 
     def run_worker(self, slot: Slot, worker_end: socket.socket) -> int:
