@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 __all__ = [
+    "BrokerUnavailable",
     "Subscription",
     "__version__",
     "client_address",
@@ -16,6 +17,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .pubsub import Envelope, Subscription
+    from .topics import BrokerUnavailable
 
 
 async def publish(topic: str, message: str | bytes) -> int:
@@ -24,7 +26,9 @@ async def publish(topic: str, message: str | bytes) -> int:
     In an app that wsfleet serves (a worker's handler). TypeError for a topic that is not a
     str or a message neither str nor bytes-like; ValueError for an empty topic, one over 256
     characters, or a message over --max-size (a str measured UTF-8 encoded): raised at once,
-    nothing published. (The pub/sub code is imported by workers only, when first used.)
+    nothing published. With --broker, :class:`BrokerUnavailable` when Redis could not take
+    it within --broker-timeout (the fleet serves on). (The pub/sub code is imported by
+    workers only, when first used.)
     """
     from .pubsub import publish as publish_
 
@@ -45,7 +49,8 @@ async def subscribe(
     ``since=(epoch, offset)``, the last a client saw: first what it missed, if the history
     still holds it (``subscription.recovered``), then the live messages. ``envelope(topic,
     epoch, offset, message) -> str | bytes`` makes what is sent (once per message for all its
-    subscribers); without it, the message as published.
+    subscribers); without it, the message as published. With --broker,
+    :class:`BrokerUnavailable` when Redis did not answer within --broker-timeout.
     """
     from .pubsub import subscribe as subscribe_
 
@@ -57,6 +62,10 @@ def __getattr__(name: str) -> Any:
         from .pubsub import Subscription
 
         return Subscription
+    if name == "BrokerUnavailable":
+        from .topics import BrokerUnavailable
+
+        return BrokerUnavailable
     raise AttributeError(f"module 'wsfleet' has no attribute {name!r}")
 
 

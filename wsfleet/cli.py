@@ -392,6 +392,22 @@ def check(config: cfg.Config) -> None:
         identity(config)  # a known user and group, and permission to switch
     if config.loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
         raise ValueError("--loop uvloop: uvloop is not installed (pip install uvloop)")
+    if config.broker:
+        if importlib.util.find_spec("redis") is None:
+            raise ValueError(
+                "--broker needs redis-py: pip install redis (from wsfleet's checkout: "
+                "pip install '.[redis]')"
+            )
+        if config.broker_password_file:
+            from .broker import read_password
+
+            try:
+                read_password(config.broker_password_file)
+            except OSError as exc:
+                raise ValueError(
+                    f"--broker-password-file {config.broker_password_file}: cannot read it: "
+                    f"{exc.strerror}"
+                ) from None
     if config.metrics and importlib.util.find_spec("prometheus_client") is None:
         raise ValueError(
             "--metrics needs prometheus-client: pip install prometheus-client (from wsfleet's "

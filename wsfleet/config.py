@@ -18,6 +18,7 @@ import ipaddress
 import os
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -184,6 +185,43 @@ def _metrics_address(value: object) -> str | None:
     if text and parse_address(text).path is not None:
         raise ValueError(f"expected HOST:PORT or [V6ADDR]:PORT, got {value!r}")
     return text or None
+
+
+BROKER_SCHEMES = ("redis", "rediss")
+
+
+def redact(url: str) -> str:
+    """A broker URL as it may be shown (logs, status, errors): without its user information,
+    so that a password never appears."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def _broker_url(value: object) -> str | None:
+    """redis://[USER:PASSWORD@]HOST[:PORT][/DB] or rediss://... ('' for none); an error never
+    repeats the password."""
+    text = _text(value).strip()
+    if not text:
+        return None
+    shown = redact(text)
+    try:
+        parts = urllib.parse.urlsplit(text)
+        port = parts.port  # (ValueError when not a number)
+    except ValueError:
+        raise ValueError(
+            f"expected redis://[USER:PASSWORD@]HOST[:PORT][/DB], got {shown!r}"
+        ) from None
+    if parts.scheme not in BROKER_SCHEMES or not parts.hostname:
+        raise ValueError(
+            f"expected redis://[USER:PASSWORD@]HOST[:PORT][/DB] (rediss:// for TLS), got {shown!r}"
+        )
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        raise ValueError(f"the database is a number (redis://HOST:PORT/0), got {shown!r}")
+    if port == 0:
+        raise ValueError(f"expected a port from 1 to 65535, got {shown!r}")
+    return text
 
 
 def _umask(value: object) -> int:
@@ -524,6 +562,30 @@ class Config:
         parse=_integer(1),
         metavar="BYTES",
     )
+    broker: str | None = option(
+        None,
+        "pub/sub across hosts: keep the topics (offsets, epochs, history) in this Redis, "
+        "redis://[USER:PASSWORD@]HOST[:PORT][/DB] or rediss:// for TLS, shared by every "
+        "master that names it; prefer --broker-password-file to a password here. Needs "
+        "redis-py: pip install '.[redis]' from the checkout (docs/pubsub.md)",
+        parse=_broker_url,
+        metavar="URL",
+    )
+    broker_password_file: str | None = option(
+        None,
+        "pub/sub: the broker's password, read from this file (its content without "
+        "surrounding whitespace; a systemd credential or a Kubernetes secret), instead of "
+        "one in --broker's URL",
+        parse=_optional_path,
+        metavar="FILE",
+    )
+    broker_timeout: float = option(
+        5.0,
+        "pub/sub: how long a publish waits for an unreachable broker before it raises "
+        "wsfleet.BrokerUnavailable (subscribe too); the fleet keeps serving meanwhile",
+        parse=_positive_seconds,
+        metavar="S",
+    )
     max_queue: int = option(
         16,
         "incoming frames buffered per connection before reading from the network pauses",
@@ -602,7 +664,8 @@ KILL_MARGIN = 1.0  # what the master adds to a worker's own deadlines before it 
 # What a running master cannot change: its sockets stay those it opened at start, so a SIGHUP
 # that finds one of these changed logs a warning and keeps the old value (docs/options.md
 # lists them, from here).
-# (The hub keeps its history's bounds until the next start or upgrade: it is not reloaded.)
+# (The hub keeps its history's bounds and its broker until the next start or upgrade: it is
+# not reloaded.)
 RELOAD_IGNORES = (
     "host",
     "port",
@@ -612,6 +675,9 @@ RELOAD_IGNORES = (
     "metrics",
     "history_size",
     "history_ttl",
+    "broker",
+    "broker_password_file",
+    "broker_timeout",
 )
 
 

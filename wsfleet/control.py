@@ -374,7 +374,8 @@ def query_status(pid: int, timeout: float = 5.0) -> dict[str, Any]:
 def publish(locator: Locator, topic: str, message: str | bytes, timeout: float) -> int:
     """``wsfleet publish``: the message sequenced by the master's hub, as wsfleet.publish()
     in a worker; its offset. TypeError or ValueError for a bad topic or message (the
-    master's --max-size), ControlError when no master or hub answers. The hub is the one
+    master's --max-size), ControlError when no master or hub answers, or the broker is
+    unavailable (the hub's reason). The hub is the one
     the status names, and only an answer from its pid is trusted."""
     check_topic(topic)
     pid = locator.pid()
@@ -402,6 +403,9 @@ def publish(locator: Locator, topic: str, message: str | bytes, timeout: float) 
                     fields = relay.Fields(frame.body)
                     if frame.kind == relay.ACK and fields.integer() == 1:
                         return fields.integer()
+                    if frame.kind == relay.FAILED and fields.integer() == 1:
+                        reason = fields.rest().decode(errors="replace")
+                        raise ControlError(f"not published: {reason}")
         except (OSError, relay.ProtocolError) as exc:
             raise ControlError(f"the hub of master {pid} did not answer: {exc}") from None
     raise ControlError(
@@ -451,6 +455,10 @@ def format_status(status: dict[str, Any]) -> str:
             f"{pubsub['dropped_subscribers']} slow subscribers closed (as last reported, "
             f"every {STATS_INTERVAL:g}s)"
         )
+    if broker := status.get("broker"):  # (None: no --broker, or an older master)
+        since = broker["since"]
+        age = f" for {_age(time.time() - since)}" if since is not None else ""
+        notes.append(f"broker: {broker['address']} {broker['state']}{age}")
     if "log_file" in master:
         notes.append(f"log: {master['log_file'] or 'standard error'}")
     body = "\n".join(line.rstrip() for line in lines)

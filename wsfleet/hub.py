@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -35,12 +36,15 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from . import relay
 from .privileges import peer_allowed
 from .relay import Fields
-from .topics import Topics
+from .topics import BrokerUnavailable, Position, Recovery, Topics
+
+if TYPE_CHECKING:
+    from .broker import Broker
 
 log = logging.getLogger("wsfleet.hub")
 
@@ -145,6 +149,7 @@ class Hub:
         token: str,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.broker: Broker | None = None  # --broker: the topics live in Redis, not here
         self.topics = topics
         self.token = token
         self.clock = clock
@@ -154,6 +159,7 @@ class Hub:
         self.server: asyncio.AbstractServer | None = None
         self.handing_over = False
         self.handed_over = asyncio.Event()  # set once handed over, every worker's connection closed
+        self.tasks: set[asyncio.Task[None]] = set()  # (with a broker: what awaits Redis)
 
     async def serve(self, listener: socket.socket) -> None:
         """Accept the workers' connections on ``listener`` (from now on)."""
@@ -169,6 +175,9 @@ class Hub:
             data = fields.rest()
             if not data:
                 raise relay.ProtocolError("a message without its kind")
+            if self.broker is not None:
+                self._spawn(self._publish(peer, request, self.broker.publish(topic, data)))
+                return
             epoch, offset = self.topics.publish(topic, data, self.clock())
             out = relay.encode_message(topic, epoch, offset, data)
             for subscriber in self.subscribers.get(topic, ()):
@@ -178,9 +187,12 @@ class Hub:
             topic = fields.text()
             if topic in peer.topics:
                 raise relay.ProtocolError(f"subscribed twice to {topic!r}")
-            recovery = self.topics.subscribe(topic, None, self.clock())
             peer.topics.add(topic)
             self.subscribers.setdefault(topic, set()).add(peer)
+            if self.broker is not None:
+                self._spawn(self._position(peer, topic, self.broker.watch(topic)))
+                return
+            recovery = self.topics.subscribe(topic, None, self.clock())
             peer.write(relay.encode_position(topic, recovery.epoch, recovery.offset))
         elif kind == relay.UNSUBSCRIBE:
             topic = fields.text()
@@ -190,13 +202,10 @@ class Hub:
         elif kind == relay.HISTORY:
             request, offset = fields.integer(), fields.integer()
             epoch, topic = fields.text(), fields.text()
-            answer = self.topics.since(topic, epoch, offset, self.clock())
-            messages: Any = answer.messages  # (the hub stores payloads: bytes)
-            peer.write(
-                relay.encode_recovery(
-                    request, answer.epoch, answer.offset, answer.recovered, messages
-                )
-            )
+            if self.broker is not None:
+                self._spawn(self._answer(peer, request, self.broker.since(topic, epoch, offset)))
+                return
+            self._recovery(peer, request, self.topics.since(topic, epoch, offset, self.clock()))
         elif kind == relay.STATS:
             stats = json.loads(fields.rest())
             if not isinstance(stats, dict) or not all(
@@ -212,13 +221,64 @@ class Hub:
         else:
             raise relay.ProtocolError(f"unknown frame kind {kind!r}")
 
+    def _recovery(self, peer: Peer, request: int, answer: Recovery) -> None:
+        messages: Any = answer.messages  # (the hub stores payloads: bytes)
+        peer.write(
+            relay.encode_recovery(request, answer.epoch, answer.offset, answer.recovered, messages)
+        )
+
     def _leave(self, peer: Peer, topic: str) -> None:
         peer.topics.discard(topic)
-        self.topics.unsubscribe(topic)
         subscribers = self.subscribers[topic]
         subscribers.discard(peer)
         if not subscribers:
             del self.subscribers[topic]
+        if self.broker is None:
+            self.topics.unsubscribe(topic)
+        elif not subscribers:
+            self.broker.unwatch(topic)
+
+    # With a broker: what Redis answers, and what it sends
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _publish(self, peer: Peer, request: int, sequenced: asyncio.Future[Position]) -> None:
+        assert self.broker is not None
+        try:
+            epoch, offset = await self.broker.wait(sequenced)
+        except BrokerUnavailable as exc:
+            peer.write(relay.encode_failed(request, str(exc)))
+        else:
+            peer.write(relay.encode_ack(request, epoch, offset))
+
+    async def _position(self, peer: Peer, topic: str, confirmed: asyncio.Future[None]) -> None:
+        """A worker's new stream of a topic: where the topic stands once its channel is
+        confirmed (so that nothing falls between the two)."""
+        assert self.broker is not None
+        with contextlib.suppress(asyncio.CancelledError):  # (unwatched meanwhile)
+            await confirmed
+            recovery = await self.broker.since(topic, "", 0)
+            if topic in peer.topics:
+                peer.write(relay.encode_position(topic, recovery.epoch, recovery.offset))
+
+    async def _answer(self, peer: Peer, request: int, answer: asyncio.Future[Recovery]) -> None:
+        self._recovery(peer, request, await answer)
+
+    def deliver(self, topic: str, epoch: str, offset: int, data: bytes) -> None:
+        """A message from the broker, to this host's workers that subscribe to its topic."""
+        out = relay.encode_message(topic, epoch, offset, data)
+        for subscriber in self.subscribers.get(topic, ()):
+            subscriber.write(out)
+
+    def heard(self, topic: str, position: Position) -> None:
+        """Where a topic stands, after the broker's channels were cut: to its subscribers,
+        whose cursors fetch what they missed (or hear a new epoch)."""
+        out = relay.encode_position(topic, position.epoch, position.offset)
+        for subscriber in self.subscribers.get(topic, ()):
+            subscriber.write(out)
 
     def forget(self, peer: Peer) -> None:
         """A worker's connection ended (it exited, or was dropped)."""
@@ -241,6 +301,10 @@ class Hub:
             for key in STATS:
                 figures[key] += peer.stats.get(key, 0)
         store = self.topics.stats()
+        if self.broker is not None:  # (Redis holds the history: not counted here)
+            store = dataclasses.replace(
+                store, published=self.broker.published, subscribed=len(self.subscribers)
+            )
         return {
             "published": self.totals.published + store.published,
             "delivered": self.totals.delivered + figures["delivered"],
@@ -317,6 +381,7 @@ async def serve_process(
     topics: Topics,
     token: str,
     wait_for_takeover: bool,
+    setup: Callable[[Hub], None] | None = None,
 ) -> int:
     """The hub child's life (``asyncio.run`` it): serve at once, or once told to take an old
     hub's topics over; send the master its figures every second; exit when the master's
@@ -325,6 +390,8 @@ async def serve_process(
 
     loop = asyncio.get_running_loop()
     hub = Hub(topics, token)
+    if setup is not None:
+        setup(hub)  # (--broker)
     done: asyncio.Future[int] = loop.create_future()
 
     def stop() -> None:
@@ -361,7 +428,8 @@ async def serve_process(
                 tasks.add(loop.create_task(take_over()))
 
     def report() -> None:
-        channel.send(master, {"t": "stats", **hub.stats()})
+        broker = hub.broker.status.as_dict() if hub.broker is not None else None
+        channel.send(master, {"t": "stats", **hub.stats(), "broker": broker})
         loop.call_later(STATS_INTERVAL, report)
 
     tasks: set[asyncio.Task[None]] = set()
@@ -376,4 +444,6 @@ async def serve_process(
         # (a worker that reads nothing keeps its connection from closing: not for long)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(hub.handed_over.wait(), TAKEOVER_LIMIT)
+    if hub.broker is not None:
+        await hub.broker.close()
     return 0

@@ -209,6 +209,8 @@ class Master:
                 child.stats = {
                     k: v for k, v in message.items() if k in hub.FIGURES and isinstance(v, int)
                 }
+                broker = message.get("broker")
+                child.broker = broker if isinstance(broker, dict) else None
 
     def on_hub_exit(self, code: int) -> None:
         child = self.processes.hub
@@ -566,6 +568,18 @@ class Master:
         child = self.processes.hub
         figures = child.stats if child is not None else {}
         status["pubsub"] = {key: figures.get(key, 0) for key in hub.FIGURES}
+        config = self.fleet.config
+        if config.broker:
+            # (until the hub's first report, a second after it starts: connecting)
+            report = child.broker if child is not None else None
+            status["broker"] = {
+                "address": cfg.redact(config.broker),
+                "state": "connecting",
+                "since": None,
+                **(report or {}),
+            }
+        else:
+            status["broker"] = None
         if child is not None:
             status["hub"] = {
                 "pid": child.pid or None,

@@ -79,6 +79,7 @@ class HubChild:
     channel: socket.socket | None = None
     wait_for_takeover: bool = False  # an upgrade's new master: serve once told to take over
     stats: dict[str, int] = field(default_factory=dict)  # its last report
+    broker: dict[str, Any] | None = None  # --broker: its last report of the broker's state
     started: float = 0.0  # (monotonic)
     restarts: int = 0  # replaced after it died
     quick_exits: int = 0  # died within a second of its start, running
@@ -330,6 +331,14 @@ class ProcessLayer:
 
         setproctitle(f"wsfleet: hub [{self.listeners.title()}]")
         config = self.fleet.config
+        setup = None
+        if config.broker:
+            from . import broker
+
+            def setup(hub: hub_module.Hub) -> None:
+                hub.broker = broker.attach(config, hub.deliver, hub.heard, password)
+
+            password = broker.password(config)  # (before dropping privileges: a root's file)
         drop_privileges(config)  # the workers' user: they connect, it checks who
         topics = Topics(
             history_size=config.history_size,
@@ -338,7 +347,7 @@ class ProcessLayer:
         )
         return asyncio.run(
             hub_module.serve_process(
-                hub.listener, hub_end, topics, hub.token, hub.wait_for_takeover
+                hub.listener, hub_end, topics, hub.token, hub.wait_for_takeover, setup
             )
         )
 

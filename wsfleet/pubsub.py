@@ -40,6 +40,7 @@ from websockets.protocol import State
 from . import relay
 from .hub import STATS_INTERVAL
 from .topics import (
+    BrokerUnavailable,
     Cursor,
     CursorState,
     Deliver,
@@ -128,18 +129,25 @@ class Feed:
 class Client:
     """A worker's connection to the hub, its feeds and its subscriptions."""
 
-    def __init__(self, name: str, max_backlog: int, max_size: int) -> None:
+    def __init__(
+        self, name: str, max_backlog: int, max_size: int, broker_timeout: float | None = None
+    ) -> None:
         self.name = name
         self.max_backlog = max_backlog
         self.max_size = max_size
+        # With a broker: how long subscribe() waits for the history's answer (the hub bounds
+        # each publish itself, and answers FAILED).
+        self.broker_timeout = broker_timeout
         self.sock: socket.socket | None = None
         self.out = bytearray()
         self.writable = False
         self.reader = relay.Reader()
         self.next_request = 1
         # Requests not answered yet, in the order sent: the frame (sent again after a
-        # reconnect) and what to do with the answer.
-        self.requests: dict[int, tuple[bytes, Callable[[relay.Fields], None]]] = {}
+        # reconnect), what to do with the answer, and with a refusal (FAILED: its reason).
+        self.requests: dict[
+            int, tuple[bytes, Callable[[relay.Fields], None], Callable[[str], None] | None]
+        ] = {}
         self.feeds: dict[str, Feed] = {}
         self.subscriptions: dict[WebSocket, list[Subscription]] = {}
         # Messages waiting for a fragmented message to end, and their size in bytes.
@@ -187,7 +195,7 @@ class Client:
         self.out = bytearray()
         for topic in self.feeds:  # (each feed's cursor then hears where its topic is)
             self.out += relay.encode_subscribe(topic)
-        for frame, _ in self.requests.values():
+        for frame, _, _ in self.requests.values():
             self.out += frame
         self._flush()
         self.connected.set()
@@ -257,12 +265,18 @@ class Client:
             log.error("the hub sent a malformed frame (%s): reconnecting", exc)
             self._lost()
 
-    def _request(self, make: Callable[[int], bytes], then: Callable[[relay.Fields], None]) -> None:
+    def _request(
+        self,
+        make: Callable[[int], bytes],
+        then: Callable[[relay.Fields], None],
+        failed: Callable[[str], None] | None = None,
+    ) -> int:
         request = self.next_request
         self.next_request += 1
         frame = make(request)
-        self.requests[request] = (frame, then)
+        self.requests[request] = (frame, then, failed)
         self._write(frame)
+        return request
 
     def _on_frame(self, frame: relay.Frame) -> None:
         kind, fields = frame.kind, relay.Fields(frame.body)
@@ -275,6 +289,10 @@ class Client:
             entry = self.requests.pop(fields.integer(), None)
             if entry is not None:
                 entry[1](fields)
+        elif kind == relay.FAILED:
+            entry = self.requests.pop(fields.integer(), None)
+            if entry is not None and entry[2] is not None:
+                entry[2](bytes(fields.rest()).decode(errors="replace"))
         elif kind == relay.POSITION:
             offset, epoch, topic = fields.integer(), fields.text(), fields.text()
             feed = self.feeds.get(topic)
@@ -310,7 +328,13 @@ class Client:
             if not future.done():
                 future.set_result(fields.integer())
 
-        self._request(lambda request: relay.encode_publish(request, topic, data), acknowledged)
+        def failed(reason: str) -> None:
+            if not future.done():
+                future.set_exception(BrokerUnavailable(reason))
+
+        self._request(
+            lambda request: relay.encode_publish(request, topic, data), acknowledged, failed
+        )
         return await future
 
     # Subscribing
@@ -351,10 +375,19 @@ class Client:
             if not answered.done():
                 answered.set_result(None)
 
-        self._request(lambda r: relay.encode_history(r, topic, epoch, offset), started)
+        request = self._request(lambda r: relay.encode_history(r, topic, epoch, offset), started)
         try:
-            await answered
+            async with asyncio.timeout(self.broker_timeout):
+                await answered
+        except TimeoutError:
+            self.requests.pop(request, None)
+            self.leave(subscription)
+            raise BrokerUnavailable(
+                f"the broker did not answer within {self.broker_timeout:g} s: not subscribed "
+                f"to {topic!r}"
+            ) from None
         except BaseException:
+            self.requests.pop(request, None)
             self.leave(subscription)
             raise
         return subscription
@@ -414,7 +447,7 @@ class Client:
                     for subscription in list(group):
                         self._drop(subscription.websocket, "missed messages")
             elif isinstance(action, NewEpoch):
-                log.info("topic %r: new epoch %s (the hub was replaced)", feed.topic, action.epoch)
+                log.info("topic %r: new epoch %s (its history was lost)", feed.topic, action.epoch)
 
     def _fetch(self, feed: Feed, action: Fetch) -> None:
         def filled(fields: relay.Fields) -> None:
@@ -596,10 +629,12 @@ def _peer(websocket: WebSocket) -> str:
 # The API
 
 
-def start(name: str, max_backlog: int, max_size: int) -> Client:
+def start(
+    name: str, max_backlog: int, max_size: int, broker_timeout: float | None = None
+) -> Client:
     """In a worker, once its event loop runs: reach the hub listening on ``name``."""
     global _client
-    _client = Client(name, max_backlog, max_size)
+    _client = Client(name, max_backlog, max_size, broker_timeout)
     _client.start()
     return _client
 
@@ -618,7 +653,8 @@ async def publish(topic: str, message: str | bytes) -> int:
 
     TypeError for a topic that is not a str or a message neither str nor bytes-like;
     ValueError for an empty topic, one over 256 characters, or a message over --max-size:
-    raised at once, nothing published.
+    raised at once, nothing published. With --broker: BrokerUnavailable when Redis could
+    not take it within --broker-timeout.
     """
     topic = check_topic(topic)
     client = current()

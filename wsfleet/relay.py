@@ -18,7 +18,8 @@ worker's figures), TAKEOVER (from an upgrade's new hub: a token and its pid).
 Hub to worker: ACK (a request id, the epoch and offset given), MESSAGE (the topic, epoch,
 offset, payload), POSITION (the topic's epoch and last offset, answering SUBSCRIBE),
 RECOVERY (a request id, the epoch, last offset, whether recovered, the messages),
-SNAPSHOT (to a new hub: its state, pickled).
+FAILED (a request id and why: a publish the broker could not take), SNAPSHOT (to a new hub:
+its state, pickled).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ TEXT = b"\x01"
 BINARY = b"\x00"
 
 PUBLISH, SUBSCRIBE, UNSUBSCRIBE, HISTORY, STATS, TAKEOVER = b"PSUHTK"
-ACK, MESSAGE, POSITION, RECOVERY, SNAPSHOT = b"AMORN"
+ACK, MESSAGE, POSITION, RECOVERY, SNAPSHOT, FAILED = b"AMORNF"
 
 _HEADER = struct.Struct("!IB")
 _Q = struct.Struct("!Q")
@@ -113,6 +114,10 @@ def encode_recovery(
         parts.append(_QI.pack(number, len(data)))
         parts.append(data)
     return _frame(RECOVERY, *parts)
+
+
+def encode_failed(request: int, reason: str) -> bytes:
+    return _frame(FAILED, _Q.pack(request), reason.encode())
 
 
 def encode_snapshot(data: bytes) -> bytes:

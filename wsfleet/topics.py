@@ -46,6 +46,12 @@ MAX_TOPIC_LENGTH = 256  # characters
 COMPACT_AFTER = 16  # expired entries at a history's head before its lists are compacted
 
 
+class BrokerUnavailable(Exception):
+    """``wsfleet.publish()`` (or ``subscribe()``) could not reach the fleet's broker (Redis,
+    --broker) within --broker-timeout. The fleet keeps serving; try again later. A publish
+    that failed while Redis was answering it may still have been published."""
+
+
 # Validation for the API: each raises at once with what is wrong and nothing is published.
 
 

@@ -504,9 +504,15 @@ class Worker:
                 history_ttl=self.config.history_ttl,
                 max_idle_topics=MAX_IDLE_TOPICS,
             )
-            self._own_hub = hub.Hub(store, token)
-            await self._own_hub.serve(hub.listen(name))
-        self.pubsub = pubsub.start(name, self.config.max_backlog, self.config.max_size)
+            own = self._own_hub = hub.Hub(store, token)
+            if self.config.broker:  # (the processes of a supervisord group share topics so)
+                from . import broker
+
+                password = broker.password(self.config)
+                own.broker = broker.attach(self.config, own.deliver, own.heard, password)
+            await own.serve(hub.listen(name))
+        timeout = self.config.broker_timeout if self.config.broker else None
+        self.pubsub = pubsub.start(name, self.config.max_backlog, self.config.max_size, timeout)
 
     async def _serve(self, sock: socket.socket) -> Server:
         server = await serve(
