@@ -55,6 +55,7 @@ PREFIX = "wsfleet:"
 META_TTL = 30 * 86400  # seconds a topic's epoch and offset outlive its last use
 LOG_INTERVAL = 10.0  # seconds between two log lines of one unavailability
 RETRY = (0.05, 1.0)  # first and longest wait between attempts to reach Redis
+PING_INTERVAL = 1.0  # seconds without a command before the hub PINGs Redis
 BATCH = 512  # commands in one pipeline at most
 
 # KEYS: the topic's hash, stream, channel. ARGV: a new epoch (used if the hash is missing),
@@ -264,7 +265,8 @@ class Broker:
 
     def watch(self, topic: str) -> asyncio.Future[None]:
         """Receive the topic's messages (:attr:`deliver`); done once its channel is
-        confirmed: a question asked after that misses nothing the channel does not bring."""
+        confirmed. Questions about it (:meth:`since`) wait for that, so that an answer
+        misses nothing the channel does not bring."""
         confirmed = self.watched.get(topic)
         if confirmed is None:
             confirmed = self.watched[topic] = asyncio.get_running_loop().create_future()
@@ -296,12 +298,14 @@ class Broker:
         return future
 
     async def _run_commands(self) -> None:
-        """Send what is queued, a batch at a time, on one connection; while Redis is
-        unreachable, try again every RETRY (connecting is the probe), so that its return is
-        seen. A publish that was not sent waits for Redis (up to its caller's timeout)."""
+        """Send what is queued, a batch at a time, on one connection; idle, PING every
+        :data:`PING_INTERVAL` (so that the status says when Redis goes away, even with no
+        traffic); while Redis is unreachable, try again every RETRY (connecting is the
+        probe). A publish that was not sent waits for Redis (up to its caller's timeout)."""
         retry = RETRY[0]
         while True:
-            await self.work.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.work.wait(), PING_INTERVAL)
             self.work.clear()
             try:
                 if self.connection is None:
@@ -316,6 +320,9 @@ class Broker:
                     await self._send(batch)
                     if self.queue:
                         self.work.set()
+                else:
+                    await self.connection.send_command("PING")
+                    await self.connection.read_response()
                 retry = RETRY[0]
             except (RedisError, OSError) as exc:
                 await self._disconnect()

@@ -190,7 +190,10 @@ class Hub:
             peer.topics.add(topic)
             self.subscribers.setdefault(topic, set()).add(peer)
             if self.broker is not None:
-                self._spawn(self._position(peer, topic, self.broker.watch(topic)))
+                # Asked now, so before any question this worker sends next (answered in
+                # order), and sent once the topic's channel is confirmed (broker.since).
+                self.broker.watch(topic)
+                self._spawn(self._position(peer, topic, self.broker.since(topic, "", 0)))
                 return
             recovery = self.topics.subscribe(topic, None, self.clock())
             peer.write(relay.encode_position(topic, recovery.epoch, recovery.offset))
@@ -254,13 +257,11 @@ class Hub:
         else:
             peer.write(relay.encode_ack(request, epoch, offset))
 
-    async def _position(self, peer: Peer, topic: str, confirmed: asyncio.Future[None]) -> None:
-        """A worker's new stream of a topic: where the topic stands once its channel is
-        confirmed (so that nothing falls between the two)."""
-        assert self.broker is not None
+    async def _position(self, peer: Peer, topic: str, answer: asyncio.Future[Recovery]) -> None:
+        """A worker's new stream of a topic: where the topic stands, asked once its channel
+        is confirmed (so that nothing falls between the two)."""
         with contextlib.suppress(asyncio.CancelledError):  # (unwatched meanwhile)
-            await confirmed
-            recovery = await self.broker.since(topic, "", 0)
+            recovery = await answer
             if topic in peer.topics:
                 peer.write(relay.encode_position(topic, recovery.epoch, recovery.offset))
 

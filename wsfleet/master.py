@@ -275,7 +275,10 @@ class Master:
     def open_web(self, sock: socket.socket) -> None:
         """--metrics: the HTTP port, served from this loop (wsfleet/web.py says why)."""
         collector = metrics.FleetCollector(
-            self.fleet, self.fleet.tally, lambda: self.status()["pubsub"]
+            self.fleet,
+            self.fleet.tally,
+            lambda: self.status()["pubsub"],
+            lambda: self.status()["broker"],
         )
         routes: dict[str, web.Route] = {
             "/metrics": lambda: metrics.exposition(collector),

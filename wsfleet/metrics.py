@@ -20,10 +20,15 @@ class FleetCollector:
     """A prometheus-client collector reading the fleet's state at each scrape."""
 
     def __init__(
-        self, fleet: Fleet, tally: Tally, pubsub: Callable[[], dict[str, int]] | None = None
+        self,
+        fleet: Fleet,
+        tally: Tally,
+        pubsub: Callable[[], dict[str, int]] | None = None,
+        broker: Callable[[], dict[str, Any] | None] | None = None,
     ) -> None:
         self.fleet, self.tally = fleet, tally
         self.pubsub = pubsub  # the hub's last figures (wsfleet/hub.py)
+        self.broker = broker  # the status's "broker" (None without --broker)
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -90,6 +95,14 @@ class FleetCollector:
             for name, kind, text in _PUBSUB:
                 family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
                 yield family(f"wsfleet_pubsub_{name}", text, value=figures.get(name, 0))
+        broker = self.broker() if self.broker is not None else None
+        if broker is not None:
+            yield GaugeMetricFamily(
+                "wsfleet_broker_up",
+                "1 while the hub reaches the broker (--broker), else 0: Redis unavailable, "
+                "publishes fail after --broker-timeout.",
+                value=int(broker["state"] == "connected"),
+            )
 
 
 # The hub's figures: (name, kind, help). Counters start anew when the hub is replaced after

@@ -493,9 +493,15 @@ class Client:
             self._promote(feed)
 
     def _act_one(self, subscription: Subscription, actions: list[Any]) -> None:
-        """A starting subscription's own deliveries (the history it recovers)."""
+        """A starting subscription's own deliveries (the history it recovers), and its own
+        gap when the feed began after its answer (a broker answers them in any order)."""
         for action in actions:
-            if isinstance(action, Deliver):
+            if isinstance(action, Fetch):
+                self._fetch_one(subscription, action)
+            elif isinstance(action, Missed):
+                self._drop(subscription.websocket, "missed messages")
+                return
+            elif isinstance(action, Deliver):
                 data = _bytes(action.message)
                 text, body = data[:1] == relay.TEXT, data[1:]
                 if subscription.envelope is not None:
@@ -517,6 +523,19 @@ class Client:
                 if self._send(subscription.websocket, text, body):
                     self._drop(subscription.websocket, "too slow")
                     return
+
+    def _fetch_one(self, subscription: Subscription, action: Fetch) -> None:
+        def filled(fields: relay.Fields) -> None:
+            cursor = subscription.cursor
+            if cursor is None or cursor.state is not CursorState.FILLING:
+                return  # (it left, or joined the feed)
+            self._act_one(subscription, cursor.filled(_recovery(fields)))
+            feed = self.feeds.get(subscription.topic)
+            if feed is not None:
+                self._promote(feed)
+
+        topic = subscription.topic
+        self._request(lambda r: relay.encode_history(r, topic, action.epoch, action.offset), filled)
 
     def _promote(self, feed: Feed) -> None:
         """Starting subscriptions that caught up with the feed join its live list."""
