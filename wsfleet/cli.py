@@ -397,6 +397,10 @@ def check(config: cfg.Config) -> None:
             "--metrics needs prometheus-client: pip install prometheus-client (from wsfleet's "
             "checkout: pip install '.[metrics]')"
         )
+    try:
+        cfg.admin_token(config)  # (read again by the master as it starts: it keeps it)
+    except cfg.ConfigError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def load_config(command: str, args: argparse.Namespace) -> cfg.Config:
@@ -511,6 +515,8 @@ def run_master(config: cfg.Config, args: argparse.Namespace) -> int:
         fail(str(exc), EXIT_RUNTIME)
     except (control.ControlError, upgrade.HandoffError) as exc:
         fail(str(exc), EXIT_RUNTIME)
+    except cfg.ConfigError as exc:  # (the token file, changed since it was checked)
+        fail(str(exc), EXIT_USAGE)
     except OSError as exc:  # the status socket, say
         fail(f"cannot start: {exc}", EXIT_RUNTIME)
 

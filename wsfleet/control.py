@@ -451,6 +451,8 @@ def format_status(status: dict[str, Any]) -> str:
             f"{pubsub['dropped_subscribers']} slow subscribers closed (as last reported, "
             f"every {STATS_INTERVAL:g}s)"
         )
+    if master.get("admin"):
+        notes.append(f"admin API: POST {master['admin']}publish/TOPIC")
     if "log_file" in master:
         notes.append(f"log: {master['log_file'] or 'standard error'}")
     body = "\n".join(line.rstrip() for line in lines)
