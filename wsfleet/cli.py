@@ -38,8 +38,9 @@ EXIT_STATUSES: dict[int, str] = {
     "(reload --wait); a new master that could not start, the old one serving on (upgrade); "
     "a lone worker stopped by a second TERM or INT, its connections closed at once",
     EXIT_USAGE: "bad input: an unknown option (the closest valid one suggested), a bad value, "
-    "an unreadable or invalid config file; one line names the option, the environment "
-    "variable, or the file and line",
+    "an unreadable or invalid config file, --admin without a token file or with one that is "
+    "unreadable or empty; one line names the option, the environment variable, or the file "
+    "and line",
     EXIT_APP: "the app cannot be loaded: the message says why; start gives up rather than "
     "restart workers that cannot load it",
 }
