@@ -260,9 +260,9 @@ def test_a_closed_server_accepts_no_more_and_answers_503_to_a_request_in_progres
         hub = Hub()
         async with serving(hub) as (server, port):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(request(length=3))
-            await writer.drain()
-            await asyncio.sleep(0.1)  # (the server reads the headers, waits for the body)
+            writer.write(request(length=3)[:-2] + b"Expect: 100-continue\r\n\r\n")
+            async with asyncio.timeout(5):  # the headers are taken: the body is awaited
+                assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
             server.close()
             writer.write(b"abc")
             async with asyncio.timeout(5):
@@ -280,11 +280,12 @@ def test_connections_beyond_the_limit_are_answered_503_at_once(monkeypatch) -> N
     monkeypatch.setattr(admin, "MAX_CLIENTS", 1)
 
     async def scenario() -> None:
-        async with serving(Hub()) as (_, port):
+        async with serving(Hub()) as (server, port):
             _, holding = await asyncio.open_connection("127.0.0.1", port)
             holding.write(b"POST /pub")  # (its headers never end)
-            await holding.drain()
-            await asyncio.sleep(0.1)
+            async with asyncio.timeout(5):
+                while server.clients < 1:  # (until the server has taken it)
+                    await asyncio.sleep(0.01)
             status, _, said = await exchange(port, request(body=b"x"), timeout=2)
             holding.close()
         assert status == 503 and "connections to the admin API at once" in said["error"]
