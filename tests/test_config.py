@@ -199,6 +199,7 @@ def run_checks_only(monkeypatch: pytest.MonkeyPatch) -> list[cfg.Config]:
         ({"certfile": "/nonexistent.pem"}, ValueError, "--certfile /nonexistent.pem: No such"),
         ({"keyfile": "/k.pem"}, ValueError, "--keyfile /k.pem needs --certfile"),
         ({"user": "no-such-user-here"}, ValueError, "--user no-such-user-here: no such user"),
+        ({"admin": "0"}, ValueError, "--admin needs --admin-token-file FILE"),
     ],
 )
 def test_run_refuses_what_start_refuses(

@@ -157,7 +157,10 @@ class AdminServer:
         except Exception:
             log.exception("admin API: error while answering %s", request.line or "a request")
             with contextlib.suppress(OSError, TimeoutError):
-                error = "the hub failed to publish (its log says why); nothing may have been"
+                error = (
+                    "the hub failed while publishing (its log says why): the message may not "
+                    "have been published"
+                )
                 await self.answer(writer, _STATUS.INTERNAL_SERVER_ERROR, {"error": error})
         finally:
             self.clients -= 1
