@@ -9,9 +9,9 @@ The rooms, each in its own module:
 - this module is the loop: one selector for every descriptor the master reads (the wake-up
   pipe of its signals, the workers' channels, the status socket, the --metrics port, an
   upgrade's pipes), each registered with its handler (the --admin port it binds and keeps,
-  but its hub serves); signals queued through
-  ``signal.set_wakeup_fd``; systemd told what changed. Each event is handled in a guarded
-  step: an error is logged with its traceback and the master goes on.
+  but its hub serves); signals queued through ``signal.set_wakeup_fd``; systemd told what
+  changed. Each event is handled in a guarded step: an error is logged with its traceback
+  and the master goes on.
 
 After the events of a wake-up, the fleet does what is due (:meth:`Fleet.on_time`) and
 recomputes what follows (:meth:`Fleet.reconcile`). The configuration in force is the fleet's

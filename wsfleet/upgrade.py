@@ -6,11 +6,10 @@ on disk now, as with nginx's and gunicorn's binary upgrade. What it hands over:
 
 - its listening sockets, in systemd's socket-activation protocol (``LISTEN_FDS`` descriptors
   from 3, ``LISTEN_PID``), which the new master reads as it reads systemd's; what each one is
-  (a slot's socket, a socket every worker shares, the --metrics port, the --admin port) is
-  said in
-  ``WSFLEET_UPGRADE`` (JSON). The sockets are the same open sockets, not new ones: a
-  connection queued on a slot's socket is accepted by whichever worker, old or new, takes it,
-  so no connection attempt meets a closed port;
+  (a slot's socket, a socket every worker shares, the --metrics port, the --admin port, the
+  hub's) is said in ``WSFLEET_UPGRADE`` (JSON). The sockets are the same open sockets, not
+  new ones: a connection queued on a slot's socket is accepted by whichever worker, old or
+  new, takes it, so no connection attempt meets a closed port;
 - its pidfile's descriptor, whose lock (flock belongs to the open file, which both share) the
   new master then holds even if the old one dies;
 - a pipe on which the new master says it is ready, or why it failed: the lines a --daemon
