@@ -62,7 +62,7 @@ def test_file_options_of_the_other_command_are_ignored(tmp_path: Path) -> None:
         ("port = 'abc'\n", "w.toml:1: port: expected an integer, got 'abc'"),
         ("host = 'x'\n\nport = 70000\n", "w.toml:3: port: expected an integer between 0 and 65535"),
         ("prot = 1\n", "w.toml:1: unknown option 'prot' (did you mean 'port'?)"),
-        ("zzz = 1\n", "w.toml:1: unknown option 'zzz' (known: access_log, app,"),
+        ("zzz = 1\n", "w.toml:1: unknown option 'zzz' (known: access_log, admin,"),
         ("port = '8765'\n", "w.toml:1: port: expected an integer, got '8765'"),
         ("max_size = true\n", "w.toml:1: max_size: expected an integer, got True"),
         ("graceful_timeout = '5'\n", "graceful_timeout: expected a number, got '5'"),
@@ -199,6 +199,7 @@ def run_checks_only(monkeypatch: pytest.MonkeyPatch) -> list[cfg.Config]:
         ({"certfile": "/nonexistent.pem"}, ValueError, "--certfile /nonexistent.pem: No such"),
         ({"keyfile": "/k.pem"}, ValueError, "--keyfile /k.pem needs --certfile"),
         ({"user": "no-such-user-here"}, ValueError, "--user no-such-user-here: no such user"),
+        ({"admin": "0"}, ValueError, "--admin needs --admin-token-file FILE"),
     ],
 )
 def test_run_refuses_what_start_refuses(

@@ -3,8 +3,8 @@ back up the layers. docs/how-it-works.md's layout table names the same layers.
 
 - shared: what both processes use (the option table, the channel, the readiness protocol,
   sockets, logs, the counts, the identity, the drain, the PROXY header, publish/subscribe's
-  core, the wire to the hub, the hub, which the master forks and a lone worker runs, and
-  its client of Redis);
+  core, the wire to the hub, the hub, which the master forks and a lone worker runs, its
+  client of Redis, and the admin API, which the hub serves);
 - the worker's side: serving connections;
 - the master's side: the fleet's decisions, the process layer, upgrades, the loop, the
   --metrics port, the pidfile and status socket;
@@ -42,6 +42,7 @@ SHARED = {
     "relay",
     "hub",
     "broker",
+    "admin",
 }
 WORKER = {"worker", "connection", "pubsub"}
 MASTER = {"fleet", "processes", "upgrade", "master", "metrics", "web", "control"}

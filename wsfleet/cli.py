@@ -38,8 +38,9 @@ EXIT_STATUSES: dict[int, str] = {
     "(reload --wait); a new master that could not start, the old one serving on (upgrade); "
     "a lone worker stopped by a second TERM or INT, its connections closed at once",
     EXIT_USAGE: "bad input: an unknown option (the closest valid one suggested), a bad value, "
-    "an unreadable or invalid config file; one line names the option, the environment "
-    "variable, or the file and line",
+    "an unreadable or invalid config file, --admin without a token file or with one that is "
+    "unreadable or empty; one line names the option, the environment variable, or the file "
+    "and line",
     EXIT_APP: "the app cannot be loaded: the message says why; start gives up rather than "
     "restart workers that cannot load it",
 }
@@ -413,6 +414,10 @@ def check(config: cfg.Config) -> None:
             "--metrics needs prometheus-client: pip install prometheus-client (from wsfleet's "
             "checkout: pip install '.[metrics]')"
         )
+    try:
+        cfg.admin_token(config)  # (read again by the master as it starts: it keeps it)
+    except cfg.ConfigError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def load_config(command: str, args: argparse.Namespace) -> cfg.Config:
@@ -527,6 +532,8 @@ def run_master(config: cfg.Config, args: argparse.Namespace) -> int:
         fail(str(exc), EXIT_RUNTIME)
     except (control.ControlError, upgrade.HandoffError) as exc:
         fail(str(exc), EXIT_RUNTIME)
+    except cfg.ConfigError as exc:  # (the token file, changed since it was checked)
+        fail(str(exc), EXIT_USAGE)
     except OSError as exc:  # the status socket, say
         fail(f"cannot start: {exc}", EXIT_RUNTIME)
 

@@ -224,6 +224,24 @@ def _broker_url(value: object) -> str | None:
     return text
 
 
+def _admin_address(value: object) -> str | None:
+    """HOST:PORT or [V6ADDR]:PORT for --admin, a bare PORT meaning 127.0.0.1:PORT (bound to
+    the loopback unless told otherwise); '' for none."""
+    text = _text(value).strip()
+    if not text:
+        return None
+    if text.isdigit():
+        text = f"127.0.0.1:{text}"
+    expected = f"expected PORT, HOST:PORT or [V6ADDR]:PORT, got {value!r}"
+    try:
+        address = parse_address(text)
+    except ValueError as exc:  # (with what is wrong, when it says)
+        raise ValueError(expected + str(exc).partition(f"got {text!r}")[2]) from None
+    if address.path is not None:
+        raise ValueError(expected)
+    return text
+
+
 def _umask(value: object) -> int:
     """An octal mode mask: 0o117, 0117 or 117 (a TOML integer such as 0o117 too)."""
     if isinstance(value, bool) or not isinstance(value, int | str):
@@ -621,6 +639,26 @@ class Config:
         commands=frozenset({"start"}),
         metavar="HOST:PORT",
     )
+    admin: str | None = option(
+        None,
+        "serve the admin API on HOST:PORT (a bare PORT: 127.0.0.1:PORT): POST /publish/TOPIC "
+        "publishes the request's body on TOPIC, as wsfleet publish does, for a client that "
+        "sends 'Authorization: Bearer TOKEN' with the token of --admin-token-file (required "
+        "with it). The hub process serves it, never the master's loop; an upgrade hands the "
+        "port over (docs/operations.md, docs/security.md)",
+        parse=_admin_address,
+        commands=frozenset({"start"}),
+        metavar="HOST:PORT",
+    )
+    admin_token_file: str | None = option(
+        None,
+        "file holding --admin's token: its content without surrounding whitespace, one word "
+        "of visible ASCII characters (openssl rand -hex 32 writes one). Read at start, and "
+        "again by an upgrade's new master; never logged or shown",
+        parse=_optional_path,
+        commands=frozenset({"start"}),
+        metavar="FILE",
+    )
     pidfile: str | None = option(
         None,
         "file where the master writes its pid; `wsfleet status|reload|stop|upgrade` find a "
@@ -664,8 +702,8 @@ KILL_MARGIN = 1.0  # what the master adds to a worker's own deadlines before it 
 # What a running master cannot change: its sockets stay those it opened at start, so a SIGHUP
 # that finds one of these changed logs a warning and keeps the old value (docs/options.md
 # lists them, from here).
-# (The hub keeps its history's bounds and its broker until the next start or upgrade: it is
-# not reloaded.)
+# (The hub keeps its history's bounds and its broker, and the admin API its token, until the
+# next start or upgrade: it is not reloaded.)
 RELOAD_IGNORES = (
     "host",
     "port",
@@ -673,12 +711,53 @@ RELOAD_IGNORES = (
     "umask",
     "backlog",
     "metrics",
+    "admin",
+    "admin_token_file",
     "history_size",
     "history_ttl",
     "broker",
     "broker_password_file",
     "broker_timeout",
 )
+
+
+MAX_TOKEN_FILE = 4096  # bytes: a token file larger than this is not one
+
+
+def admin_token(config: Config) -> str | None:
+    """--admin's token (None without --admin): --admin-token-file's content without the
+    whitespace around it. ConfigError says what to fix (exit 2). The token itself is never
+    in a message, a log line or the status."""
+    if not config.admin:
+        return None
+    path = config.admin_token_file
+    if not path:
+        raise ConfigError(
+            "--admin needs --admin-token-file FILE: a file holding the token that clients send "
+            "as 'Authorization: Bearer TOKEN' (openssl rand -hex 32 > FILE makes one)"
+        )
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_TOKEN_FILE + 1)
+    except OSError as exc:
+        raise ConfigError(f"--admin-token-file {path}: cannot read: {exc.strerror}") from None
+    if len(data) > MAX_TOKEN_FILE:
+        raise ConfigError(
+            f"--admin-token-file {path}: over {MAX_TOKEN_FILE} bytes, not a token file"
+        )
+    token = data.strip()
+    if not token:
+        raise ConfigError(
+            f"--admin-token-file {path} is empty: write the token in it (openssl rand -hex 32 "
+            f"> {path} makes one)"
+        )
+    if not all(0x21 <= byte <= 0x7E for byte in token):
+        raise ConfigError(
+            f"--admin-token-file {path}: the token must be one word of visible ASCII "
+            "characters (no space, line break or other character inside it), as openssl rand "
+            "-hex 32 writes"
+        )
+    return token.decode()
 
 
 def uses_uvloop(config: Config) -> bool:

@@ -459,6 +459,8 @@ def format_status(status: dict[str, Any]) -> str:
         since = broker["since"]
         age = f" for {_age(time.time() - since)}" if since is not None else ""
         notes.append(f"broker: {broker['address']} {broker['state']}{age}")
+    if master.get("admin"):
+        notes.append(f"admin API: POST {master['admin']}publish/TOPIC")
     if "log_file" in master:
         notes.append(f"log: {master['log_file'] or 'standard error'}")
     body = "\n".join(line.rstrip() for line in lines)

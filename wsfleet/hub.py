@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from . import relay
+from .admin import AdminServer, Port
 from .privileges import peer_allowed
 from .relay import Fields
 from .topics import BrokerUnavailable, Position, Recovery, Topics
@@ -160,6 +161,7 @@ class Hub:
         self.handing_over = False
         self.handed_over = asyncio.Event()  # set once handed over, every worker's connection closed
         self.tasks: set[asyncio.Task[None]] = set()  # (with a broker: what awaits Redis)
+        self.admin: AdminServer | None = None  # --admin, while this hub serves (wsfleet/admin.py)
 
     async def serve(self, listener: socket.socket) -> None:
         """Accept the workers' connections on ``listener`` (from now on)."""
@@ -176,12 +178,9 @@ class Hub:
             if not data:
                 raise relay.ProtocolError("a message without its kind")
             if self.broker is not None:
-                self._spawn(self._publish(peer, request, self.broker.publish(topic, data)))
+                self._spawn(self._acknowledge(peer, request, self.broker.publish(topic, data)))
                 return
-            epoch, offset = self.topics.publish(topic, data, self.clock())
-            out = relay.encode_message(topic, epoch, offset, data)
-            for subscriber in self.subscribers.get(topic, ()):
-                subscriber.write(out)
+            epoch, offset = self._sequence(topic, data)
             peer.write(relay.encode_ack(request, epoch, offset))
         elif kind == relay.SUBSCRIBE:
             topic = fields.text()
@@ -230,6 +229,22 @@ class Hub:
             relay.encode_recovery(request, answer.epoch, answer.offset, answer.recovered, messages)
         )
 
+    def _sequence(self, topic: str, payload: bytes) -> tuple[str, int]:
+        """Sequence a payload (relay.payload) on its topic and write it to every worker
+        that subscribes: its epoch and offset."""
+        epoch, offset = self.topics.publish(topic, payload, self.clock())
+        out = relay.encode_message(topic, epoch, offset, payload)
+        for subscriber in self.subscribers.get(topic, ()):
+            subscriber.write(out)
+        return epoch, offset
+
+    async def publish(self, topic: str, payload: bytes) -> int:
+        """A publish from outside the workers (the admin API): its offset (with a broker,
+        BrokerUnavailable after --broker-timeout)."""
+        if self.broker is not None:
+            return (await self.broker.wait(self.broker.publish(topic, payload))).offset
+        return self._sequence(topic, payload)[1]
+
     def _leave(self, peer: Peer, topic: str) -> None:
         peer.topics.discard(topic)
         subscribers = self.subscribers[topic]
@@ -248,7 +263,9 @@ class Hub:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _publish(self, peer: Peer, request: int, sequenced: asyncio.Future[Position]) -> None:
+    async def _acknowledge(
+        self, peer: Peer, request: int, sequenced: asyncio.Future[Position]
+    ) -> None:
         assert self.broker is not None
         try:
             epoch, offset = await self.broker.wait(sequenced)
@@ -327,6 +344,9 @@ class Hub:
         if self.server is not None:
             self.server.close()  # (this process's copy of the listening socket)
             self.server = None
+        if self.admin is not None:  # (the new hub serves it from now on)
+            self.admin.close()
+            self.admin = None
         asking.write(relay.encode_snapshot(pickle.dumps((self.topics, self.stats()))))
         for peer in list(self.peers):
             if peer.transport is not None:
@@ -382,11 +402,12 @@ async def serve_process(
     topics: Topics,
     token: str,
     wait_for_takeover: bool,
+    admin: Port | None = None,
     setup: Callable[[Hub], None] | None = None,
 ) -> int:
     """The hub child's life (``asyncio.run`` it): serve at once, or once told to take an old
-    hub's topics over; send the master its figures every second; exit when the master's
-    channel closes or on SIGTERM."""
+    hub's topics over (the workers, and ``admin``: --admin's port); send the master its
+    figures every second; exit when the master's channel closes or on SIGTERM."""
     from . import channel
 
     loop = asyncio.get_running_loop()
@@ -403,6 +424,12 @@ async def serve_process(
     loop.add_signal_handler(signal.SIGINT, lambda: None)  # Ctrl-C: the master decides
     name: str = listener.getsockname()
 
+    async def serve() -> None:
+        await hub.serve(listener)
+        if admin is not None:
+            hub.admin = AdminServer(admin, hub)
+            await hub.admin.start()
+
     async def take_over() -> None:
         data = await take_over_from(name, token)
         if data is not None:
@@ -410,7 +437,7 @@ async def serve_process(
                 hub.topics, hub.totals = restore(data, topics)
             except Exception as exc:  # an older wsfleet's state: start anew, say why
                 log.warning("the old hub's topics could not be read (%s): they start anew", exc)
-        await hub.serve(listener)
+        await serve()
 
     def on_master() -> None:
         while True:
@@ -436,7 +463,7 @@ async def serve_process(
     tasks: set[asyncio.Task[None]] = set()
     loop.add_reader(master, on_master)
     if not wait_for_takeover:
-        await hub.serve(listener)
+        await serve()
     report()
     handed: asyncio.Task[Any] = loop.create_task(hub.handed_over.wait())
     await asyncio.wait([done, handed], return_when=asyncio.FIRST_COMPLETED)

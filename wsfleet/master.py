@@ -8,9 +8,10 @@ The rooms, each in its own module:
 - wsfleet/upgrade.py is an upgrade's protocol, both ends (the old master's, the new one's);
 - this module is the loop: one selector for every descriptor the master reads (the wake-up
   pipe of its signals, the workers' channels, the status socket, the --metrics port, an
-  upgrade's pipes), each registered with its handler; signals queued through
-  ``signal.set_wakeup_fd``; systemd told what changed. Each event is handled in a guarded
-  step: an error is logged with its traceback and the master goes on.
+  upgrade's pipes), each registered with its handler (the --admin port it binds and keeps,
+  but its hub serves); signals queued through ``signal.set_wakeup_fd``; systemd told what
+  changed. Each event is handled in a guarded step: an error is logged with its traceback
+  and the master goes on.
 
 After the events of a wake-up, the fleet does what is due (:meth:`Fleet.on_time`) and
 recomputes what follows (:meth:`Fleet.reconcile`). The configuration in force is the fleet's
@@ -94,6 +95,7 @@ class Master:
         self.status_server: socket.socket | None = None
         self.web: web.WebServer | None = None  # --metrics
         self.metrics_url: str | None = None
+        self.admin_url: str | None = None  # --admin (its hub serves it)
         self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=40)
         self.events_handler: logging.Handler | None = None
         # What systemd was last told (sd_notify), so that each change is said once.
@@ -174,13 +176,34 @@ class Master:
 
     def start_hub(self, handoff: upgrade.Handoff | None) -> None:
         """The hub's socket (an old master's, on upgrade: its hub then hands the topics
-        over once this master serves); the process is forked once the slots exist."""
+        over once this master serves) and the --admin port it serves; the process is forked
+        once the slots exist."""
+        admin_token = cfg.admin_token(self.fleet.config)  # (before binding: it may fail)
         if handoff is not None and handoff.hub is not None:
             child = HubChild(handoff.hub, handoff.hub_token, wait_for_takeover=True)
         else:
             token = secrets.token_hex(16)
             child = HubChild(hub.listen(hub.address(os.getpid(), token)), token)
         self.processes.hub = child
+        child.admin = self.open_admin_port(handoff)
+        child.admin_token = admin_token or ""
+
+    def open_admin_port(self, handoff: upgrade.Handoff | None) -> socket.socket | None:
+        """--admin: bound here, or handed over by an old master (whose hub serves it until it
+        hands its topics over to this master's hub); an upgrade's new master without --admin
+        closes it."""
+        config = self.fleet.config
+        handed = handoff.admin if handoff is not None else None
+        if handoff is not None:
+            handoff.admin = None  # (the hub's record holds it from here)
+        if not config.admin:
+            if handed is not None:
+                handed.close()
+            return None
+        sock = handed or sockets.bind_plain(cfg.parse_address(config.admin), 128)
+        self.admin_url = f"http://{sockets.sock_address(sock)}/"
+        log.info("admin API (POST /publish/TOPIC) on %s, served by the hub", self.admin_url)
+        return sock
 
     def fork_hub(self) -> None:
         child = self.processes.hub
@@ -527,6 +550,8 @@ class Master:
         with 1001 by themselves, as when the master is killed; nothing kills them here."""
         fleet = self.fleet
         self.stop_hub()
+        if self.processes.hub is not None and self.processes.hub.admin is not None:
+            self.processes.hub.admin.close()  # (after an upgrade, the new master's copy stays)
         for slot in fleet.slots:
             self.processes.close_slot(slot)
         for listener in self.listeners.shared:
@@ -568,6 +593,8 @@ class Master:
         }
         if self.metrics_url is not None:
             status["master"]["metrics"] = self.metrics_url
+        if self.admin_url is not None:
+            status["master"]["admin"] = self.admin_url
         child = self.processes.hub
         figures = child.stats if child is not None else {}
         status["pubsub"] = {key: figures.get(key, 0) for key in hub.FIGURES}

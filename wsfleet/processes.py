@@ -71,7 +71,8 @@ IGNORED_WHILE_STARTING = (
 class HubChild:
     """The master's hub process (wsfleet/hub.py): its listening socket (the master's, kept
     for the fleet's life and handed over on upgrade, so that workers always reach a hub at
-    one name), the token an upgrade's new hub shows the old one, and the running child."""
+    one name), the token an upgrade's new hub shows the old one, the --admin port it serves
+    (the master's too, kept and handed over alike) with its token, and the running child."""
 
     listener: socket.socket
     token: str
@@ -84,6 +85,8 @@ class HubChild:
     restarts: int = 0  # replaced after it died
     quick_exits: int = 0  # died within a second of its start, running
     name: str = ""  # its abstract name, which workers connect to
+    admin: socket.socket | None = None  # --admin's listening socket (wsfleet/admin.py)
+    admin_token: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
         name = self.listener.getsockname()  # (bytes for an abstract name)
@@ -318,8 +321,10 @@ class ProcessLayer:
         if self.hub is not None:
             if self.hub.channel is not None:
                 self.hub.channel.close()
-            if slot is not None:  # (a worker reaches the hub by name)
+            if slot is not None:  # (a worker reaches the hub by name; the admin API is the hub's)
                 self.hub.listener.close()
+                if self.hub.admin is not None:
+                    self.hub.admin.close()
         if slot is None:
             for listener in self.listeners.shared:
                 listener.sock.close()
@@ -327,6 +332,7 @@ class ProcessLayer:
 
     def run_hub(self, hub: HubChild, hub_end: socket.socket) -> int:
         from . import hub as hub_module
+        from .admin import Port
         from .topics import MAX_IDLE_TOPICS, Topics
 
         setproctitle(f"wsfleet: hub [{self.listeners.title()}]")
@@ -345,9 +351,18 @@ class ProcessLayer:
             history_ttl=config.history_ttl,
             max_idle_topics=MAX_IDLE_TOPICS,
         )
+        admin = None
+        if hub.admin is not None:
+            admin = Port(hub.admin, hub.admin_token, config.max_size)
         return asyncio.run(
             hub_module.serve_process(
-                hub.listener, hub_end, topics, hub.token, hub.wait_for_takeover, setup
+                hub.listener,
+                hub_end,
+                topics,
+                hub.token,
+                hub.wait_for_takeover,
+                admin,
+                setup,
             )
         )
 

@@ -6,10 +6,10 @@ on disk now, as with nginx's and gunicorn's binary upgrade. What it hands over:
 
 - its listening sockets, in systemd's socket-activation protocol (``LISTEN_FDS`` descriptors
   from 3, ``LISTEN_PID``), which the new master reads as it reads systemd's; what each one is
-  (a slot's socket, a socket every worker shares, the --metrics port) is said in
-  ``WSFLEET_UPGRADE`` (JSON). The sockets are the same open sockets, not new ones: a
-  connection queued on a slot's socket is accepted by whichever worker, old or new, takes it,
-  so no connection attempt meets a closed port;
+  (a slot's socket, a socket every worker shares, the --metrics port, the --admin port, the
+  hub's) is said in ``WSFLEET_UPGRADE`` (JSON). The sockets are the same open sockets, not
+  new ones: a connection queued on a slot's socket is accepted by whichever worker, old or
+  new, takes it, so no connection attempt meets a closed port;
 - its pidfile's descriptor, whose lock (flock belongs to the open file, which both share) the
   new master then holds even if the old one dies;
 - a pipe on which the new master says it is ready, or why it failed: the lines a --daemon
@@ -74,6 +74,7 @@ class Handoff:
     # new master's to remove at exit once it serves (take_files), not before.
     files: list[tuple[str | None, int]] = field(default_factory=list)
     metrics: socket.socket | None = None
+    admin: socket.socket | None = None  # --admin's port, which the hub serves
     hub: socket.socket | None = None  # the hub's listening socket (wsfleet/hub.py)
     hub_token: str = ""  # what the new hub shows the old one to take its topics over
     pidfile: str | None = None
@@ -89,6 +90,8 @@ def describe(handoff: Handoff) -> tuple[str, list[int], int]:
     listening = [s for slot in handoff.slots for s in slot] + [s.sock for s in handoff.shared]
     if handoff.metrics is not None:
         listening.append(handoff.metrics)
+    if handoff.admin is not None:
+        listening.append(handoff.admin)
     if handoff.hub is not None:
         listening.append(handoff.hub)
     fds = [s.fileno() for s in listening]
@@ -104,6 +107,7 @@ def describe(handoff: Handoff) -> tuple[str, list[int], int]:
             "slots": len(handoff.slots),
             "shared": [[s.path, s.inode] for s in handoff.shared],  # (read into files)
             "metrics": handoff.metrics is not None,
+            "admin": handoff.admin is not None,
             "hub": handoff.hub_token if handoff.hub is not None else None,
             "pidfile": handoff.pidfile,
             "pidfile_fd": where.get(handoff.pidfile_fd),
@@ -183,7 +187,9 @@ def inherited() -> Handoff | None:
         if hub_token is not None and not isinstance(hub_token, str):
             raise ValueError(f"hub: {hub_token!r}")
         hub = hub_token is not None
-        if len(passed) != slots * len(per_slot) + len(shared_info) + metrics + hub:
+        admin = bool(info.get("admin", False))  # (an older wsfleet: none)
+        count = slots * len(per_slot) + len(shared_info) + metrics + admin + hub
+        if len(passed) != count:
             raise ValueError(f"{len(passed)} sockets passed for {text}")
         handoff = Handoff(
             old_pid=int(info["from"]),
@@ -206,6 +212,9 @@ def inherited() -> Handoff | None:
         handoff.files.append((path, inode))
     if hub:
         handoff.hub, handoff.hub_token = rest[-1], str(hub_token)
+        rest = rest[:-1]
+    if admin:
+        handoff.admin = rest[-1]
         rest = rest[:-1]
     if metrics:
         handoff.metrics = rest[-1]
@@ -264,6 +273,7 @@ class OldEnd:
             slots=slots,
             shared=master.listeners.shared,
             metrics=master.web.sock if master.web is not None else None,
+            admin=master.processes.hub.admin if master.processes.hub is not None else None,
             hub=master.processes.hub.listener if master.processes.hub is not None else None,
             hub_token=master.processes.hub.token if master.processes.hub is not None else "",
             pidfile=pidfile.path if pidfile is not None else None,
