@@ -383,3 +383,98 @@ def test_broker_without_redis_py_exits_2_saying_what_to_install(tmp_path) -> Non
             assert "redis" in result.stderr and expected in result.stderr, result.stderr
         else:
             assert "empty" in result.stderr, result.stderr
+
+
+@SLOW
+def test_an_upgrade_with_a_broker_loses_and_repeats_nothing(spawn, tmp_path, redis) -> None:
+    """wsfleet upgrade under load with --broker (the topics are in Redis, not handed over):
+    every subscriber resumes on the new workers, recovered, in the same epoch."""
+    from wsfleet import control
+
+    from .support.harness import gone
+    from .support.helpers import installed, new_masters
+    from .test_pubsub_faults import RESTART, hub_pid, restart_under_load, start
+
+    broker = ("--broker", redis.url)
+    master = start(spawn, tmp_path, *RESTART, *broker, site=installed(tmp_path))
+    hub = hub_pid(master.proc.pid)
+
+    def upgrade(master: Master) -> None:
+        result = run_wsfleet(["upgrade", "--pidfile", master.pidfile], timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
+        new = control.read_pid(master.pidfile)
+        assert new != master.proc.pid and master.proc.popen.wait(30) == 0
+        assert gone(hub) and hub_pid(new) not in (0, hub)
+
+    with new_masters(master):
+        last = restart_under_load(master, upgrade)
+        assert master.status()["broker"]["state"] == "connected"
+        wait_for(lambda: master.status()["pubsub"]["published"] == last, 5, "the figures")
+
+
+def test_the_admin_api_publishes_through_the_broker(spawn, tmp_path, redis) -> None:
+    """POST /publish/TOPIC on host a reaches a subscriber of host b; 503 while Redis is away,
+    within --broker-timeout; the log says so once for that outage."""
+    token = tmp_path / "token"
+    token.write_text("t0ken\n")
+    port = free_port()
+    log = tmp_path / "a.log"
+    admin = ("--admin", str(port), "--admin-token-file", str(token), "--log-file", str(log))
+    a = host(spawn, tmp_path / "a", redis.url, *admin)
+    b = host(spawn, tmp_path / "b", redis.url)
+
+    def post(body: bytes) -> tuple[int, dict[str, Any]]:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/publish/{TOPIC}",
+            data=body,
+            headers={"Authorization": "Bearer t0ken", "Content-Type": "text/plain"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                return answer.status, json.loads(answer.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    with Clients() as clients:
+        (subscriber,) = clients.run(subscribe_all(b.url, TOPIC, 1))
+        assert post(b"from outside") == (200, {"offset": 1})
+        clients.run(settle([subscriber], "from outside"))
+        redis.kill()
+        wait_for(lambda: broker_state(a) == "unavailable", 10, "unavailable")
+        for _ in range(3):
+            status, said = post(b"lost")
+            assert status == 503 and "within 1 s" in said["error"], (status, said)
+        redis.start()
+        wait_for(lambda: broker_state(a) == "connected", 10, "connected again")
+        assert post(b"back") == (200, {"offset": 1})  # (Redis lost its data: a new epoch)
+        clients.run(settle([subscriber], "back"))
+        assert [(o, t) for _, o, t in subscriber.received] == [(1, "from outside"), (1, "back")]
+    # One line for the outage (ERROR, logger wsfleet.broker), however many publishes failed.
+    lines = [line for line in log.read_text().splitlines() if "wsfleet.broker" in line]
+    assert len([line for line in lines if "[ERROR]" in line]) == 1, lines
+
+
+def test_rediss_reaches_redis_over_tls(spawn, tmp_path) -> None:
+    """rediss:// with the CA given in the URL's query (ssl_ca_certs, as redis-py reads it):
+    two hosts share a topic over TLS; the status shows the address without its query."""
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    paths = (tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem")
+    cert.cert_chain_pems[0].write_to_path(str(paths[0]))
+    cert.private_key_pem.write_to_path(str(paths[1]))
+    ca.cert_pem.write_to_path(str(paths[2]))
+    redis = RedisServer(tmp_path, tls=paths)
+    try:
+        a = host(spawn, tmp_path / "a", redis.url)
+        b = host(spawn, tmp_path / "b", redis.url)
+        assert a.status()["broker"]["address"] == f"rediss://127.0.0.1:{redis.port}/0"
+        with Clients() as clients:
+            (subscriber,) = clients.run(subscribe_all(b.url, TOPIC, 1))
+            published = run_wsfleet(["publish", "--pidfile", a.pidfile, TOPIC, "over tls"])
+            assert published.returncode == 0 and published.stdout.strip() == "1", published
+            clients.run(settle([subscriber], "over tls"))
+            assert [t for _, _, t in subscriber.received] == ["over tls"]
+    finally:
+        redis.stop()
