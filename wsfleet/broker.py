@@ -216,16 +216,16 @@ class Broker:
         self.watched: dict[str, asyncio.Future[None]] = {}  # topic: its channel confirmed
         self.channels: dict[bytes, str] = {}
         self.pubsub: Any = None
+        self.listener: asyncio.Task[None] | None = None
+        self.listened = 0.0  # (UNIX time) when the channels' connection last subscribed
         self.listening = asyncio.Event()  # set while a topic is watched
         self.tasks: list[asyncio.Task[None]] = []
         self.published = 0
 
     def start(self) -> None:
         self.work.set()  # (connect now: the status says at once whether Redis answers)
-        self.tasks = [
-            asyncio.ensure_future(self._run_commands()),
-            asyncio.ensure_future(self._listen()),
-        ]
+        self.listener = asyncio.ensure_future(self._listen())
+        self.tasks = [asyncio.ensure_future(self._run_commands()), self.listener]
 
     async def close(self) -> None:
         for task in self.tasks:
@@ -474,6 +474,7 @@ class Broker:
             else:
                 self._on_message(message)
         self.pubsub = pubsub
+        self.listened = time.time()
         self._up()
         for channel in channels:
             topic = self.channels.get(channel)
@@ -517,6 +518,14 @@ class Broker:
                 log.warning(
                     "the broker %s is back after %.1f s", self.shown, time.time() - status.since
                 )
+                if self.listened < status.since and self.listener is not None:
+                    # Back for commands, and the channels' connection not renewed since the
+                    # outage began: it may have died silently (a partition): a new one, and
+                    # the workers hear where each topic stands.
+                    self.listener.cancel()
+                    self.tasks.remove(self.listener)
+                    self.listener = asyncio.ensure_future(self._listen())
+                    self.tasks.append(self.listener)
             else:
                 log.info("the broker %s is connected", self.shown)
             self.status = State("connected")
