@@ -9,6 +9,7 @@ the metrics while Redis is away; the password kept out of everything shown.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import subprocess
@@ -478,3 +479,46 @@ def test_rediss_reaches_redis_over_tls(spawn, tmp_path) -> None:
             assert [t for _, _, t in subscriber.received] == ["over tls"]
     finally:
         redis.stop()
+
+
+def test_a_topic_redis_refuses_fails_alone(spawn, tmp_path, redis) -> None:
+    """A topic whose key in Redis is of another type (written by something else): its publish
+    and its subscribe raise BrokerUnavailable at once with Redis's reason; the other topics
+    and the connection that asked are untouched."""
+    from .support.pubsub_api import APP, open_client, path
+
+    redis.command("SET", "wsfleet:t:spoiled", "x")
+    (tmp_path / "api.py").write_text(APP)
+    master = Master(
+        spawn,
+        tmp_path,
+        "-w",
+        "1",
+        "--broker",
+        redis.url,
+        "--app",
+        "api:handler",
+        cwd=tmp_path,
+        env={"PYTHONDONTWRITEBYTECODE": "1"},
+    )
+    master.wait_workers(1)
+
+    async def scenario() -> None:
+        control = await open_client(master.url)
+        try:
+            for expr in (
+                "wsfleet.publish('spoiled', 'm')",
+                "wsfleet.subscribe(websocket, 'spoiled')",
+            ):
+                refused = await control.raised(expr)
+                assert refused["type"] == "BrokerUnavailable", refused
+                assert "WRONGTYPE" in refused["message"], refused
+            assert await control.call("publish", topic="fine", text="m") == 1
+            sub = await open_client(master.url, path("fine"))
+            assert await control.call("publish", topic="fine", text="n") == 2
+            assert await sub.messages(1) == ["n"]
+            await sub.close()
+        finally:
+            await control.close()
+
+    asyncio.run(scenario())

@@ -276,14 +276,29 @@ class Hub:
 
     async def _position(self, peer: Peer, topic: str, answer: asyncio.Future[Recovery]) -> None:
         """A worker's new stream of a topic: where the topic stands, asked once its channel
-        is confirmed (so that nothing falls between the two)."""
-        with contextlib.suppress(asyncio.CancelledError):  # (unwatched meanwhile)
-            recovery = await answer
+        is confirmed (so that nothing falls between the two). Refused by Redis (rare: a key
+        of another type, a script error): asked again every second while it subscribes."""
+        while True:
+            try:
+                recovery = await answer
+            except asyncio.CancelledError:  # (unwatched meanwhile)
+                return
+            except BrokerUnavailable as exc:
+                log.error("topic %r: %s; asking again in 1 s", topic, exc)
+                await asyncio.sleep(1.0)
+                if topic not in peer.topics or peer.closed() or self.broker is None:
+                    return
+                answer = self.broker.since(topic, "", 0)
+                continue
             if topic in peer.topics:
                 peer.write(relay.encode_position(topic, recovery.epoch, recovery.offset))
+            return
 
     async def _answer(self, peer: Peer, request: int, answer: asyncio.Future[Recovery]) -> None:
-        self._recovery(peer, request, await answer)
+        try:
+            self._recovery(peer, request, await answer)
+        except BrokerUnavailable as exc:
+            peer.write(relay.encode_failed(request, str(exc)))
 
     def deliver(self, topic: str, epoch: str, offset: int, data: bytes) -> None:
         """A message from the broker, to this host's workers that subscribe to its topic."""
