@@ -239,29 +239,30 @@ class Broker:
     # What the hub asks
 
     def publish(self, topic: str, payload: bytes) -> asyncio.Future[Position]:
-        """Sequence ``payload`` on ``topic``, queued now (so in the order of the calls); the
-        future is its position, or fails with BrokerUnavailable (see :meth:`wait`)."""
+        """Sequence ``payload`` on ``topic``, queued now (so in the order of the calls): the
+        future is its position, or fails with BrokerUnavailable after --broker-timeout (the
+        publish is dropped if not sent yet; if it was, Redis may still sequence it)."""
         args = (new_epoch(), payload, self.history_size, self.history_ms, self.meta_ms)
-        return self._queue(0, keys(topic), args)
+        future = self._queue(0, keys(topic), args)
+        deadline = future.get_loop().call_later(self.timeout, self._expire, future)
+        future.add_done_callback(lambda _: deadline.cancel())
+        return future
 
     def since(self, topic: str, epoch: str, offset: int) -> asyncio.Future[Recovery]:
         """What a subscriber at ``(epoch, offset)`` missed (epoch "": the position only),
-        once the topic's channel is confirmed if it is being watched."""
+        once the topic's channel is confirmed if it is being watched. No deadline: the
+        worker that asks bounds its wait."""
         args = (new_epoch(), epoch, offset, self.history_ms, self.meta_ms)
         return self._queue(1, keys(topic)[:2], args)
 
-    async def wait(self, future: asyncio.Future[Position]) -> Position:
-        """A publish's outcome within --broker-timeout, else BrokerUnavailable (the
-        publish is dropped if not sent yet; if it was, Redis may still sequence it)."""
-        try:
-            async with asyncio.timeout(self.timeout):
-                return await asyncio.shield(future)
-        except TimeoutError:
-            future.cancel()  # (skipped if still queued)
-            raise BrokerUnavailable(
-                f"the broker {self.shown} did not answer within {self.timeout:g} s"
-                + (f" ({self.status.reason})" if self.status.reason else "")
-            ) from None
+    def _expire(self, future: asyncio.Future[Position]) -> None:
+        if not future.done():
+            reason = f" ({self.status.reason})" if self.status.reason else ""
+            future.set_exception(
+                BrokerUnavailable(
+                    f"the broker {self.shown} did not answer within {self.timeout:g} s{reason}"
+                )
+            )
 
     def watch(self, topic: str) -> asyncio.Future[None]:
         """Receive the topic's messages (:attr:`deliver`); done once its channel is

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -178,7 +179,8 @@ class Hub:
             if not data:
                 raise relay.ProtocolError("a message without its kind")
             if self.broker is not None:
-                self._spawn(self._acknowledge(peer, request, self.broker.publish(topic, data)))
+                sequenced = self.broker.publish(topic, data)
+                sequenced.add_done_callback(functools.partial(self._acknowledge, peer, request))
                 return
             epoch, offset = self._sequence(topic, data)
             peer.write(relay.encode_ack(request, epoch, offset))
@@ -242,7 +244,7 @@ class Hub:
         """A publish from outside the workers (the admin API): its offset (with a broker,
         BrokerUnavailable after --broker-timeout)."""
         if self.broker is not None:
-            return (await self.broker.wait(self.broker.publish(topic, payload))).offset
+            return (await self.broker.publish(topic, payload)).offset
         return self._sequence(topic, payload)[1]
 
     def _leave(self, peer: Peer, topic: str) -> None:
@@ -263,16 +265,14 @@ class Hub:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _acknowledge(
-        self, peer: Peer, request: int, sequenced: asyncio.Future[Position]
-    ) -> None:
-        assert self.broker is not None
-        try:
-            epoch, offset = await self.broker.wait(sequenced)
-        except BrokerUnavailable as exc:
-            peer.write(relay.encode_failed(request, str(exc)))
-        else:
+    def _acknowledge(self, peer: Peer, request: int, sequenced: asyncio.Future[Position]) -> None:
+        """A publish's outcome, to its worker (a callback: no task per publish)."""
+        exc = sequenced.exception()
+        if exc is None:
+            epoch, offset = sequenced.result()
             peer.write(relay.encode_ack(request, epoch, offset))
+        else:
+            peer.write(relay.encode_failed(request, str(exc)))
 
     async def _position(self, peer: Peer, topic: str, answer: asyncio.Future[Recovery]) -> None:
         """A worker's new stream of a topic: where the topic stands, asked once its channel
