@@ -21,7 +21,7 @@ from typing import Any
 import psutil
 import pytest
 
-from .support.harness import free_port, wait_for
+from .support.harness import Browser, free_port, wait_for
 from .support.helpers import Master, run_wsfleet
 from .support.pubsub import (
     Clients,
@@ -318,6 +318,18 @@ def test_publish_command_status_and_secrets(spawn, tmp_path) -> None:
             for m in (a, b, c)
         ]
         shown.append(scrape(a))
+        browser = Browser(tmp_path, width=390, height=844)
+        try:
+            browser.open(a.status()["master"]["metrics"])
+
+            def card() -> str:
+                return str(browser.evaluate("document.getElementById('pubsub')?.innerText"))
+
+            wait_for(lambda: "broker\nconnected" in card(), 15, "the status page's broker")
+            shown.append(card())
+            assert f"redis://127.0.0.1:{redis.port}/0" in shown[-1]
+        finally:
+            browser.close()
         shown += [(tmp_path / f"{n}.log").read_text() for n in ("a", "b")]
         assert all(password not in text for text in shown)
         assert "redis://127.0.0.1" in shown[1]  # (the address is shown, without the password)
