@@ -28,8 +28,10 @@ from .support.pubsub import (
     Publisher,
     Subscriber,
     check,
+    finish,
     last_offsets,
     one_order,
+    publish_for,
     publishers_on,
     repeated,
     settle,
@@ -80,32 +82,6 @@ def host(spawn: Any, directory: Path, broker: str, *args: str) -> Master:
 
 def broker_state(master: Master) -> str:
     return str(master.status()["broker"]["state"])
-
-
-def acked(clients: Clients, publishers: list[Publisher]) -> int:
-    return int(clients.call(lambda: sum(len(p.acked()) for p in publishers)))
-
-
-def publish_for(clients: Clients, publishers: list[Publisher], count: int, timeout=30) -> None:
-    """Wait until ``count`` more publishes than now are acknowledged (the load ran)."""
-    target = acked(clients, publishers) + count
-    wait_for(lambda: acked(clients, publishers) >= target, timeout, f"{count} more publishes")
-
-
-def finish(clients: Clients, subscribers: list[Subscriber], publishers: list[Publisher]):
-    """Stop publishing, publish a last message, wait until every subscriber has it: its
-    offset, and the topic's messages as the subscribers received them."""
-
-    async def last() -> int:
-        for publisher in publishers:
-            await publisher.stop()
-        sent = await publishers[0].publish("last")
-        assert sent.offset, f"the last message was not acknowledged: {sent}"
-        await settle(subscribers, "last", timeout=40)
-        return sent.offset
-
-    offset = clients.run(last(), 60)
-    return offset, clients.call(one_order, subscribers)
 
 
 def two_hosts_under_load(spawn, tmp_path, redis, clients, rate=100.0, per_host=50):
@@ -534,3 +510,56 @@ def test_a_topic_redis_refuses_fails_alone(spawn, tmp_path, redis) -> None:
             await control.close()
 
     asyncio.run(scenario())
+
+
+def test_the_history_bounds_hold_in_redis(spawn, tmp_path, redis) -> None:
+    """--history-size 3: a resume from before the last three is not recovered, one from
+    within is; --history-ttl 1: once the topic is quiet that long its stream is gone (Redis
+    expires it) and a resume is not recovered, while the offsets go on in the same epoch."""
+    from .support.pubsub_api import APP, open_client, path
+
+    (tmp_path / "api.py").write_text(APP)
+    bounds = ("--history-size", "3", "--history-ttl", "1")
+    master = Master(
+        spawn,
+        tmp_path,
+        "-w",
+        "1",
+        "--broker",
+        redis.url,
+        *bounds,
+        "--app",
+        "api:handler",
+        cwd=tmp_path,
+        env={"PYTHONDONTWRITEBYTECODE": "1"},
+    )
+    master.wait_workers(1)
+
+    async def resume(epoch: str, offset: int) -> tuple[bool, list[str | bytes]]:
+        client = await open_client(master.url, path("t", since=(epoch, offset)))
+        (hello,) = client.subscriptions
+        got = await client.messages(5 - offset) if hello["recovered"] else []
+        await client.close()
+        return hello["recovered"], got
+
+    async def scenario() -> None:
+        control = await open_client(master.url, path())
+        offsets = [await control.call("publish", topic="t", text=f"m{n}") for n in range(1, 6)]
+        assert offsets == [1, 2, 3, 4, 5]
+        epoch = (await open_client(master.url, path("t"))).subscriptions[0]["epoch"]
+        assert await resume(epoch, 1) == (False, [])
+        assert await resume(epoch, 2) == (True, ["m3", "m4", "m5"])
+        await until_gone(redis, "wsfleet:h:t")
+        assert await resume(epoch, 4) == (False, [])
+        assert await control.call("publish", topic="t", text="m6") == 6
+        await control.close()
+
+    asyncio.run(scenario())
+
+
+async def until_gone(redis: RedisServer, key: str, timeout: float = 10) -> None:
+    """Wait until Redis no longer holds ``key`` (expired)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while redis.command("EXISTS", key) != b":0\r\n":
+        assert asyncio.get_running_loop().time() < deadline, f"{key} still in Redis"
+        await asyncio.sleep(0.05)

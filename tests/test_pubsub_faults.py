@@ -30,8 +30,9 @@ from .support.pubsub import (
     Publisher,
     Subscriber,
     check,
+    finish,
     last_offsets,
-    one_order,
+    publish_for,
     publishers_on,
     repeated,
     settle,
@@ -74,34 +75,6 @@ def hub_pid(master_pid: int) -> int:
                 found.append(child.pid)
     assert len(found) <= 1, f"two hubs: {found}"
     return found[0] if found else 0
-
-
-def acked(clients: Clients, publishers: list[Publisher]) -> int:
-    return int(clients.call(lambda: sum(len(p.acked()) for p in publishers)))
-
-
-def publish_for(clients: Clients, publishers: list[Publisher], count: int, timeout: float = 30):
-    """Wait until ``count`` more messages than now are acknowledged: the load ran (not a
-    sleep: the count is what the test needs before and after a restart)."""
-    target = acked(clients, publishers) + count
-    wait_for(lambda: acked(clients, publishers) >= target, timeout, f"{count} more publishes")
-
-
-def finish(
-    clients: Clients, subscribers: list[Subscriber], publishers: list[Publisher]
-) -> tuple[int, dict[tuple[str, int], str]]:
-    """Stop publishing, publish a last message and wait until every subscriber has it: its
-    offset, and the topic's messages as the subscribers received them."""
-
-    async def last() -> int:
-        await asyncio.gather(*(publisher.stop() for publisher in publishers))
-        sent = await publishers[0].publish("last")
-        assert sent.offset, f"the last message was not acknowledged: {sent}"
-        await settle(subscribers, "last", timeout=40)
-        return sent.offset
-
-    offset = clients.run(last(), 60)
-    return offset, clients.call(one_order, subscribers)
 
 
 def restart_under_load(master: Master, restart: Callable[[Master], None]) -> int:

@@ -58,38 +58,44 @@ RETRY = (0.05, 1.0)  # first and longest wait between attempts to reach Redis
 PING_INTERVAL = 1.0  # seconds without a command before the hub PINGs Redis
 BATCH = 512  # commands in one pipeline at most
 
-# KEYS: the topic's hash, stream, channel. ARGV: a new epoch (used if the hash is missing),
-# the payload, the history's size, its age (ms; 0: none), the hash's age (ms).
-PUBLISH = """
+# Both scripts begin with the topic's epoch, made (with an empty history) when its hash is
+# missing: KEYS[1] the hash, KEYS[2] the stream; ARGV[1] a new epoch, ARGV[5] the hash's age.
+_PRELUDE = """
+local function now_ms()
+  local now = redis.call('TIME')
+  return now[1] * 1000 + math.floor(now[2] / 1000)
+end
 local epoch = redis.call('HGET', KEYS[1], 'e')
 if not epoch then
   epoch = ARGV[1]
   redis.call('HSET', KEYS[1], 'e', epoch, 'o', 0)
+  redis.call('PEXPIRE', KEYS[1], ARGV[5])
   redis.call('DEL', KEYS[2])
 end
+"""
+
+# KEYS: the topic's hash, stream, channel. ARGV: a new epoch, the payload, the history's
+# size, its age (ms; 0: none), the hash's age (ms). {epoch, offset}.
+PUBLISH = (
+    _PRELUDE
+    + """
 local offset = redis.call('HINCRBY', KEYS[1], 'o', 1)
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 if tonumber(ARGV[3]) > 0 then
-  local now = redis.call('TIME')
-  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], offset .. '-0', 'm', ARGV[2],
-    't', now[1] * 1000 + math.floor(now[2] / 1000))
+  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], offset .. '-0', 'm', ARGV[2], 't', now_ms())
   if tonumber(ARGV[4]) > 0 then redis.call('PEXPIRE', KEYS[2], ARGV[4]) end
 end
 redis.call('PUBLISH', KEYS[3], offset .. ' ' .. epoch .. ' ' .. ARGV[2])
 return {epoch, offset}
 """
+)
 
 # KEYS: the topic's hash and stream. ARGV: a new epoch, the epoch and offset asked after
 # (an empty epoch: the position only), the history's age (ms; 0: none), the hash's age (ms).
 # {epoch, last offset, 1 if recovered, the messages after the offset...}.
-SINCE = """
-local epoch = redis.call('HGET', KEYS[1], 'e')
-if not epoch then
-  epoch = ARGV[1]
-  redis.call('HSET', KEYS[1], 'e', epoch, 'o', 0)
-  redis.call('DEL', KEYS[2])
-  redis.call('PEXPIRE', KEYS[1], ARGV[5])
-end
+SINCE = (
+    _PRELUDE
+    + """
 local last = tonumber(redis.call('HGET', KEYS[1], 'o'))
 local since = tonumber(ARGV[3])
 if epoch ~= ARGV[2] or since > last then return {epoch, last, 0} end
@@ -98,16 +104,12 @@ local first = (since + 1) .. '-0'
 local entries = redis.call('XRANGE', KEYS[2], first, '+')
 if #entries == 0 or entries[1][1] ~= first then return {epoch, last, 0} end
 local ttl = tonumber(ARGV[4])
-if ttl > 0 then
-  local now = redis.call('TIME')
-  if tonumber(entries[1][2][4]) <= now[1] * 1000 + math.floor(now[2] / 1000) - ttl then
-    return {epoch, last, 0}
-  end
-end
+if ttl > 0 and tonumber(entries[1][2][4]) <= now_ms() - ttl then return {epoch, last, 0} end
 local answer = {epoch, last, 1}
 for i = 1, #entries do answer[i + 3] = entries[i][2][2] end
 return answer
 """
+)
 
 
 def keys(topic: str) -> tuple[str, str, str]:
