@@ -707,6 +707,8 @@ def test_a_killed_hosts_subscribers_resume_on_another_host(spawn, tmp_path, redi
     assert took < 5, took
     ((epoch, _),) = last_offsets(found).items()
     checked(subscribers, [publisher], found, {epoch: last})
+    assert publisher.errors == [] and publisher.close_codes == []  # (b: undisturbed)
+    assert not [sent for sent in publisher.sent if sent.error]
     for subscriber in subscribers:
         first, second = subscriber.sessions
         assert first.close_code == 1006 and second.recovered is True, subscriber.sessions
@@ -720,7 +722,8 @@ def test_redis_full_refuses_at_once_and_evicting_loses_only_history(spawn, tmp_p
     within the history is recovered. With volatile-ttl instead, Redis evicts the topic's
     history first (its time to live is --history-ttl; the hash's, 30 days): the offsets go
     on in the same epoch and the live subscribers miss nothing, but a resume from before is
-    not recovered."""
+    not recovered. The hash evicted: the topic goes on in a new epoch, from offset 1, and a
+    resume with the old epoch is not recovered."""
     import time
 
     from .support.pubsub_api import APP, open_client, path
@@ -782,6 +785,15 @@ def test_redis_full_refuses_at_once_and_evicting_loses_only_history(spawn, tmp_p
         assert late.subscriptions[0]["epoch"] == epoch
         assert late.subscriptions[0]["offset"] == 51
         redis.command("CONFIG", "SET", "maxmemory", "0")
+        # The topic's hash gone too (as an allkeys-* policy may pick it): a new epoch.
+        assert redis.command("DEL", f"wsfleet:t:{TOPIC}") == b":1\r\n"
+        assert await control.call("publish", topic=TOPIC, text="anew") == 1
+        ((new, offset),) = await offsets(live, 1)
+        assert new != epoch and offset == 1
+        old = await open_client(master.url, path(TOPIC, since=(epoch, 51), envelope="describe"))
+        assert old.subscriptions[0]["recovered"] is False
+        assert (old.subscriptions[0]["epoch"], old.subscriptions[0]["offset"]) == (new, 1)
+        await old.close()
         for client in (control, live, late):
             await client.close()
 
