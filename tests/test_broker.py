@@ -831,7 +831,7 @@ def test_redis_back_with_older_data_loses_nothing_for_live_subscribers(
         wait_for(lambda: broker_state(a) == "connected", 10, "connected again")
         after = clients.run(publish([f"x{n}" for n in range(5)]))
         assert all(after), after
-        clients.run(settle(subscribers, "x4", timeout=5))
+        clients.run(settle(subscribers, "x4", timeout=2))
         for subscriber in subscribers:
             texts = [text for _, _, text in subscriber.received]
             assert texts[-5:] == [f"x{n}" for n in range(5)], texts[-8:]
