@@ -280,6 +280,7 @@ def test_publish_command_status_and_secrets(spawn, tmp_path) -> None:
         assert broker_state(a) == "unavailable" and a.proc.popen.poll() is None
         metrics = scrape(a)
         assert re.search(r"^wsfleet_broker_up 0\.0$", metrics, re.M)
+        wait_for(lambda: "wsfleet_broker_failed_publishes_total 1.0" in scrape(a), 5, "the count")
         redis.start()
         wait_for(lambda: broker_state(a) == "connected", 10, "connected again")
         published = run_wsfleet(["publish", "--pidfile", a.pidfile, TOPIC, "back"])
@@ -382,7 +383,7 @@ def test_an_upgrade_with_a_broker_loses_and_repeats_nothing(spawn, tmp_path, red
 
     from .support.harness import gone
     from .support.helpers import installed, new_masters
-    from .test_pubsub_faults import RESTART, hub_pid, restart_under_load, start
+    from .support.pubsub_load import RESTART, hub_pid, restart_under_load, start
 
     broker = ("--broker", redis.url)
     master = start(spawn, tmp_path, *RESTART, *broker, site=installed(tmp_path))
@@ -768,6 +769,8 @@ def test_redis_full_refuses_at_once_and_evicting_loses_only_history(spawn, tmp_p
             assert refused["type"] == "BrokerUnavailable", refused
             assert "maxmemory" in refused["message"], refused
         assert broker_state(master) == "connected"
+        # ... and counted: the status and the metrics show the refused publish.
+        wait_for(lambda: master.status()["broker"]["failed"] == 1, 5, "the failed publish")
         back = await open_client(master.url, path(TOPIC, since=(epoch, 45), envelope="describe"))
         assert back.subscriptions[0]["recovered"] is True
         assert await offsets(back, 5) == [(epoch, n) for n in range(46, 51)]

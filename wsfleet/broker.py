@@ -162,6 +162,7 @@ class _Command:
     keys: tuple[str, ...]
     args: tuple[Any, ...]
     future: asyncio.Future[Any]
+    sent: bool = False  # written to Redis (a publish's fate is then unknown until answered)
 
 
 @dataclass
@@ -173,9 +174,10 @@ class State:
     since: float = field(default_factory=time.time)
     reason: str = ""
     logged: float = 0.0  # (monotonic) the last log line of this unavailability
+    failed: int = 0  # publishes that raised BrokerUnavailable (refused, or no answer in time)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"state": self.state, "since": round(self.since, 3)}
+        return {"state": self.state, "since": round(self.since, 3), "failed": self.failed}
 
 
 class Broker:
@@ -245,8 +247,9 @@ class Broker:
         future is its position, or fails with BrokerUnavailable after --broker-timeout (the
         publish is dropped if not sent yet; if it was, Redis may still sequence it)."""
         args = (new_epoch(), payload, self.history_size, self.history_ms, self.meta_ms)
-        future = self._queue(0, keys(topic), args)
-        deadline = future.get_loop().call_later(self.timeout, self._expire, future)
+        command = self._queue(0, keys(topic), args)
+        future: asyncio.Future[Position] = command.future
+        deadline = future.get_loop().call_later(self.timeout, self._expire, command)
         future.add_done_callback(lambda _: deadline.cancel())
         return future
 
@@ -255,16 +258,22 @@ class Broker:
         once the topic's channel is confirmed if it is being watched. No deadline: the
         worker that asks bounds its wait."""
         args = (new_epoch(), epoch, offset, self.history_ms, self.meta_ms)
-        return self._queue(1, keys(topic)[:2], args)
+        return self._queue(1, keys(topic)[:2], args).future
 
-    def _expire(self, future: asyncio.Future[Position]) -> None:
-        if not future.done():
-            reason = f" ({self.status.reason})" if self.status.reason else ""
-            future.set_exception(
-                BrokerUnavailable(
-                    f"the broker {self.shown} did not answer within {self.timeout:g} s{reason}"
-                )
-            )
+    def _expire(self, command: _Command) -> None:
+        if command.future.done():
+            return
+        reason = f" ({self.status.reason})" if self.status.reason else ""
+        fate = "it was sent, and may still be published" if command.sent else "not published"
+        self._fail(
+            command,
+            f"the broker {self.shown} did not answer within {self.timeout:g} s{reason}: {fate}",
+        )
+
+    def _fail(self, command: _Command, reason: str) -> None:
+        """A publish that raises BrokerUnavailable (counted: the status's ``failed``)."""
+        self.status.failed += 1
+        command.future.set_exception(BrokerUnavailable(reason))
 
     def watch(self, topic: str) -> asyncio.Future[None]:
         """Receive the topic's messages (:attr:`deliver`); done once its channel is
@@ -292,13 +301,12 @@ class Broker:
 
     # The connections
 
-    def _queue(
-        self, script: int, keys: tuple[str, ...], args: tuple[Any, ...]
-    ) -> asyncio.Future[Any]:
+    def _queue(self, script: int, keys: tuple[str, ...], args: tuple[Any, ...]) -> _Command:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.queue.append(_Command(script, keys, args, future))
+        command = _Command(script, keys, args, future)
+        self.queue.append(command)
         self.work.set()
-        return future
+        return command
 
     async def _run_commands(self) -> None:
         """Send what is queued, a batch at a time, on one connection; idle, PING every
@@ -385,6 +393,8 @@ class Broker:
             ("EVALSHA", self.shas[c.script], len(c.keys), *c.keys, *c.args) for c in batch
         )
         results: list[Any] = []
+        for command in batch:
+            command.sent = True
         try:
             await connection.send_packed_command(packed, check_health=False)
             for _ in batch:
@@ -399,11 +409,10 @@ class Broker:
                 if command.script == 1:
                     self.queue.appendleft(command)
                 elif not command.future.done():
-                    command.future.set_exception(
-                        BrokerUnavailable(
-                            f"the broker {self.shown} failed while publishing ({_reason(exc)}): "
-                            "the message may or may not have been published"
-                        )
+                    self._fail(
+                        command,
+                        f"the broker {self.shown} failed while publishing ({_reason(exc)}): "
+                        "the message may or may not have been published",
                     )
             batch = batch[: len(results)]
             self._settle(batch, results)
@@ -418,9 +427,12 @@ class Broker:
             elif command.future.done():
                 continue
             elif isinstance(result, ResponseError):
-                command.future.set_exception(
-                    BrokerUnavailable(f"the broker {self.shown} refused: {result}")
-                )
+                if command.script == 0:
+                    self._fail(command, f"the broker {self.shown} refused: {result}")
+                else:
+                    command.future.set_exception(
+                        BrokerUnavailable(f"the broker {self.shown} refused: {result}")
+                    )
             elif command.script == 0:
                 self.published += 1
                 command.future.set_result(Position(result[0].decode(), int(result[1])))
@@ -531,13 +543,13 @@ class Broker:
                     self.tasks.append(self.listener)
             else:
                 log.info("the broker %s is connected", self.shown)
-            self.status = State("connected")
+            self.status = State("connected", failed=status.failed)
 
     def _down(self, exc: BaseException) -> None:
         reason = _reason(exc)
         status, now = self.status, time.monotonic()
         if status.state != "unavailable":
-            self.status = State("unavailable", reason=reason, logged=now)
+            self.status = State("unavailable", reason=reason, logged=now, failed=status.failed)
             log.error(
                 "the broker %s is unavailable (%s): the fleet serves on; publishes fail "
                 "after %g s, subscribers resume once it returns",
