@@ -54,6 +54,7 @@ log = logging.getLogger("wsfleet.hub")
 # reconnects and takes what it missed from the history, or tells its subscribers they missed.
 MAX_UNSENT = 64 * 2**20
 TAKEOVER_LIMIT = 5.0  # seconds a new hub waits for the old one's state before starting anew
+CLOSE_LIMIT = 2.0  # seconds an exiting hub gives its broker's connections to close
 STATS = ("delivered", "dropped_subscribers", "subscriptions")
 # The figures of the status's "pubsub" (and the metrics), as the hub reports them.
 FIGURES = ("published", "delivered", "dropped_subscribers", "topics", "subscriptions", "history")
@@ -162,6 +163,7 @@ class Hub:
         self.handing_over = False
         self.handed_over = asyncio.Event()  # set once handed over, every worker's connection closed
         self.tasks: set[asyncio.Task[None]] = set()  # (with a broker: what awaits Redis)
+        self.publishing: set[asyncio.Future[Position]] = set()  # (workers', awaiting Redis)
         self.admin: AdminServer | None = None  # --admin, while this hub serves (wsfleet/admin.py)
 
     async def serve(self, listener: socket.socket) -> None:
@@ -181,6 +183,8 @@ class Hub:
             if self.broker is not None:
                 sequenced = self.broker.publish(topic, data)
                 sequenced.add_done_callback(functools.partial(self._acknowledge, peer, request))
+                self.publishing.add(sequenced)
+                sequenced.add_done_callback(self.publishing.discard)
                 return
             epoch, offset = self._sequence(topic, data)
             peer.write(relay.encode_ack(request, epoch, offset))
@@ -353,7 +357,10 @@ class Hub:
 
     def hand_over(self, asking: Peer, pid: int) -> None:
         """An upgrade's new hub takes over: stop accepting, send it the state, close every
-        worker's connection (what each was sent is flushed first: acknowledgements too)."""
+        worker's connection (what each was sent is flushed first: acknowledgements too).
+        With a broker, the workers' publishes still awaiting Redis are answered first, and
+        nothing more is read from the workers meanwhile: a worker sends again, to the new
+        hub, only what this one never sent to Redis."""
         log.info("hub %d handing its topics over to hub %d", os.getpid(), pid)
         self.handing_over = True
         if self.server is not None:
@@ -362,6 +369,20 @@ class Hub:
         if self.admin is not None:  # (the new hub serves it from now on)
             self.admin.close()
             self.admin = None
+        if self.broker is not None and self.publishing:
+            for peer in self.peers:
+                if peer.transport is not None and peer is not asking:
+                    peer.transport.pause_reading()
+            self._spawn(self._hand_over_after(asking, set(self.publishing)))
+            return
+        self._hand_over_now(asking)
+
+    async def _hand_over_after(self, asking: Peer, publishing: set[asyncio.Future[Any]]) -> None:
+        assert self.broker is not None
+        await asyncio.wait(publishing, timeout=self.broker.timeout + 1)  # (each has a deadline)
+        self._hand_over_now(asking)
+
+    def _hand_over_now(self, asking: Peer) -> None:
         asking.write(relay.encode_snapshot(pickle.dumps((self.topics, self.stats()))))
         for peer in list(self.peers):
             if peer.transport is not None:
@@ -488,5 +509,6 @@ async def serve_process(
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(hub.handed_over.wait(), TAKEOVER_LIMIT)
     if hub.broker is not None:
-        await hub.broker.close()
+        with contextlib.suppress(TimeoutError):  # (Redis unreachable: do not linger)
+            await asyncio.wait_for(hub.broker.close(), CLOSE_LIMIT)
     return 0

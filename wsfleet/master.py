@@ -244,8 +244,10 @@ class Master:
             child.channel.close()
             child.channel = None
         child.pid = 0
-        if self.fleet.handed_over or (self.fleet.state is MasterState.STOPPING and code == 0):
-            return  # handed over to an upgrade's new hub, or stopped
+        if code == 0 or self.fleet.handed_over:
+            # Stopped, or handed over to an upgrade's new hub (it exits 0 then, maybe before
+            # this master knows the upgrade succeeded): not replaced.
+            return
         child.wait_for_takeover = False
         child.restarts += 1
         # Replaced at once; one that keeps dying as it starts, every HUB_RETRY seconds.
