@@ -83,6 +83,9 @@ def client_frame(payload: bytes, opcode: int = 2) -> bytes:
 def connect(port: int, path: str, timeout: float = 30.0) -> tuple[socket.socket, bytes]:
     """An open WebSocket connection's socket (non-blocking) and what followed the 101."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    # No Nagle (as browsers and websockets do): a publisher's small frame is not held until
+    # the server acknowledges the previous one (a delayed ACK: up to 40 ms of stall).
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.sendall(
         f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
         "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
@@ -515,20 +518,23 @@ def latency(
     rate: float,
     args: argparse.Namespace,
     groups: Groups | None = None,
+    server: Server | None = None,
 ) -> dict[str, Any]:
     """Deliveries per second `rate`: a message every subscribers/rate seconds; the times
     from publish to delivery of every delivery over --duration (``by_group``: those of each
-    group's subscriber processes)."""
+    group's subscriber processes; with `server`, the CPU of its processes and the clients')."""
+    pids = {**server.pids(), "clients": clients.pids()} if server is not None else {}
     pub.send(("rate", args.window, rate / args.subscribers))
     time.sleep(args.warmup)
     frames, _, _ = clients.received()
     clients.ask(clients.subscriber_pipes, "record", True)
-    started = time.monotonic()
+    cpu_before, started = cpu(pids), time.monotonic()
     time.sleep(args.duration)
     recorded = []
     for data in clients.ask(clients.subscriber_pipes, "record", False):
         recorded.append(array.array("d", data))
     elapsed = time.monotonic() - started
+    cpu_after = cpu(pids)
     frames_after, gaps, closed = clients.received()
     pub.send(("idle", 0))
     sent = clients.ask([pub], "count")[0]
@@ -540,6 +546,8 @@ def latency(
         "gaps": gaps,
         "closed": closed,
     }
+    if pids:
+        result["cpu"] = {k: round((cpu_after[k] - cpu_before[k]) / elapsed, 3) for k in pids}
     if groups:
         result["by_group"] = {
             name: times([x for k in members for x in recorded[k]])
