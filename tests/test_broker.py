@@ -324,6 +324,31 @@ def test_publish_command_status_and_secrets(spawn, tmp_path) -> None:
         redis.stop()
 
 
+def test_the_hub_publishes_with_deprecation_warnings_as_errors(spawn, tmp_path, redis) -> None:
+    """A fleet run with warnings turned into errors (PYTHONWARNINGS=error, as some CIs do)
+    still publishes through the broker: the hub calls no deprecated redis-py API (redis-py 8
+    warns at every call of can_read_destructive, and the warning, raised, ended the broker's
+    command loop: every publish then failed after --broker-timeout)."""
+    directory = tmp_path / "a"
+    directory.mkdir()
+    master = Master(
+        spawn,
+        directory,
+        "-w",
+        "1",
+        "--broker",
+        redis.url,
+        "--broker-timeout",
+        TIMEOUT,
+        env={"PYTHONWARNINGS": "error::DeprecationWarning"},
+    )
+    master.wait_workers(1)
+    wait_for(lambda: broker_state(master) == "connected", 10, "the broker connected")
+    for offset in ("1", "2"):
+        published = run_wsfleet(["publish", "--pidfile", master.pidfile, TOPIC, "hello"])
+        assert published.returncode == 0 and published.stdout.strip() == offset, published
+
+
 def scrape(master: Master) -> str:
     url = master.status()["master"]["metrics"] + "metrics"
     return str(urllib.request.urlopen(url, timeout=5).read().decode())
