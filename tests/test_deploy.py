@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import configparser
 import contextlib
+import json
+import posixpath
 import re
 import shlex
 import signal
@@ -15,8 +17,11 @@ import subprocess
 import sys
 import time
 import tomllib
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import kubernetes_validate
 import pytest
@@ -24,11 +29,12 @@ import yaml
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
+from wsfleet import cli, control
 from wsfleet import config as cfg
-from wsfleet import control
 
-from .support.harness import ROOT, Supervisor, free_port, gone, wait_for
-from .support.helpers import Master, echo_once, write_app
+from .support import pubsub
+from .support.harness import ROOT, Supervisor, end, free_port, gone, wait_for
+from .support.helpers import Master, echo_once, run_wsfleet, write_app
 from .support.loadtest import Load
 
 
@@ -237,6 +243,23 @@ def test_systemd_unit_agrees_with_wsfleet() -> None:
     assert " start " in service["ExecStart"]
 
 
+def test_systemd_units_commented_broker_lines_agree_with_wsfleet() -> None:
+    """conf/wsfleet.service's commented lines for a shared Redis: the ExecStart is the
+    active one plus the broker's options, which wsfleet takes, and the password file is the
+    credential LoadCredential= names, in the directory systemd gives the service."""
+    text = (ROOT / "conf" / "wsfleet.service").read_text()
+    ((name, source),) = re.findall(r"^#LoadCredential=([\w-]+):(/\S+)$", text, re.M)
+    (command,) = re.findall(r"^#ExecStart=(.*)$", text, re.M)
+    active = shlex.split(unit_file("wsfleet.service")["Service"]["ExecStart"])
+    argv = shlex.split(command)
+    assert argv[: len(active)] == active
+    args = cli.build_parser().parse_command_line(argv[1:])
+    config = cfg.load("start", cli.given_options(args), None, environ={})
+    assert config.broker is not None and "@" not in config.broker
+    assert config.broker_password_file == "${CREDENTIALS_DIRECTORY}/" + name
+    assert source.startswith("/etc/wsfleet/")
+
+
 def unit_file(name: str) -> configparser.RawConfigParser:
     unit = configparser.RawConfigParser(strict=False)
     unit.optionxform = str  # type: ignore[assignment,method-assign]
@@ -333,34 +356,281 @@ def test_master_tells_systemd_reloads_stops_status_and_watchdog(spawn, tmp_path:
         assert master.proc.wait(30) == 0
 
 
+MANIFEST = ROOT / "conf" / "kubernetes.yaml"
+
+
+def manifest() -> dict[tuple[str, str], dict[str, Any]]:
+    """conf/kubernetes.yaml's documents by (kind, name)."""
+    documents = list(yaml.safe_load_all(MANIFEST.read_text()))
+    found = {(doc["kind"], doc["metadata"]["name"]): doc for doc in documents}
+    assert len(found) == len(documents)  # (no two documents of one kind and name)
+    return found
+
+
+def container_config(container: dict[str, Any]) -> cfg.Config:
+    """The wsfleet container's command line and environment, read as `wsfleet start` reads
+    them: an option that does not exist (or a bad value) fails here as it would in the pod."""
+    argv = [*container["command"], *container.get("args", [])]
+    assert argv[:2] == ["wsfleet", "start"], argv
+    try:
+        args = cli.build_parser().parse_command_line(argv[1:])
+    except SystemExit:
+        raise AssertionError(f"wsfleet refuses the manifest's command line: {argv}") from None
+    env = {e["name"]: e["value"] for e in container["env"]}
+    return cfg.load("start", cli.given_options(args), None, environ=env)
+
+
+def secret_file(pod: dict[str, Any], container: dict[str, Any], path: str) -> tuple[str, str]:
+    """The Secret and key a container finds at ``path``: a read-only mount of a secret
+    volume at the file's directory, whose item is the file's name."""
+    directory, name = posixpath.split(path)
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == directory]
+    assert mount["readOnly"] is True
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    (item,) = [i for i in volume["secret"]["items"] if i["path"] == name]
+    return volume["secret"]["secretName"], item["key"]
+
+
 def test_kubernetes_manifest_agrees_with_wsfleet() -> None:
-    documents = list(yaml.safe_load_all((ROOT / "conf" / "kubernetes.yaml").read_text()))
-    kinds = {doc["kind"]: doc for doc in documents}
-    assert set(kinds) == {"Deployment", "Service", "PodDisruptionBudget"}
-    for doc in documents:  # the current Kubernetes schemas, strict: no unknown field
+    docs = manifest()
+    assert set(docs) == {
+        ("Deployment", "wsfleet"),
+        ("Service", "wsfleet"),
+        ("PodDisruptionBudget", "wsfleet"),
+        ("Service", "wsfleet-admin"),
+        ("NetworkPolicy", "wsfleet"),
+        ("ConfigMap", "redis-config"),
+        ("Service", "redis"),
+        ("StatefulSet", "redis"),
+        ("NetworkPolicy", "redis"),
+    }
+    for doc in docs.values():  # the current Kubernetes schemas, strict: no unknown field
         kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
-    pod = kinds["Deployment"]["spec"]["template"]["spec"]
+    deployment = docs["Deployment", "wsfleet"]
+    assert deployment["spec"]["replicas"] >= 2  # several pods, one Redis
+    pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     env = {e["name"]: e["value"] for e in container["env"]}
+    config = container_config(container)
     defaults = cfg.Config()
-    assert container["command"][:2] == ["wsfleet", "start"]
-    assert int(env["WSFLEET_PORT"]) == defaults.port
-    assert container["ports"][0]["containerPort"] == defaults.port
-    assert float(env["WSFLEET_GRACEFUL_TIMEOUT"]) == defaults.graceful_timeout
+    assert config.port == defaults.port and int(env["WSFLEET_PORT"]) == defaults.port
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["ws"] == defaults.port
+    assert config.graceful_timeout == defaults.graceful_timeout
     assert container["readinessProbe"]["httpGet"]["path"] == defaults.health_path
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
     # The kubelet's SIGKILL comes after the grace period, which counts preStop too.
     assert pod["terminationGracePeriodSeconds"] > float(pre_stop[1]) + cfg.drain_limit(defaults)
-    service = kinds["Service"]["spec"]
-    assert service["ports"][0]["targetPort"] == container["ports"][0]["name"]
-    assert service["selector"] == kinds["Deployment"]["spec"]["selector"]["matchLabels"]
-    budget = kinds["PodDisruptionBudget"]["spec"]
-    assert budget["selector"] == kinds["Deployment"]["spec"]["selector"]
+    service = docs["Service", "wsfleet"]["spec"]
+    assert [p["targetPort"] for p in service["ports"]] == ["ws"]  # not the admin port
+    assert service["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    budget = docs["PodDisruptionBudget", "wsfleet"]["spec"]
+    assert budget["selector"] == deployment["spec"]["selector"]
     # Memory: the limit leaves room for a reload (old workers hold their connections while
     # the new ones fill up); the request covers the connections the comment sizes it for.
     memory = container["resources"]
     assert memory["limits"]["memory"] == "1Gi" and memory["requests"]["memory"] == "512Mi"
+
+
+def test_kubernetes_manifest_shares_one_redis() -> None:
+    """--broker names the redis Service, with no password in it; the password is a file of
+    a Secret that Redis reads too, and that the manifest's comment says how to create;
+    nothing secret is in an environment variable; Redis keeps what it acknowledged and
+    refuses writes when full."""
+    docs = manifest()
+    pod = docs["Deployment", "wsfleet"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    config = container_config(container)
+    assert config.broker is not None and config.broker_password_file is not None
+    url = urllib.parse.urlsplit(config.broker)
+    assert url.scheme == "redis" and url.password is None and url.username is None
+    redis_service = docs["Service", url.hostname]["spec"]
+    (port,) = redis_service["ports"]
+    assert port["port"] == url.port
+    redis_set = docs["StatefulSet", "redis"]["spec"]
+    assert redis_set["serviceName"] == url.hostname
+    redis_pod = redis_set["template"]["spec"]
+    assert redis_service["selector"] == redis_set["selector"]["matchLabels"]
+    assert redis_set["template"]["metadata"]["labels"] == redis_set["selector"]["matchLabels"]
+    (redis,) = redis_pod["containers"]
+    assert {p["name"]: p["containerPort"] for p in redis["ports"]}[port["targetPort"]] == 6379
+
+    # The password: one Secret's key, a file for wsfleet and for Redis alike.
+    password = secret_file(pod, container, config.broker_password_file)
+    script = redis["args"][0]
+    (read,) = re.findall(r"\$\(cat (\S+)\)", script)
+    assert secret_file(redis_pod, redis, read) == password
+    created = dict(
+        re.findall(
+            r"kubectl create secret generic (\S+) --from-literal=(\w+)=", MANIFEST.read_text()
+        )
+    )
+    assert created[password[0]] == password[1]
+    for where in (container, redis):
+        assert all("valueFrom" not in e for e in where.get("env", []))
+    # (that Redis's command line and environment hold no password: run, below)
+
+    # Redis's configuration: the file the script names, from the ConfigMap.
+    (conf_path,) = re.findall(r"exec redis-server (\S+) -", script)
+    (mount,) = [m for m in redis["volumeMounts"] if m["mountPath"] == posixpath.dirname(conf_path)]
+    (volume,) = [v for v in redis_pod["volumes"] if v["name"] == mount["name"]]
+    conf_map = docs["ConfigMap", volume["configMap"]["name"]]["data"]
+    settings = redis_settings(conf_map[posixpath.basename(conf_path)])
+    assert settings["port"] == "6379"
+    assert settings["appendonly"] == "yes" and settings["appendfsync"] == "always"
+    assert settings["save"] == '""'  # (no snapshot to come back to an older state from)
+    assert settings["maxmemory-policy"] == "noeviction"
+    limit = quantity(redis["resources"]["limits"]["memory"])
+    assert quantity(settings["maxmemory"]) < limit  # (room for the rewrite's fork)
+    (data,) = [m for m in redis["volumeMounts"] if m["name"] == "data"]
+    assert settings["dir"] == data["mountPath"]
+    (claim,) = redis_set["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "data"
+    # Only the wsfleet pods reach Redis.
+    policy = docs["NetworkPolicy", "redis"]["spec"]
+    assert policy["podSelector"]["matchLabels"] == redis_set["selector"]["matchLabels"]
+    ((rule,),) = [r["from"] for r in policy["ingress"]]
+    wsfleet_labels = docs["Deployment", "wsfleet"]["spec"]["template"]["metadata"]["labels"]
+    assert rule["podSelector"]["matchLabels"].items() <= wsfleet_labels.items()
+
+
+def test_kubernetes_manifest_admin_api_is_for_the_cluster_only() -> None:
+    """The admin API: its own Service (not the public one), its token a Secret's file, and a
+    NetworkPolicy that lets only labelled pods reach its port, and anyone the WebSocket's."""
+    docs = manifest()
+    deployment = docs["Deployment", "wsfleet"]
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    config = container_config(container)
+    assert config.admin is not None and config.admin_token_file is not None
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert config.admin == f"0.0.0.0:{ports['admin']}"
+    token = secret_file(pod, container, config.admin_token_file)
+    created = dict(
+        re.findall(
+            r"kubectl create secret generic (\S+) --from-literal=(\w+)=", MANIFEST.read_text()
+        )
+    )
+    assert created[token[0]] == token[1]
+    admin = docs["Service", "wsfleet-admin"]["spec"]
+    assert admin["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert [p["targetPort"] for p in admin["ports"]] == ["admin"]
+    assert "type" not in admin  # ClusterIP: no load balancer in front of it
+    policy = docs["NetworkPolicy", "wsfleet"]["spec"]
+    assert policy["podSelector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    rules = {tuple(p["port"] for p in r["ports"]): r.get("from") for r in policy["ingress"]}
+    assert rules[("ws",)] is None  # from anywhere
+    (publishers,) = rules[("admin",)]
+    assert publishers["podSelector"]["matchLabels"] == {"wsfleet-publisher": "true"}
+    assert set(ports) == {"ws", "admin"}
+
+
+def redis_settings(text: str) -> dict[str, str]:
+    """A redis.conf's directives (the last one of each name wins, as in Redis)."""
+    settings = {}
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            name, _, value = line.strip().partition(" ")
+            settings[name] = value.strip()
+    return settings
+
+
+def quantity(text: str) -> int:
+    """Bytes of a Kubernetes quantity (1Gi) or a Redis size (768mb)."""
+    units = {"gi": 2**30, "mi": 2**20, "ki": 2**10, "gb": 2**30, "mb": 2**20, "kb": 2**10}
+    match = re.fullmatch(r"(\d+)([A-Za-z]*)", text)
+    assert match is not None, text
+    return int(match[1]) * units[match[2].lower()] if match[2] else int(match[1])
+
+
+def test_kubernetes_commands_run_here(spawn, tmp_path: Path) -> None:
+    """The manifest's Redis (its command line and configuration) and wsfleet (its command
+    line, environment and secret files) run on this machine, paths and addresses moved into
+    the test's directory: Redis asks for the Secret's password and keeps it out of its
+    command line and environment, and refuses to start with an empty one; wsfleet connects
+    with the password file; a publish as `kubectl exec deploy/wsfleet -- wsfleet publish`
+    runs it (the container's environment, no pidfile) and one through the admin API with the
+    token reach a subscriber."""
+    docs = manifest()
+    redis_pod = docs["StatefulSet", "redis"]["spec"]["template"]["spec"]
+    (redis,) = redis_pod["containers"]
+    secrets, etc, data = tmp_path / "secrets", tmp_path / "etc", tmp_path / "data"
+    for directory in (secrets / "redis", secrets / "wsfleet-admin", etc, data):
+        directory.mkdir(parents=True)
+    redis_port, ws_port, admin_port = free_port(), free_port(), free_port()
+    conf = docs["ConfigMap", "redis-config"]["data"]["redis.conf"]
+    conf = re.sub(r"^port .*$", f"port {redis_port}", conf, flags=re.M)
+    conf = re.sub(r"^bind .*$", "bind 127.0.0.1", conf, flags=re.M)
+    conf = re.sub(r"^dir .*$", f"dir {data}", conf, flags=re.M)
+    (etc / "redis.conf").write_text(conf)
+    script = redis["args"][0].replace("/run/secrets/", f"{secrets}/")
+    script = script.replace("/etc/redis/", f"{etc}/")
+    redis_argv = [*redis["command"], script]
+    password_file = secrets / "redis" / "password"
+
+    password_file.write_text("")  # the Secret not filled in: Redis does not start
+    refused = subprocess.run(redis_argv, capture_output=True, text=True, timeout=30)
+    assert refused.returncode == 1 and "empty password" in refused.stderr, refused
+
+    password = "0123456789abcdef" * 4  # (openssl rand -hex 32 writes such a word)
+    password_file.write_text(password + "\n")  # (kubectl --from-literal adds no newline)
+    log = open(tmp_path / "redis.log", "wb")  # noqa: SIM115 (the child's, closed below)
+    server = subprocess.Popen(redis_argv, stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    try:
+        wait_for(lambda: redis_answers(redis_port) == b"-NOAUTH", 10, "Redis from the manifest")
+        for part in ("cmdline", "environ"):
+            assert password.encode() not in Path(f"/proc/{server.pid}/{part}").read_bytes()
+
+        pod = docs["Deployment", "wsfleet"]["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        argv = [
+            arg.replace("/run/secrets/", f"{secrets}/")
+            .replace("redis://redis:6379/", f"redis://127.0.0.1:{redis_port}/")
+            .replace("=0.0.0.0:8766", f"=127.0.0.1:{admin_port}")
+            for arg in [*container["command"], *container["args"]]
+        ]
+        assert argv != [*container["command"], *container["args"]]
+        env = {e["name"]: e["value"] for e in container["env"]}
+        env.update(WSFLEET_HOST="127.0.0.1", WSFLEET_PORT=str(ws_port))
+        (secrets / "wsfleet-admin" / "token").write_text("t0ken")
+        (tmp_path / "app.py").write_text(pubsub.APP)
+        spawn(*argv[1:], cwd=tmp_path, env=env).wait_ready()
+
+        def broker() -> str:
+            shown = run_wsfleet(["status", "--json"], env=env, cwd=tmp_path)
+            return str(json.loads(shown.stdout)["broker"]["state"]) if shown.stdout else ""
+
+        wait_for(lambda: broker() == "connected", 10, "the broker connected")
+        with pubsub.Clients() as clients:
+            subscriber = pubsub.Subscriber(f"ws://127.0.0.1:{ws_port}/", "news")
+            clients.run(subscriber.connect())
+            published = run_wsfleet(["publish", "news", "from kubectl exec"], env=env)
+            assert published.returncode == 0 and published.stdout.strip() == "1", published
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{admin_port}/publish/news",
+                data=b"from a backend",
+                headers={"Authorization": "Bearer t0ken", "Content-Type": "text/plain"},
+            )
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                assert json.loads(answer.read()) == {"offset": 2}
+            clients.run(pubsub.settle([subscriber], "from a backend"))
+            texts = [text for _, _, text in subscriber.received]
+            assert texts == ["from kubectl exec", "from a backend"]
+    finally:
+        end(server.pid)
+        server.wait(10)
+
+
+def redis_answers(port: int) -> bytes:
+    """The start of Redis's answer to PING (b"" while it does not listen)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).split(b" ")[0]
+    except OSError:
+        return b""
 
 
 def test_the_rolling_restart_script_needs_wsfleet_and_says_so() -> None:

@@ -638,6 +638,7 @@ def test_status_metrics_and_the_status_page_count_messages_and_subscribers(
 
         wait_for(shows, 15, "the status page to show the pub/sub figures")
         assert browser.evaluate("document.documentElement.scrollWidth") <= 390  # fits a phone
+        assert browser.evaluate("document.getElementById('broker-card').hidden") is True
     finally:
         browser.close()
 

@@ -58,38 +58,44 @@ RETRY = (0.05, 1.0)  # first and longest wait between attempts to reach Redis
 PING_INTERVAL = 1.0  # seconds without a command before the hub PINGs Redis
 BATCH = 512  # commands in one pipeline at most
 
-# KEYS: the topic's hash, stream, channel. ARGV: a new epoch (used if the hash is missing),
-# the payload, the history's size, its age (ms; 0: none), the hash's age (ms).
-PUBLISH = """
+# Both scripts begin with the topic's epoch, made (with an empty history) when its hash is
+# missing: KEYS[1] the hash, KEYS[2] the stream; ARGV[1] a new epoch, ARGV[5] the hash's age.
+_PRELUDE = """
+local function now_ms()
+  local now = redis.call('TIME')
+  return now[1] * 1000 + math.floor(now[2] / 1000)
+end
 local epoch = redis.call('HGET', KEYS[1], 'e')
 if not epoch then
   epoch = ARGV[1]
   redis.call('HSET', KEYS[1], 'e', epoch, 'o', 0)
+  redis.call('PEXPIRE', KEYS[1], ARGV[5])
   redis.call('DEL', KEYS[2])
 end
+"""
+
+# KEYS: the topic's hash, stream, channel. ARGV: a new epoch, the payload, the history's
+# size, its age (ms; 0: none), the hash's age (ms). {epoch, offset}.
+PUBLISH = (
+    _PRELUDE
+    + """
 local offset = redis.call('HINCRBY', KEYS[1], 'o', 1)
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 if tonumber(ARGV[3]) > 0 then
-  local now = redis.call('TIME')
-  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], offset .. '-0', 'm', ARGV[2],
-    't', now[1] * 1000 + math.floor(now[2] / 1000))
+  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], offset .. '-0', 'm', ARGV[2], 't', now_ms())
   if tonumber(ARGV[4]) > 0 then redis.call('PEXPIRE', KEYS[2], ARGV[4]) end
 end
 redis.call('PUBLISH', KEYS[3], offset .. ' ' .. epoch .. ' ' .. ARGV[2])
 return {epoch, offset}
 """
+)
 
 # KEYS: the topic's hash and stream. ARGV: a new epoch, the epoch and offset asked after
 # (an empty epoch: the position only), the history's age (ms; 0: none), the hash's age (ms).
 # {epoch, last offset, 1 if recovered, the messages after the offset...}.
-SINCE = """
-local epoch = redis.call('HGET', KEYS[1], 'e')
-if not epoch then
-  epoch = ARGV[1]
-  redis.call('HSET', KEYS[1], 'e', epoch, 'o', 0)
-  redis.call('DEL', KEYS[2])
-  redis.call('PEXPIRE', KEYS[1], ARGV[5])
-end
+SINCE = (
+    _PRELUDE
+    + """
 local last = tonumber(redis.call('HGET', KEYS[1], 'o'))
 local since = tonumber(ARGV[3])
 if epoch ~= ARGV[2] or since > last then return {epoch, last, 0} end
@@ -98,16 +104,12 @@ local first = (since + 1) .. '-0'
 local entries = redis.call('XRANGE', KEYS[2], first, '+')
 if #entries == 0 or entries[1][1] ~= first then return {epoch, last, 0} end
 local ttl = tonumber(ARGV[4])
-if ttl > 0 then
-  local now = redis.call('TIME')
-  if tonumber(entries[1][2][4]) <= now[1] * 1000 + math.floor(now[2] / 1000) - ttl then
-    return {epoch, last, 0}
-  end
-end
+if ttl > 0 and tonumber(entries[1][2][4]) <= now_ms() - ttl then return {epoch, last, 0} end
 local answer = {epoch, last, 1}
 for i = 1, #entries do answer[i + 3] = entries[i][2][2] end
 return answer
 """
+)
 
 
 def keys(topic: str) -> tuple[str, str, str]:
@@ -160,6 +162,7 @@ class _Command:
     keys: tuple[str, ...]
     args: tuple[Any, ...]
     future: asyncio.Future[Any]
+    sent: bool = False  # written to Redis (a publish's fate is then unknown until answered)
 
 
 @dataclass
@@ -171,9 +174,10 @@ class State:
     since: float = field(default_factory=time.time)
     reason: str = ""
     logged: float = 0.0  # (monotonic) the last log line of this unavailability
+    failed: int = 0  # publishes that raised BrokerUnavailable (refused, or no answer in time)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"state": self.state, "since": round(self.since, 3)}
+        return {"state": self.state, "since": round(self.since, 3), "failed": self.failed}
 
 
 class Broker:
@@ -216,16 +220,16 @@ class Broker:
         self.watched: dict[str, asyncio.Future[None]] = {}  # topic: its channel confirmed
         self.channels: dict[bytes, str] = {}
         self.pubsub: Any = None
+        self.listener: asyncio.Task[None] | None = None
+        self.listened = 0.0  # (UNIX time) when the channels' connection last subscribed
         self.listening = asyncio.Event()  # set while a topic is watched
         self.tasks: list[asyncio.Task[None]] = []
         self.published = 0
 
     def start(self) -> None:
         self.work.set()  # (connect now: the status says at once whether Redis answers)
-        self.tasks = [
-            asyncio.ensure_future(self._run_commands()),
-            asyncio.ensure_future(self._listen()),
-        ]
+        self.listener = asyncio.ensure_future(self._listen())
+        self.tasks = [asyncio.ensure_future(self._run_commands()), self.listener]
 
     async def close(self) -> None:
         for task in self.tasks:
@@ -239,29 +243,37 @@ class Broker:
     # What the hub asks
 
     def publish(self, topic: str, payload: bytes) -> asyncio.Future[Position]:
-        """Sequence ``payload`` on ``topic``, queued now (so in the order of the calls); the
-        future is its position, or fails with BrokerUnavailable (see :meth:`wait`)."""
+        """Sequence ``payload`` on ``topic``, queued now (so in the order of the calls): the
+        future is its position, or fails with BrokerUnavailable after --broker-timeout (the
+        publish is dropped if not sent yet; if it was, Redis may still sequence it)."""
         args = (new_epoch(), payload, self.history_size, self.history_ms, self.meta_ms)
-        return self._queue(0, keys(topic), args)
+        command = self._queue(0, keys(topic), args)
+        future: asyncio.Future[Position] = command.future
+        deadline = future.get_loop().call_later(self.timeout, self._expire, command)
+        future.add_done_callback(lambda _: deadline.cancel())
+        return future
 
     def since(self, topic: str, epoch: str, offset: int) -> asyncio.Future[Recovery]:
         """What a subscriber at ``(epoch, offset)`` missed (epoch "": the position only),
-        once the topic's channel is confirmed if it is being watched."""
+        once the topic's channel is confirmed if it is being watched. No deadline: the
+        worker that asks bounds its wait."""
         args = (new_epoch(), epoch, offset, self.history_ms, self.meta_ms)
-        return self._queue(1, keys(topic)[:2], args)
+        return self._queue(1, keys(topic)[:2], args).future
 
-    async def wait(self, future: asyncio.Future[Position]) -> Position:
-        """A publish's outcome within --broker-timeout, else BrokerUnavailable (the
-        publish is dropped if not sent yet; if it was, Redis may still sequence it)."""
-        try:
-            async with asyncio.timeout(self.timeout):
-                return await asyncio.shield(future)
-        except TimeoutError:
-            future.cancel()  # (skipped if still queued)
-            raise BrokerUnavailable(
-                f"the broker {self.shown} did not answer within {self.timeout:g} s"
-                + (f" ({self.status.reason})" if self.status.reason else "")
-            ) from None
+    def _expire(self, command: _Command) -> None:
+        if command.future.done():
+            return
+        reason = f" ({self.status.reason})" if self.status.reason else ""
+        fate = "it was sent, and may still be published" if command.sent else "not published"
+        self._fail(
+            command,
+            f"the broker {self.shown} did not answer within {self.timeout:g} s{reason}: {fate}",
+        )
+
+    def _fail(self, command: _Command, reason: str) -> None:
+        """A publish that raises BrokerUnavailable (counted: the status's ``failed``)."""
+        self.status.failed += 1
+        command.future.set_exception(BrokerUnavailable(reason))
 
     def watch(self, topic: str) -> asyncio.Future[None]:
         """Receive the topic's messages (:attr:`deliver`); done once its channel is
@@ -289,13 +301,12 @@ class Broker:
 
     # The connections
 
-    def _queue(
-        self, script: int, keys: tuple[str, ...], args: tuple[Any, ...]
-    ) -> asyncio.Future[Any]:
+    def _queue(self, script: int, keys: tuple[str, ...], args: tuple[Any, ...]) -> _Command:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.queue.append(_Command(script, keys, args, future))
+        command = _Command(script, keys, args, future)
+        self.queue.append(command)
         self.work.set()
-        return future
+        return command
 
     async def _run_commands(self) -> None:
         """Send what is queued, a batch at a time, on one connection; idle, PING every
@@ -382,6 +393,8 @@ class Broker:
             ("EVALSHA", self.shas[c.script], len(c.keys), *c.keys, *c.args) for c in batch
         )
         results: list[Any] = []
+        for command in batch:
+            command.sent = True
         try:
             await connection.send_packed_command(packed, check_health=False)
             for _ in batch:
@@ -396,11 +409,10 @@ class Broker:
                 if command.script == 1:
                     self.queue.appendleft(command)
                 elif not command.future.done():
-                    command.future.set_exception(
-                        BrokerUnavailable(
-                            f"the broker {self.shown} failed while publishing ({_reason(exc)}): "
-                            "the message may or may not have been published"
-                        )
+                    self._fail(
+                        command,
+                        f"the broker {self.shown} failed while publishing ({_reason(exc)}): "
+                        "the message may or may not have been published",
                     )
             batch = batch[: len(results)]
             self._settle(batch, results)
@@ -415,9 +427,12 @@ class Broker:
             elif command.future.done():
                 continue
             elif isinstance(result, ResponseError):
-                command.future.set_exception(
-                    BrokerUnavailable(f"the broker {self.shown} refused: {result}")
-                )
+                if command.script == 0:
+                    self._fail(command, f"the broker {self.shown} refused: {result}")
+                else:
+                    command.future.set_exception(
+                        BrokerUnavailable(f"the broker {self.shown} refused: {result}")
+                    )
             elif command.script == 0:
                 self.published += 1
                 command.future.set_result(Position(result[0].decode(), int(result[1])))
@@ -474,6 +489,7 @@ class Broker:
             else:
                 self._on_message(message)
         self.pubsub = pubsub
+        self.listened = time.time()
         self._up()
         for channel in channels:
             topic = self.channels.get(channel)
@@ -517,15 +533,23 @@ class Broker:
                 log.warning(
                     "the broker %s is back after %.1f s", self.shown, time.time() - status.since
                 )
+                if self.listened < status.since and self.listener is not None:
+                    # Back for commands, and the channels' connection not renewed since the
+                    # outage began: it may have died silently (a partition): a new one, and
+                    # the workers hear where each topic stands.
+                    self.listener.cancel()
+                    self.tasks.remove(self.listener)
+                    self.listener = asyncio.ensure_future(self._listen())
+                    self.tasks.append(self.listener)
             else:
                 log.info("the broker %s is connected", self.shown)
-            self.status = State("connected")
+            self.status = State("connected", failed=status.failed)
 
     def _down(self, exc: BaseException) -> None:
         reason = _reason(exc)
         status, now = self.status, time.monotonic()
         if status.state != "unavailable":
-            self.status = State("unavailable", reason=reason, logged=now)
+            self.status = State("unavailable", reason=reason, logged=now, failed=status.failed)
             log.error(
                 "the broker %s is unavailable (%s): the fleet serves on; publishes fail "
                 "after %g s, subscribers resume once it returns",

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -178,7 +179,8 @@ class Hub:
             if not data:
                 raise relay.ProtocolError("a message without its kind")
             if self.broker is not None:
-                self._spawn(self._acknowledge(peer, request, self.broker.publish(topic, data)))
+                sequenced = self.broker.publish(topic, data)
+                sequenced.add_done_callback(functools.partial(self._acknowledge, peer, request))
                 return
             epoch, offset = self._sequence(topic, data)
             peer.write(relay.encode_ack(request, epoch, offset))
@@ -242,7 +244,7 @@ class Hub:
         """A publish from outside the workers (the admin API): its offset (with a broker,
         BrokerUnavailable after --broker-timeout)."""
         if self.broker is not None:
-            return (await self.broker.wait(self.broker.publish(topic, payload))).offset
+            return (await self.broker.publish(topic, payload)).offset
         return self._sequence(topic, payload)[1]
 
     def _leave(self, peer: Peer, topic: str) -> None:
@@ -263,27 +265,40 @@ class Hub:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _acknowledge(
-        self, peer: Peer, request: int, sequenced: asyncio.Future[Position]
-    ) -> None:
-        assert self.broker is not None
-        try:
-            epoch, offset = await self.broker.wait(sequenced)
-        except BrokerUnavailable as exc:
-            peer.write(relay.encode_failed(request, str(exc)))
-        else:
+    def _acknowledge(self, peer: Peer, request: int, sequenced: asyncio.Future[Position]) -> None:
+        """A publish's outcome, to its worker (a callback: no task per publish)."""
+        exc = sequenced.exception()
+        if exc is None:
+            epoch, offset = sequenced.result()
             peer.write(relay.encode_ack(request, epoch, offset))
+        else:
+            peer.write(relay.encode_failed(request, str(exc)))
 
     async def _position(self, peer: Peer, topic: str, answer: asyncio.Future[Recovery]) -> None:
         """A worker's new stream of a topic: where the topic stands, asked once its channel
-        is confirmed (so that nothing falls between the two)."""
-        with contextlib.suppress(asyncio.CancelledError):  # (unwatched meanwhile)
-            recovery = await answer
+        is confirmed (so that nothing falls between the two). Refused by Redis (rare: a key
+        of another type, a script error): asked again every second while it subscribes."""
+        while True:
+            try:
+                recovery = await answer
+            except asyncio.CancelledError:  # (unwatched meanwhile)
+                return
+            except BrokerUnavailable as exc:
+                log.error("topic %r: %s; asking again in 1 s", topic, exc)
+                await asyncio.sleep(1.0)
+                if topic not in peer.topics or peer.closed() or self.broker is None:
+                    return
+                answer = self.broker.since(topic, "", 0)
+                continue
             if topic in peer.topics:
                 peer.write(relay.encode_position(topic, recovery.epoch, recovery.offset))
+            return
 
     async def _answer(self, peer: Peer, request: int, answer: asyncio.Future[Recovery]) -> None:
-        self._recovery(peer, request, await answer)
+        try:
+            self._recovery(peer, request, await answer)
+        except BrokerUnavailable as exc:
+            peer.write(relay.encode_failed(request, str(exc)))
 
     def deliver(self, topic: str, epoch: str, offset: int, data: bytes) -> None:
         """A message from the broker, to this host's workers that subscribe to its topic."""

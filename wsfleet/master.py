@@ -606,6 +606,7 @@ class Master:
                 "address": cfg.redact(config.broker),
                 "state": "connecting",
                 "since": None,
+                "failed": 0,
                 **(report or {}),
             }
         else:

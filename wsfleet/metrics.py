@@ -103,6 +103,12 @@ class FleetCollector:
                 "publishes fail after --broker-timeout.",
                 value=int(broker["state"] == "connected"),
             )
+            yield CounterMetricFamily(
+                "wsfleet_broker_failed_publishes",
+                "Publishes that raised BrokerUnavailable: refused by Redis (full, say), or "
+                "not answered within --broker-timeout.",
+                value=broker.get("failed", 0),
+            )
 
 
 # The hub's figures: (name, kind, help). Counters start anew when the hub is replaced after

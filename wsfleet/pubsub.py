@@ -375,7 +375,13 @@ class Client:
             if not answered.done():
                 answered.set_result(None)
 
-        request = self._request(lambda r: relay.encode_history(r, topic, epoch, offset), started)
+        def failed(reason: str) -> None:
+            if not answered.done():
+                answered.set_exception(BrokerUnavailable(reason))
+
+        request = self._request(
+            lambda r: relay.encode_history(r, topic, epoch, offset), started, failed
+        )
         try:
             async with asyncio.timeout(self.broker_timeout):
                 await answered
@@ -454,8 +460,16 @@ class Client:
             if self.feeds.get(feed.topic) is feed and feed.cursor.state is CursorState.FILLING:
                 self._act(feed, feed.cursor.filled(_recovery(fields)))
 
+        def failed(reason: str) -> None:  # (the broker refused: resync, as for a miss)
+            if self.feeds.get(feed.topic) is feed and feed.cursor.state is CursorState.FILLING:
+                log.error("topic %r: %s", feed.topic, reason)
+                at = Recovery(feed.cursor.epoch, feed.cursor.offset, False)
+                self._act(feed, feed.cursor.filled(at))
+
         topic = feed.topic
-        self._request(lambda r: relay.encode_history(r, topic, action.epoch, action.offset), filled)
+        self._request(
+            lambda r: relay.encode_history(r, topic, action.epoch, action.offset), filled, failed
+        )
 
     def _deliver(self, feed: Feed, epoch: str, offset: int, data: bytes) -> None:
         """The feed's next message, to every subscription."""

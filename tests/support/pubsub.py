@@ -31,6 +31,8 @@ import uvloop
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from . import harness
+
 T = TypeVar("T")
 
 APP = """
@@ -537,3 +539,36 @@ async def settle(subscribers: Iterable[Subscriber], text: str, timeout: float = 
     while waiting and time.monotonic() < deadline:
         waiting = [s for s in waiting if not any(r[2] == text for r in s.received[-20:])]
         await asyncio.sleep(0.05)
+
+
+# Load, and its end
+
+
+def acked(clients: Clients, publishers: list[Publisher]) -> int:
+    return int(clients.call(lambda: sum(len(p.acked()) for p in publishers)))
+
+
+def publish_for(clients: Clients, publishers: list[Publisher], count: int, timeout: float = 30):
+    """Wait until ``count`` more messages than now are acknowledged: the load ran (not a
+    sleep: the count is what the test needs before and after a restart)."""
+    target = acked(clients, publishers) + count
+    harness.wait_for(
+        lambda: acked(clients, publishers) >= target, timeout, f"{count} more publishes"
+    )
+
+
+def finish(
+    clients: Clients, subscribers: list[Subscriber], publishers: list[Publisher]
+) -> tuple[int, dict[tuple[str, int], str]]:
+    """Stop publishing, publish a last message and wait until every subscriber has it: its
+    offset, and the topic's messages as the subscribers received them."""
+
+    async def last() -> int:
+        await asyncio.gather(*(publisher.stop() for publisher in publishers))
+        sent = await publishers[0].publish("last")
+        assert sent.offset, f"the last message was not acknowledged: {sent}"
+        await settle(subscribers, "last", timeout=40)
+        return sent.offset
+
+    offset = clients.run(last(), 60)
+    return offset, clients.call(one_order, subscribers)

@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 from pathlib import Path
 
@@ -23,13 +24,25 @@ class RedisServer:
     (``persistent``: a kill -9 loses nothing acknowledged)."""
 
     def __init__(
-        self, directory: Path, *, persistent: bool = False, password: str | None = None
+        self,
+        directory: Path,
+        *,
+        persistent: bool = False,
+        password: str | None = None,
+        tls: tuple[Path, Path, Path] | None = None,
     ) -> None:
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         assert os.path.exists(binary), "redis-server missing: run scripts/install-test-tools"
         self.directory = directory
         self.port = free_port()
-        self.args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        self.tls = tls  # (certificate, key, CA): TLS only (rediss://), no client certificate
+        port = ["--port", str(self.port)]
+        if tls is not None:
+            cert, key, ca = tls
+            port = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(cert)]
+            port += ["--tls-key-file", str(key), "--tls-ca-cert-file", str(ca)]
+            port += ["--tls-auth-clients", "no"]
+        self.args = [binary, *port, "--bind", "127.0.0.1", "--save", ""]
         self.args += ["--dir", str(directory), "--daemonize", "no", "--loglevel", "warning"]
         if persistent:
             self.args += ["--appendonly", "yes", "--appendfsync", "always"]
@@ -43,6 +56,8 @@ class RedisServer:
 
     @property
     def url(self) -> str:
+        if self.tls is not None:
+            return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={self.tls[2]}"
         return f"redis://127.0.0.1:{self.port}/0"
 
     @property
@@ -59,15 +74,22 @@ class RedisServer:
     def answers(self) -> bool:
         """PING answered (NOAUTH counts: it is up)."""
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+            with self._connect(timeout=1) as s:
                 s.sendall(b"PING\r\n")
                 return s.recv(64).startswith((b"+PONG", b"-NOAUTH"))
         except OSError:
             return False
 
+    def _connect(self, timeout: float) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+        if self.tls is None:
+            return sock
+        context = ssl.create_default_context(cafile=str(self.tls[2]))
+        return context.wrap_socket(sock, server_hostname="127.0.0.1")
+
     def command(self, *args: str) -> bytes:
         """One command (inline), its raw answer."""
-        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+        with self._connect(timeout=5) as s:
             if self.password is not None:
                 s.sendall(f"AUTH {self.password}\r\n".encode())
                 assert s.recv(64).startswith(b"+OK")
