@@ -55,9 +55,11 @@ def redis(tmp_path: Path):
         server.stop()
 
 
-def host(spawn: Any, directory: Path, broker: str, *args: str) -> Master:
+def host(
+    spawn: Any, directory: Path, broker: str, *args: str, env: dict[str, str] | None = None
+) -> Master:
     """A master (one host) serving the pub/sub test app with --broker, in its own
-    directory (its pidfile)."""
+    directory (its pidfile); ``env``: more environment variables."""
     directory.mkdir(exist_ok=True)
     app = write_app(directory)
     master = Master(
@@ -73,7 +75,7 @@ def host(spawn: Any, directory: Path, broker: str, *args: str) -> Master:
         "--app",
         app,
         cwd=directory,
-        env={"PYTHONDONTWRITEBYTECODE": "1"},
+        env={"PYTHONDONTWRITEBYTECODE": "1", **(env or {})},
     )
     master.wait_workers(2)
     wait_for(lambda: broker_state(master) == "connected", 10, "the broker connected")
@@ -319,21 +321,8 @@ def test_the_hub_publishes_with_deprecation_warnings_as_errors(spawn, tmp_path, 
     still publishes through the broker: the hub calls no deprecated redis-py API (redis-py 8
     warns at every call of can_read_destructive, and the warning, raised, ended the broker's
     command loop: every publish then failed after --broker-timeout)."""
-    directory = tmp_path / "a"
-    directory.mkdir()
-    master = Master(
-        spawn,
-        directory,
-        "-w",
-        "1",
-        "--broker",
-        redis.url,
-        "--broker-timeout",
-        TIMEOUT,
-        env={"PYTHONWARNINGS": "error::DeprecationWarning"},
-    )
-    master.wait_workers(1)
-    wait_for(lambda: broker_state(master) == "connected", 10, "the broker connected")
+    warnings = {"PYTHONWARNINGS": "error::DeprecationWarning"}
+    master = host(spawn, tmp_path / "a", redis.url, env=warnings)
     for offset in ("1", "2"):
         published = run_wsfleet(["publish", "--pidfile", master.pidfile, TOPIC, "hello"])
         assert published.returncode == 0 and published.stdout.strip() == offset, published
