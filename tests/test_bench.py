@@ -141,28 +141,34 @@ def test_bench_memory_rejects_a_bad_setting() -> None:
     assert "'16/9' is not BITS/LEVEL" in result.stderr
 
 
+def run_script(script: Path, args: list[str], timeout: float) -> str:
+    """A benchmark script's output, once it exited 0; on a timeout or a failure, it is
+    stopped (SIGTERM: it stops its servers, clients and Redis) and what is left killed."""
+    proc = subprocess.Popen(
+        [sys.executable, str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        descendants = (
+            psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
+        )
+        proc.terminate()
+        proc.wait(30)
+        for child in descendants:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+    assert proc.returncode == 0, stderr.decode()
+    return stdout.decode()
+
+
 def test_bench_throughput_script_compares_the_servers(tmp_path: Path) -> None:
     """scripts/bench-throughput, shortened: every server starts, serves the client, and stops."""
     out = tmp_path / "throughput.json"
     script = Path(__file__).parent.parent / "scripts" / "bench-throughput"
     args = ["--runs", "1", "--duration", "1", "--compressions", "none,deflate", "--cpu"]
     args += ["--json", str(out)]
-    proc = subprocess.Popen(
-        [sys.executable, str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        descendants = (
-            psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
-        )
-        proc.terminate()  # the script stops its servers on SIGTERM
-        proc.wait(30)
-        for child in descendants:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                child.kill()
-    assert proc.returncode == 0, stderr.decode()
-    table = stdout.decode()
+    table = run_script(script, args, 120)
     for compression in ("none", "deflate"):
         for server in ("recipe", "wsfleet-asyncio", "wsfleet"):
             assert f"| {compression} | {server} |" in table
@@ -191,24 +197,7 @@ def test_bench_pubsub_script_measures_both_setups(tmp_path: Path) -> None:
     args = ["--subscribers", "20", "--processes", "2", "--runs", "1", "--warmup", "0.3"]
     args += ["--duration", "0.5", "--window", "8", "--client-pause", "0.005", "--flood", "2"]
     args += ["--flood-topics", "1", "--memory-topics", "20", "--memory-history", "3"]
-    proc = subprocess.Popen(
-        [sys.executable, str(script), *args, "--json", str(out)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        descendants = (
-            psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
-        )
-        proc.terminate()  # the script stops its servers and clients on SIGTERM
-        proc.wait(30)
-        for child in descendants:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                child.kill()
-    assert proc.returncode == 0, stderr.decode()
-    table = stdout.decode()
+    table = run_script(script, [*args, "--json", str(out)], 120)
     assert "| one websockets process, `broadcast` |" in table
     assert "| `wsfleet start -w 2`, `wsfleet.publish` |" in table
     data = json.loads(out.read_text())
@@ -233,6 +222,53 @@ def test_bench_pubsub_script_measures_both_setups(tmp_path: Path) -> None:
     steps = data["memory"]["run"]["steps"]
     assert [step["held"] for step in steps] == [0, 20, 60], steps
     assert steps[-1]["uss"] > 0 and data["memory"]["in_process"]["topic_bytes"] > 0
+
+
+def test_bench_broker_script_measures_both_setups_and_both_designs(tmp_path: Path) -> None:
+    """scripts/bench-broker, tiny: two hosts sharing one redis-server, with wsfleet --broker
+    and with the recipe (websockets processes subscribing to Redis themselves), each deliver
+    every message to every subscriber of both hosts in order; the latency on each host; and
+    a hub's relay by PUB/SUB and by Streams alone, with 1 and 20 topics, without gaps."""
+    out = tmp_path / "broker.json"
+    script = Path(__file__).parent.parent / "scripts" / "bench-broker"
+    args = ["--subscribers", "20", "--processes", "2", "--runs", "1", "--warmup", "0.3"]
+    args += ["--duration", "0.5", "--window", "8", "--client-pause", "0.005"]
+    args += ["--design-topics", "1,20", "--design-warmup", "0.2", "--design-duration", "0.5"]
+    args += ["--design-window", "32"]
+    table = run_script(script, [*args, "--json", str(out)], 150)
+    assert "| recipe: websockets + redis.asyncio PUB/SUB, `broadcast` |" in table
+    assert "| `wsfleet start --broker`, `wsfleet.publish` |" in table
+    assert "| 20 | Streams alone |" in table and "| 1 | PUB/SUB plus a stream |" in table
+    data = json.loads(out.read_text())
+    runs = {run["server"]: run for run in data["deliveries"]}
+    assert set(runs) == {"recipe", "wsfleet"}
+    # Each host's subscribers, and the publisher on host A, counted by its master.
+    assert runs["wsfleet"]["spread"] == [[11], [10]]
+    for run in runs.values():
+        saturation, latency = run["saturation"], run["latency"]
+        assert saturation["deliveries_per_s"] > 1000, run
+        # Both hosts' subscribers received (B's across hosts), each message once, in order.
+        assert all(saturation["by_group"][host]["deliveries_per_s"] > 0 for host in "AB"), run
+        assert saturation["gaps"] == saturation["closed"] == 0, run
+        assert saturation["cpu"]["clients"] > 0 and saturation["cpu"]["redis"] > 0, run
+        assert latency["rate"] == runs["recipe"]["latency"]["rate"]  # the same for both
+        assert latency["gaps"] == latency["closed"] == 0, run
+        for host in "AB":
+            timed = latency["by_group"][host]
+            assert timed["samples"] > 0 and 0 < timed["p50_ms"] <= timed["p99_ms"], run
+    assert runs["wsfleet"]["saturation"]["cpu"]["hubs"] > 0
+    design = data["design"][0]
+    assert {(r["shape"], r["topics"]) for r in design} == {
+        (shape, topics) for shape in ("pubsub", "streams") for topics in (1, 20)
+    }
+    for row in design:
+        assert row["saturation"]["messages_per_s"] > 0 and row["saturation"]["gaps"] == 0, row
+        timed = row["latency"]
+        assert timed["gaps"] == 0 and timed["samples"] > 0, row
+        assert 0 < timed["p50_ms"] <= timed["p99_ms"], row
+        assert timed["cpu"]["relays"] > 0 and timed["cpu"]["redis"] > 0, row
+    for topics in (1, 20):  # both shapes at the same rate
+        assert len({r["latency"]["rate"] for r in design if r["topics"] == topics}) == 1
 
 
 # Import every module of the installed package (not __main__, which runs the command line).

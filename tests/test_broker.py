@@ -55,9 +55,11 @@ def redis(tmp_path: Path):
         server.stop()
 
 
-def host(spawn: Any, directory: Path, broker: str, *args: str) -> Master:
+def host(
+    spawn: Any, directory: Path, broker: str, *args: str, env: dict[str, str] | None = None
+) -> Master:
     """A master (one host) serving the pub/sub test app with --broker, in its own
-    directory (its pidfile)."""
+    directory (its pidfile); ``env``: more environment variables."""
     directory.mkdir(exist_ok=True)
     app = write_app(directory)
     master = Master(
@@ -73,7 +75,7 @@ def host(spawn: Any, directory: Path, broker: str, *args: str) -> Master:
         "--app",
         app,
         cwd=directory,
-        env={"PYTHONDONTWRITEBYTECODE": "1"},
+        env={"PYTHONDONTWRITEBYTECODE": "1", **(env or {})},
     )
     master.wait_workers(2)
     wait_for(lambda: broker_state(master) == "connected", 10, "the broker connected")
@@ -312,6 +314,18 @@ def test_publish_command_status_and_secrets(spawn, tmp_path) -> None:
         assert "redis://127.0.0.1" in shown[1]  # (the address is shown, without the password)
     finally:
         redis.stop()
+
+
+def test_the_hub_publishes_with_deprecation_warnings_as_errors(spawn, tmp_path, redis) -> None:
+    """A fleet run with warnings turned into errors (PYTHONWARNINGS=error, as some CIs do)
+    still publishes through the broker: the hub calls no deprecated redis-py API (redis-py 8
+    warns at every call of can_read_destructive, and the warning, raised, ended the broker's
+    command loop: every publish then failed after --broker-timeout)."""
+    warnings = {"PYTHONWARNINGS": "error::DeprecationWarning"}
+    master = host(spawn, tmp_path / "a", redis.url, env=warnings)
+    for offset in ("1", "2"):
+        published = run_wsfleet(["publish", "--pidfile", master.pidfile, TOPIC, "hello"])
+        assert published.returncode == 0 and published.stdout.strip() == offset, published
 
 
 def scrape(master: Master) -> str:

@@ -37,7 +37,7 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -324,7 +324,7 @@ class Broker:
                 if not self.shas:
                     await self._load()
                 # Closed by Redis while idle (a restart): seen here, nothing was sent yet.
-                if await self.connection.can_read_destructive():
+                if await _can_read(self.connection):
                     raise ConnectionError("Redis closed the connection")
                 batch = self._batch()
                 if batch:
@@ -578,6 +578,15 @@ class Broker:
             self.tasks.remove(task)
         if not task.cancelled() and task.exception() is not None:
             log.debug("broker task: %s", task.exception())
+
+
+def _can_read(connection: Any) -> Awaitable[bool]:
+    """Whether Redis sent something unasked (or closed): ``can_read`` from redis-py 8 on,
+    where ``can_read_destructive`` is deprecated and warns at every call (a warning that,
+    with ``python -W error``, raised out of the command loop and stopped every publish)."""
+    check = getattr(connection, "can_read", None) or connection.can_read_destructive
+    result: Awaitable[bool] = check()
+    return result
 
 
 def _reason(exc: BaseException) -> str:

@@ -60,6 +60,11 @@ class RedisServer:
             return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={self.tls[2]}"
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
     def start(self) -> None:
         log = open(self.directory / "redis.log", "ab")  # noqa: SIM115 (the child's, kept)
         self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT)
