@@ -315,8 +315,10 @@ class Broker:
         probe). A publish that was not sent waits for Redis (up to its caller's timeout)."""
         retry = RETRY[0]
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.work.wait(), PING_INTERVAL)
+            if not self.work.is_set():  # (busy: no wait at all)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(PING_INTERVAL):
+                        await self.work.wait()
             self.work.clear()
             try:
                 if self.connection is None:
@@ -335,7 +337,9 @@ class Broker:
                     await self.connection.send_command("PING")
                     await self.connection.read_response()
                 retry = RETRY[0]
-            except (RedisError, OSError) as exc:
+            except Exception as exc:  # (a bug too: logged, and the loop goes on)
+                if not isinstance(exc, RedisError | OSError):
+                    log.exception("the broker's command loop failed: reconnecting")
                 await self._disconnect()
                 self._down(exc)
                 await asyncio.sleep(retry)
@@ -465,7 +469,9 @@ class Broker:
                     message = await pubsub.get_message(timeout=None)
                     if message is not None:
                         self._on_message(message)
-            except (RedisError, OSError) as exc:
+            except Exception as exc:  # (a bug too: logged, and the loop goes on)
+                if not isinstance(exc, RedisError | OSError):
+                    log.exception("the broker's channels failed: subscribing again")
                 self._down(exc)
             finally:
                 self.pubsub = None
