@@ -41,11 +41,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis.asyncio as redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError, NoScriptError, RedisError, ResponseError
-
 from .config import Config, redact
 from .topics import BrokerUnavailable, Position, Recovery, new_epoch
 
@@ -202,6 +197,11 @@ class Broker:
         self.meta_ms = max(META_TTL * 1000, self.history_ms)
         self.deliver = deliver
         self.heard = heard
+        # (redis-py is imported here, not with the module: wsfleet imports without [redis])
+        import redis.asyncio as redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
         options: dict[str, Any] = {
             "socket_timeout": timeout,
             "socket_connect_timeout": timeout,
@@ -313,6 +313,8 @@ class Broker:
         :data:`PING_INTERVAL` (so that the status says when Redis goes away, even with no
         traffic); while Redis is unreachable, try again every RETRY (connecting is the
         probe). A publish that was not sent waits for Redis (up to its caller's timeout)."""
+        from redis.exceptions import ConnectionError, RedisError
+
         retry = RETRY[0]
         while True:
             if not self.work.is_set():  # (busy: no wait at all)
@@ -391,6 +393,8 @@ class Broker:
         return confirmed is None or confirmed.done()
 
     async def _send(self, batch: list[_Command]) -> None:
+        from redis.exceptions import RedisError, ResponseError
+
         connection = self.connection
         assert connection is not None
         packed = connection.pack_commands(
@@ -424,6 +428,8 @@ class Broker:
         self._settle(batch, results)
 
     def _settle(self, batch: list[_Command], results: list[Any]) -> None:
+        from redis.exceptions import NoScriptError, ResponseError
+
         again: list[_Command] = []
         for command, result in zip(batch, results, strict=True):
             if isinstance(result, NoScriptError):  # (SCRIPT FLUSH: not run)
@@ -455,6 +461,8 @@ class Broker:
     async def _listen(self) -> None:
         """The channels' connection: (re)subscribe, then relay; after a reconnect, where each
         topic stands goes to the workers, whose cursors fetch what they missed."""
+        from redis.exceptions import RedisError
+
         retry = RETRY[0]
         while True:
             await self.listening.wait()
