@@ -45,7 +45,7 @@ SHARED = {
     "admin",
 }
 WORKER = {"worker", "connection", "pubsub"}
-MASTER = {"fleet", "processes", "upgrade", "master", "metrics", "web", "control"}
+MASTER = {"fleet", "processes", "upgrade", "master", "metrics", "web", "control", "steering"}
 # The command line, the public API and what is built on them (the default app, supervisord's
 # rolling restart, the `wsfleet bench` load client).
 TOP = {"__init__", "__main__", "cli", "arbiter", "echo", "chat", "rolling", "bench"}

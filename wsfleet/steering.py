@@ -1,0 +1,122 @@
+"""Steering new connections among the slots' sockets of one address (--balance, issue 24's
+mechanism): a classic BPF program on their SO_REUSEPORT group picks, for each new
+connection, a socket at random with weights.
+
+The kernel's hash places a connection without looking at load; wsfleet knows each worker's
+open connections (its heartbeat), so the master can weight the choice: more for the emptier
+workers, none for those that should take nothing (starting, held, draining). The program is
+replaced as the weights change; attaching it needs no privilege.
+
+- :func:`program`: the instructions, from the weights (pure). A random number (the kernel's
+  ``SKF_AD_RANDOM``) modulo the total, then one compare per socket with a weight: the first
+  cumulative weight above it names the socket. All weights 0: an index out of range, which
+  the kernel answers with its hash.
+- :class:`Group`: the kernel's numbering of a group, which the program's indices follow: a
+  socket joins at ``listen()`` (the next index), and one that closes leaves its index to the
+  group's last socket (checked on this kernel: tests/test_steering.py).
+- :func:`least_connections`: the weights from the workers' open connections (pure).
+- :func:`attach`: the ``setsockopt`` (OSError where the kernel refuses: the hash goes on).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import socket
+import struct
+from collections.abc import Hashable, Sequence
+
+SO_ATTACH_REUSEPORT_CBPF = 51
+SO_DETACH_REUSEPORT_BPF = 68
+_SKF_AD_RANDOM = -0x1000 + 56  # SKF_AD_OFF + SKF_AD_RANDOM: a random 32-bit number
+# Classic BPF opcodes (linux/filter.h, linux/bpf_common.h)
+_LD_W_ABS = 0x00 | 0x00 | 0x20
+_ALU_MOD_K = 0x04 | 0x90 | 0x00
+_JMP_JGE_K = 0x05 | 0x30 | 0x00
+_RET_K = 0x06 | 0x00
+_INSTRUCTION = struct.Struct("=HBBI")  # struct sock_filter: code, jt, jf, k
+HASH = 0xFFFFFFFF  # an index no group has: the kernel then uses its hash
+MAX_SOCKETS = 2000  # (two instructions each: under the kernel's 4,096)
+
+
+def program(weights: Sequence[int]) -> bytes:
+    """The instructions that pick socket ``i`` with probability ``weights[i] / sum``; all 0:
+    the kernel's hash."""
+    if len(weights) > MAX_SOCKETS:
+        raise ValueError(f"at most {MAX_SOCKETS} sockets in a group, got {len(weights)}")
+    if any(w < 0 for w in weights):
+        raise ValueError(f"weights are >= 0, got {list(weights)}")
+    total = sum(weights)
+    if total == 0:
+        return _INSTRUCTION.pack(_RET_K, 0, 0, HASH)
+    if total >= 2**32:
+        raise ValueError(f"the weights' total must fit 32 bits, got {total}")
+    code = [
+        _INSTRUCTION.pack(_LD_W_ABS, 0, 0, _SKF_AD_RANDOM & 0xFFFFFFFF),
+        _INSTRUCTION.pack(_ALU_MOD_K, 0, 0, total),
+    ]
+    cumulative, last = 0, 0
+    for index, weight in enumerate(weights):
+        if weight:
+            cumulative += weight
+            last = index
+            if cumulative < total:  # (A < cumulative: this socket; else the next compare)
+                code.append(_INSTRUCTION.pack(_JMP_JGE_K, 1, 0, cumulative))
+                code.append(_INSTRUCTION.pack(_RET_K, 0, 0, index))
+    code.append(_INSTRUCTION.pack(_RET_K, 0, 0, last))
+    return b"".join(code)
+
+
+def attach(sock: socket.socket, weights: Sequence[int]) -> None:
+    """Steer the group of ``sock`` (every socket of its address) with ``weights``, given in
+    the group's order (:class:`Group`). OSError where the kernel refuses."""
+    code = program(weights)
+    buffer = ctypes.create_string_buffer(code, len(code))  # (alive across the call)
+    fprog = struct.pack("@HP", len(code) // _INSTRUCTION.size, ctypes.addressof(buffer))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
+
+
+def detach(sock: socket.socket) -> None:
+    """Back to the kernel's hash for the group of ``sock``."""
+    sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, 0)
+
+
+class Group:
+    """The kernel's numbering of one reuseport group: what :func:`program`'s indices mean.
+
+    Members are the caller's keys (a slot's index, say), in the order their sockets called
+    ``listen()``; when one closes, the group's last takes its index.
+    """
+
+    def __init__(self) -> None:
+        self.members: list[Hashable] = []
+
+    def join(self, key: Hashable) -> None:
+        if key in self.members:
+            raise ValueError(f"{key!r} is in the group already")
+        self.members.append(key)
+
+    def leave(self, key: Hashable) -> None:
+        index = self.members.index(key)
+        last = self.members.pop()
+        if index < len(self.members):
+            self.members[index] = last
+
+    def weights(self, by_key: dict[Hashable, int]) -> list[int]:
+        """The weights in the group's order (a member not in ``by_key``: 0)."""
+        return [by_key.get(key, 0) for key in self.members]
+
+
+def least_connections(connections: Sequence[int | None]) -> list[int]:
+    """Weights for new connections, from each worker's open ones (None: it takes none).
+
+    Each eligible worker's weight is its deficit to the busiest one, plus a floor (a tenth of
+    the mean, at least 1): new connections fill the emptier workers in proportion to what
+    they lack, so a burst between two updates spreads instead of landing on one worker, and
+    every eligible worker keeps a share. Equal counts: equal weights.
+    """
+    counts = [c for c in connections if c is not None]
+    if not counts:
+        return [0] * len(connections)
+    top = max(counts)
+    floor = max(1, sum(counts) // (10 * len(counts)))
+    return [0 if c is None else top - c + floor for c in connections]
