@@ -5,13 +5,19 @@ placed by the weights, on real sockets of 127.0.0.1."""
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import signal
 import socket
 import struct
+import time
 
 import pytest
+from websockets.asyncio.client import connect
 
 from wsfleet import steering
+
+from .support.helpers import Master
 
 
 def run(code: bytes, random: int) -> int:
@@ -74,8 +80,8 @@ def test_a_group_fills_a_hole_with_its_last_member() -> None:
 
 def test_least_connections_weights_the_emptier_workers_more() -> None:
     assert steering.least_connections([10, 10, 10]) == [1, 1, 1]
-    assert steering.least_connections([1000, 1000, 0, 0]) == [50, 50, 1050, 1050]
-    assert steering.least_connections([400, None, 0]) == [20, 0, 420]
+    assert steering.least_connections([1000, 1000, 0, 0]) == [10, 10, 1010, 1010]
+    assert steering.least_connections([400, None, 0]) == [4, 0, 404]
     assert steering.least_connections([None, None]) == [0, 0]
     assert steering.least_connections([]) == []
 
@@ -159,3 +165,58 @@ def test_the_kernel_places_connections_by_the_weights_and_detaches() -> None:
     finally:
         for sock in sockets:
             sock.close()
+
+
+# The master steering its workers
+
+
+def spread_after_scale_up(spawn, tmp_path, balance: str, before: int, after: int) -> list[int]:
+    """``before`` long-lived connections on -w 2, TTIN twice, then ``after`` more: each of the
+    4 workers' open connections, as their heartbeats report them."""
+    tmp_path.mkdir()
+    master = Master(spawn, tmp_path, "-w", "2", "--balance", balance)
+    master.wait_workers(2)
+
+    def counts() -> list[int]:
+        return [w["connections"] for w in master.status()["workers"] if w["state"] == "ready"]
+
+    async def scenario() -> list[int]:
+        url = master.url
+        clients = [await connect(url) for _ in range(before)]
+        await settled(lambda: sum(counts()) == before, "the first connections")
+        for workers in (3, 4):  # (one at a time: two signals at once may arrive as one)
+            master.proc.signal(signal.SIGTTIN)
+            await settled(lambda n=workers: len(counts()) == n, f"{workers} ready workers")
+        if balance == "least-connections":  # (the new workers' counts heard, and weighed)
+            await settled(lambda: len(master.status()["master"]["balance"]["weights"]) == 4, "")
+        # In 4 waves, each counted (the workers' heartbeats) before the next: new
+        # connections keep coming while the weights follow, as in life.
+        for wave in range(1, 5):
+            for _ in range(after // 4):
+                clients.append(await connect(url))
+            expected = before + wave * (after // 4)
+            await settled(lambda n=expected: sum(counts()) == n, "the connections counted")
+        spread = counts()
+        for client in clients:
+            await client.close()
+        return spread
+
+    return asyncio.run(scenario())
+
+
+async def settled(condition, what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+def test_least_connections_evens_the_workers_after_a_scale_up(spawn, tmp_path) -> None:
+    """600 long-lived connections on 2 workers, 2 more workers (TTIN), 600 new connections
+    (in 4 waves): the new ones fill the new workers (max/min within 1.25); the hash leaves
+    them about half the old ones' (printed, for comparison)."""
+    steered = spread_after_scale_up(spawn, tmp_path / "steered", "least-connections", 600, 600)
+    hashed = spread_after_scale_up(spawn, tmp_path / "hashed", "hash", 600, 600)
+    print(f"connections per worker, least-connections: {steered}; hash: {hashed}")
+    assert len(steered) == 4 and max(steered) / min(steered) <= 1.25, steered
+    assert max(hashed) / min(hashed) > 1.25, hashed  # (what steering is for: 2 in theory)

@@ -629,6 +629,16 @@ class Config:
         parse=_choice("auto", "uvloop", "asyncio"),
         metavar="auto|uvloop|asyncio",
     )
+    balance: str = option(
+        "hash",
+        "how new connections are placed among the workers: least-connections (the master "
+        "steers the slots' SO_REUSEPORT group with a BPF program weighted by each worker's "
+        "open connections: the emptier ones get more, starting or replaced ones none) or "
+        "hash (the kernel's, blind to load)",
+        parse=_choice("least-connections", "hash"),
+        commands=frozenset({"start"}),
+        metavar="least-connections|hash",
+    )
     metrics: str | None = option(
         None,
         "serve /metrics (Prometheus), /status.json and a status page (/) on HOST:PORT, from "

@@ -37,7 +37,19 @@ from typing import Any, Protocol
 
 from setproctitle import setproctitle
 
-from . import __version__, channel, control, hub, logs, metrics, notify, sockets, upgrade, web
+from . import (
+    __version__,
+    channel,
+    control,
+    hub,
+    logs,
+    metrics,
+    notify,
+    sockets,
+    steering,
+    upgrade,
+    web,
+)
 from . import config as cfg
 from .fleet import BootError, Fleet, MasterState, UpgradeState, WorkerState, with_details
 from .privileges import peer_allowed
@@ -46,6 +58,7 @@ from .processes import HANDLED_SIGNALS, HubChild, Listeners, ProcessLayer
 log = logging.getLogger("wsfleet.master")
 HUB_STOP = 2.0  # seconds the hub has to exit at the end, before SIGKILL
 HUB_RETRY = 1.0  # a hub that dies within this of its start twice running waits this long
+STEER_INTERVAL = 0.25  # seconds between two weightings of new connections (--balance)
 
 
 class Handler(Protocol):
@@ -104,6 +117,7 @@ class Master:
         self.watchdog_due = time.monotonic()
         self._wake_r, self._wake_w = os.pipe()
         self.hub_due: float | None = None  # when to replace a hub that died as it started
+        self.steer_due = 0.0  # (monotonic) when new connections may be weighted again
 
     # Start-up and the main loop
 
@@ -145,6 +159,15 @@ class Master:
             if config.pidfile:
                 self.pidfile = control.Pidfile(config.pidfile)
             slots = self.listeners.open(config)
+            if config.balance == "least-connections" and slots[0]:
+                if sockets.listen_fds():
+                    log.warning(
+                        "--balance least-connections: the order of sockets systemd passed is "
+                        "unknown; the kernel's hash places connections"
+                    )
+                else:
+                    self.processes.steerer = steering.Steerer(len(slots[0]))
+                    self.processes.steerer.join(0)
             while len(slots) < config.workers:
                 slots.append(self.processes.open_slot(len(slots)))
         setproctitle(f"wsfleet: master [{self.listeners.title()}]")
@@ -340,6 +363,8 @@ class Master:
     def loop_once(self) -> None:
         web_deadline = self.web.next_deadline() if self.web is not None else None
         deadlines = [self.fleet.next_deadline(), web_deadline, self.hub_due]
+        if self.processes.steerer is not None:  # (weights follow the workers within 0.25 s)
+            deadlines.append(self.steer_due)
         if self.watchdog is not None:
             deadlines.append(self.watchdog_due)
         deadline = min((d for d in deadlines if d is not None), default=None)
@@ -352,7 +377,37 @@ class Master:
         self.guarded("deadlines", self.fleet.on_time)
         self.guarded("the hub's replacement", self.on_hub_due)
         self.guarded("reconciling", self.fleet.reconcile)
+        self.guarded("steering", self.steer)
         self.guarded("telling systemd", self.tell_systemd)
+
+    def steer(self) -> None:
+        """--balance least-connections: new connections weighted by the workers' open ones,
+        at most every STEER_INTERVAL; a slot whose worker is not ready, or whose heartbeat
+        is late, gets none (its socket's queue then waits for nobody)."""
+        steerer = self.processes.steerer
+        now = time.monotonic()
+        if steerer is None or steerer.refused is not None or now < self.steer_due:
+            return
+        self.steer_due = now + STEER_INTERVAL
+        late = 2 * cfg.heartbeat_interval(self.fleet.config)
+        counts: list[int | None] = []
+        for slot in self.fleet.slots:
+            worker = slot.worker
+            ready = worker is not None and worker.state is WorkerState.READY
+            fresh = worker is not None and now - worker.last_seen <= late
+            counts.append(worker.connections if worker is not None and ready and fresh else None)
+        weights = dict(
+            zip(
+                (s.index for s in self.fleet.slots), steering.least_connections(counts), strict=True
+            )
+        )
+        sockets_by_slot = {slot.index: slot.sockets for slot in self.fleet.slots}
+        if not steerer.steer(weights, sockets_by_slot):
+            log.warning(
+                "--balance least-connections: the kernel refused the steering program (%s); "
+                "its hash places connections",
+                steerer.refused,
+            )
 
     def guarded(self, what: str, step: Callable[[], None]) -> None:
         """Run one event's handling; an error is logged, and the master goes on. (BootError
@@ -595,6 +650,14 @@ class Master:
         }
         if self.metrics_url is not None:
             status["master"]["metrics"] = self.metrics_url
+        steerer = self.processes.steerer
+        weights = None  # (the weights last given to new connections, by slot; null: the hash)
+        if steerer is not None and steerer.refused is None:
+            weights = {str(slot): weight for slot, weight in steerer.weights.items()}
+        status["master"]["balance"] = {
+            "mode": "hash" if weights is None else "least-connections",
+            "weights": weights,
+        }
         if self.admin_url is not None:
             status["master"]["admin"] = self.admin_url
         child = self.processes.hub

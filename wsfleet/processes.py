@@ -35,7 +35,7 @@ from typing import Any
 
 from setproctitle import setproctitle
 
-from . import channel, control, logs, notify, sockets
+from . import channel, control, logs, notify, sockets, steering
 from . import config as cfg
 from .fleet import EXIT_APP, Fleet, Slot, Worker, with_details
 from .privileges import drop_privileges, identity
@@ -207,13 +207,21 @@ class ProcessLayer:
         self.watch = watch
         self.leave_master = leave_master
         self.hub: HubChild | None = None
+        # --balance least-connections: the slots' groups, when this master knows their order
+        # (it bound them; None: the kernel's hash)
+        self.steerer: steering.Steerer | None = None
 
     # fleet.Processes
 
     def open_slot(self, index: int) -> list[socket.socket]:
-        return self.listeners.open_slot(self.fleet.config.backlog)
+        opened = self.listeners.open_slot(self.fleet.config.backlog)
+        if self.steerer is not None:
+            self.steerer.join(index)
+        return opened
 
     def close_slot(self, slot: Slot) -> None:
+        if self.steerer is not None and slot.sockets:
+            self.steerer.leave(slot.index)
         for sock in slot.sockets:
             sock.close()
 

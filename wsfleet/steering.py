@@ -24,6 +24,7 @@ import ctypes
 import socket
 import struct
 from collections.abc import Hashable, Sequence
+from typing import Any
 
 SO_ATTACH_REUSEPORT_CBPF = 51
 SO_DETACH_REUSEPORT_BPF = 68
@@ -36,6 +37,7 @@ _RET_K = 0x06 | 0x00
 _INSTRUCTION = struct.Struct("=HBBI")  # struct sock_filter: code, jt, jf, k
 HASH = 0xFFFFFFFF  # an index no group has: the kernel then uses its hash
 MAX_SOCKETS = 2000  # (two instructions each: under the kernel's 4,096)
+FLOOR = 50  # least_connections: every eligible worker's weight is at least mean / FLOOR
 
 
 def program(weights: Sequence[int]) -> bytes:
@@ -101,7 +103,7 @@ class Group:
         if index < len(self.members):
             self.members[index] = last
 
-    def weights(self, by_key: dict[Hashable, int]) -> list[int]:
+    def weights(self, by_key: dict[Any, int]) -> list[int]:
         """The weights in the group's order (a member not in ``by_key``: 0)."""
         return [by_key.get(key, 0) for key in self.members]
 
@@ -109,7 +111,7 @@ class Group:
 def least_connections(connections: Sequence[int | None]) -> list[int]:
     """Weights for new connections, from each worker's open ones (None: it takes none).
 
-    Each eligible worker's weight is its deficit to the busiest one, plus a floor (a tenth of
+    Each eligible worker's weight is its deficit to the busiest one, plus a floor (a 50th of
     the mean, at least 1): new connections fill the emptier workers in proportion to what
     they lack, so a burst between two updates spreads instead of landing on one worker, and
     every eligible worker keeps a share. Equal counts: equal weights.
@@ -118,5 +120,47 @@ def least_connections(connections: Sequence[int | None]) -> list[int]:
     if not counts:
         return [0] * len(connections)
     top = max(counts)
-    floor = max(1, sum(counts) // (10 * len(counts)))
+    floor = max(1, sum(counts) // (FLOOR * len(counts)))
     return [0 if c is None else top - c + floor for c in connections]
+
+
+class Steerer:
+    """The master's steering of its slots' sockets: one group per TCP address (the Nth
+    socket of each slot is address N's), the weights last attached, and, where the kernel
+    refuses, the hash from then on (said once)."""
+
+    def __init__(self, addresses: int) -> None:
+        self.groups = [Group() for _ in range(addresses)]
+        self.attached: list[list[int] | None] = [None] * addresses
+        self.refused: str | None = None
+        self.weights: dict[int, int] = {}  # by slot, as last steered
+
+    def join(self, slot: int) -> None:
+        """A slot's sockets listen (in the order the kernel numbers them)."""
+        for group in self.groups:
+            group.join(slot)
+
+    def leave(self, slot: int) -> None:
+        """A slot's sockets close."""
+        for group in self.groups:
+            if slot in group.members:
+                group.leave(slot)
+
+    def steer(self, weights: dict[int, int], sockets: dict[int, list[socket.socket]]) -> bool:
+        """Attach ``weights`` (by slot) to each group whose weights changed; False where the
+        kernel refused (then never again: :attr:`refused` says why)."""
+        if self.refused is not None:
+            return False
+        self.weights = dict(weights)
+        for number, group in enumerate(self.groups):
+            wanted = group.weights(dict(weights))
+            if wanted == self.attached[number] or not group.members:
+                continue
+            try:
+                first: Any = group.members[0]  # (a slot's index)
+                attach(sockets[first][number], wanted)
+            except OSError as exc:
+                self.refused = exc.strerror or str(exc)
+                return False
+            self.attached[number] = wanted
+        return True
