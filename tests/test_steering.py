@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import signal
 import socket
 import struct
@@ -220,3 +221,55 @@ def test_least_connections_evens_the_workers_after_a_scale_up(spawn, tmp_path) -
     print(f"connections per worker, least-connections: {steered}; hash: {hashed}")
     assert len(steered) == 4 and max(steered) / min(steered) <= 1.25, steered
     assert max(hashed) / min(hashed) > 1.25, hashed  # (what steering is for: 2 in theory)
+
+
+def test_an_upgrade_goes_on_steering_with_the_old_masters_numbering(spawn, tmp_path) -> None:
+    """wsfleet upgrade of a steering master: the new one steers the groups as numbered by the
+    old (handed over), keeps doing so for a slot added after (TTIN), and places connections
+    by the weights: a slot whose weight is 0 gets none."""
+    from wsfleet import control
+
+    from .support.helpers import installed, new_masters, run_wsfleet
+
+    site = installed(tmp_path)
+    master = Master(
+        spawn,
+        tmp_path,
+        "-w",
+        "2",
+        "--balance",
+        "least-connections",
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(site), "PYTHONDONTWRITEBYTECODE": "1"},
+    )
+    master.wait_workers(2)
+    with new_masters(master):
+        result = run_wsfleet(["upgrade", "--pidfile", master.pidfile], timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+        new = control.read_pid(master.pidfile)
+        os.kill(new, signal.SIGTTIN)
+
+        def balance() -> dict:
+            status = control.query_status(new)
+            ready = [w for w in status["workers"] if w["state"] == "ready"]
+            return status["master"]["balance"] if len(ready) == 3 else {}
+
+        async def scenario() -> list[int]:
+            await settled(lambda: len(balance().get("weights") or {}) == 3, "3 slots steered")
+            assert balance()["mode"] == "least-connections"
+            clients = [await connect(master.url) for _ in range(300)]
+
+            def counts() -> list[int]:
+                workers = control.query_status(new)["workers"]
+                return [w["connections"] for w in sorted(workers, key=lambda w: w["slot"])]
+
+            await settled(lambda: sum(counts()) == 300, "the connections counted")
+            spread = counts()
+            for client in clients:
+                await client.close()
+            return spread
+
+        spread = asyncio.run(scenario())
+    # (equal weights, the kernel's random pick: 100 each, sd 8; a wrong numbering would
+    # still spread, so the status's weights are what says the numbering was handed over)
+    assert len(spread) == 3 and min(spread) >= 50, spread

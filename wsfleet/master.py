@@ -155,6 +155,7 @@ class Master:
                 self.pidfile = control.Pidfile(handoff.pidfile, handoff.pidfile_fd)
             self.listeners.inherit(handoff.listening, handoff.per_slot, handoff.shared)
             slots = handoff.slots
+            self.inherit_steering(handoff, slots)
         else:
             if config.pidfile:
                 self.pidfile = control.Pidfile(config.pidfile)
@@ -379,6 +380,24 @@ class Master:
         self.guarded("reconciling", self.fleet.reconcile)
         self.guarded("steering", self.steer)
         self.guarded("telling systemd", self.tell_systemd)
+
+    def inherit_steering(self, handoff: upgrade.Handoff, slots: list[list[socket.socket]]) -> None:
+        """An upgrade: steer the groups as the old master numbered them; otherwise (--balance
+        hash, or an old master that did not say) take off any program it attached, which
+        would steer by weights nobody updates."""
+        config = self.fleet.config
+        if config.balance == "least-connections" and handoff.groups is not None:
+            self.processes.steerer = steering.Steerer.from_orders(handoff.groups)
+            return
+        if config.balance == "least-connections":
+            log.warning(
+                "--balance least-connections: the old master did not say how the kernel "
+                "numbers the slots' sockets; the kernel's hash places connections until the "
+                "next start"
+            )
+        for sock in slots[0] if slots else []:
+            with contextlib.suppress(OSError):  # (ENOENT: no program)
+                steering.detach(sock)
 
     def steer(self) -> None:
         """--balance least-connections: new connections weighted by the workers' open ones,

@@ -135,6 +135,18 @@ class Steerer:
         self.refused: str | None = None
         self.weights: dict[int, int] = {}  # by slot, as last steered
 
+    @classmethod
+    def from_orders(cls, orders: list[list[int]]) -> Steerer:
+        """An upgrade's new master: the groups as the old one numbered them."""
+        steerer = cls(len(orders))
+        for group, order in zip(steerer.groups, orders, strict=True):
+            group.members = list(order)
+        return steerer
+
+    def orders(self) -> list[list[int]]:
+        """Each group's slots in the kernel's order (handed over on upgrade)."""
+        return [[int(key) for key in group.members] for group in self.groups]  # type: ignore[call-overload]  # (the members are slots' indices)
+
     def join(self, slot: int) -> None:
         """A slot's sockets listen (in the order the kernel numbers them)."""
         for group in self.groups:

@@ -81,6 +81,9 @@ class Handoff:
     pidfile_fd: int | None = None
     ready_fd: int | None = None  # where the new master says it is ready, or why it failed
     handed_fd: int | None = None  # where the old master says "ok" once it has handed over
+    # --balance least-connections: each address's reuseport group, its slots in the kernel's
+    # order (None: not steered, or an older wsfleet)
+    groups: list[list[int]] | None = None
 
 
 def describe(handoff: Handoff) -> tuple[str, list[int], int]:
@@ -108,6 +111,7 @@ def describe(handoff: Handoff) -> tuple[str, list[int], int]:
             "shared": [[s.path, s.inode] for s in handoff.shared],  # (read into files)
             "metrics": handoff.metrics is not None,
             "admin": handoff.admin is not None,
+            "groups": handoff.groups,
             "hub": handoff.hub_token if handoff.hub is not None else None,
             "pidfile": handoff.pidfile,
             "pidfile_fd": where.get(handoff.pidfile_fd),
@@ -201,6 +205,7 @@ def inherited() -> Handoff | None:
             pidfile_fd=info["pidfile_fd"],
             ready_fd=info["ready_fd"],
             handed_fd=info["handed_fd"],
+            groups=_groups(info.get("groups"), slots, len(per_slot)),
         )
     except (KeyError, TypeError, ValueError) as exc:
         for sock in passed:
@@ -222,6 +227,17 @@ def inherited() -> Handoff | None:
         if fd is not None:
             os.set_inheritable(fd, False)
     return handoff
+
+
+def _groups(value: object, slots: int, addresses: int) -> list[list[int]] | None:
+    """The groups' order as handed over, if it is one: each address's group a permutation
+    of the slots (else None: the new master does not steer)."""
+    if not isinstance(value, list) or len(value) != addresses:
+        return None
+    groups = [group for group in value if isinstance(group, list)]
+    if len(groups) != addresses or any(sorted(g) != list(range(slots)) for g in groups):
+        return None
+    return [[int(slot) for slot in group] for group in groups]
 
 
 class Host(Protocol):
@@ -276,6 +292,7 @@ class OldEnd:
             admin=master.processes.hub.admin if master.processes.hub is not None else None,
             hub=master.processes.hub.listener if master.processes.hub is not None else None,
             hub_token=master.processes.hub.token if master.processes.hub is not None else "",
+            groups=master.processes.steerer.orders() if master.processes.steerer else None,
             pidfile=pidfile.path if pidfile is not None else None,
             pidfile_fd=pidfile.fd if pidfile is not None else None,
             ready_fd=says_w,
