@@ -333,6 +333,29 @@ def scrape(master: Master) -> str:
     return str(urllib.request.urlopen(url, timeout=5).read().decode())
 
 
+def api_host(spawn: Any, directory: Path, broker: str, *args: str) -> Master:
+    """One worker serving the pub/sub API test app (tests/support/pubsub_api.py) with
+    ``--broker broker`` and ``args``."""
+    from .support.pubsub_api import APP
+
+    (directory / "api.py").write_text(APP)
+    master = Master(
+        spawn,
+        directory,
+        "-w",
+        "1",
+        "--broker",
+        broker,
+        *args,
+        "--app",
+        "api:handler",
+        cwd=directory,
+        env={"PYTHONDONTWRITEBYTECODE": "1"},
+    )
+    master.wait_workers(1)
+    return master
+
+
 def host_unavailable(spawn, directory: Path, broker: str, password_file: str) -> Master:
     """A host whose password is wrong: it serves, and says the broker is unavailable."""
     directory.mkdir()
@@ -488,23 +511,10 @@ def test_a_topic_redis_refuses_fails_alone(spawn, tmp_path, redis) -> None:
     """A topic whose key in Redis is of another type (written by something else): its publish
     and its subscribe raise BrokerUnavailable at once with Redis's reason; the other topics
     and the connection that asked are untouched."""
-    from .support.pubsub_api import APP, open_client, path
+    from .support.pubsub_api import open_client, path
 
     redis.command("SET", "wsfleet:t:spoiled", "x")
-    (tmp_path / "api.py").write_text(APP)
-    master = Master(
-        spawn,
-        tmp_path,
-        "-w",
-        "1",
-        "--broker",
-        redis.url,
-        "--app",
-        "api:handler",
-        cwd=tmp_path,
-        env={"PYTHONDONTWRITEBYTECODE": "1"},
-    )
-    master.wait_workers(1)
+    master = api_host(spawn, tmp_path, redis.url)
 
     async def scenario() -> None:
         control = await open_client(master.url)
@@ -531,24 +541,9 @@ def test_the_history_bounds_hold_in_redis(spawn, tmp_path, redis) -> None:
     """--history-size 3: a resume from before the last three is not recovered, one from
     within is; --history-ttl 1: once the topic is quiet that long its stream is gone (Redis
     expires it) and a resume is not recovered, while the offsets go on in the same epoch."""
-    from .support.pubsub_api import APP, open_client, path
+    from .support.pubsub_api import open_client, path
 
-    (tmp_path / "api.py").write_text(APP)
-    bounds = ("--history-size", "3", "--history-ttl", "1")
-    master = Master(
-        spawn,
-        tmp_path,
-        "-w",
-        "1",
-        "--broker",
-        redis.url,
-        *bounds,
-        "--app",
-        "api:handler",
-        cwd=tmp_path,
-        env={"PYTHONDONTWRITEBYTECODE": "1"},
-    )
-    master.wait_workers(1)
+    master = api_host(spawn, tmp_path, redis.url, "--history-size", "3", "--history-ttl", "1")
 
     async def resume(epoch: str, offset: int) -> tuple[bool, list[str | bytes]]:
         client = await open_client(master.url, path("t", since=(epoch, offset)))
@@ -741,25 +736,12 @@ def test_redis_full_refuses_at_once_and_evicting_loses_only_history(spawn, tmp_p
     resume with the old epoch is not recovered."""
     import time
 
-    from .support.pubsub_api import APP, open_client, path
+    from .support.pubsub_api import open_client, path
 
     def memory() -> int:
         return int(re.search(rb"used_memory:(\d+)", redis.command("INFO", "memory"))[1])
 
-    (tmp_path / "api.py").write_text(APP)
-    master = Master(
-        spawn,
-        tmp_path,
-        "-w",
-        "1",
-        "--broker",
-        redis.url,
-        "--app",
-        "api:handler",
-        cwd=tmp_path,
-        env={"PYTHONDONTWRITEBYTECODE": "1"},
-    )
-    master.wait_workers(1)
+    master = api_host(spawn, tmp_path, redis.url)
     wait_for(lambda: broker_state(master) == "connected", 10, "the broker connected")
 
     async def scenario() -> None:

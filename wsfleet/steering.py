@@ -23,7 +23,7 @@ from __future__ import annotations
 import ctypes
 import socket
 import struct
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 SO_ATTACH_REUSEPORT_CBPF = 51
@@ -90,14 +90,14 @@ class Group:
     """
 
     def __init__(self) -> None:
-        self.members: list[Hashable] = []
+        self.members: list[Any] = []  # (hashable keys: the master's are slots' indices)
 
-    def join(self, key: Hashable) -> None:
+    def join(self, key: Any) -> None:
         if key in self.members:
             raise ValueError(f"{key!r} is in the group already")
         self.members.append(key)
 
-    def leave(self, key: Hashable) -> None:
+    def leave(self, key: Any) -> None:
         index = self.members.index(key)
         last = self.members.pop()
         if index < len(self.members):
@@ -145,7 +145,7 @@ class Steerer:
 
     def orders(self) -> list[list[int]]:
         """Each group's slots in the kernel's order (handed over on upgrade)."""
-        return [[int(key) for key in group.members] for group in self.groups]  # type: ignore[call-overload]  # (the members are slots' indices)
+        return [[int(key) for key in group.members] for group in self.groups]
 
     def join(self, slot: int) -> None:
         """A slot's sockets listen (in the order the kernel numbers them)."""
@@ -169,8 +169,7 @@ class Steerer:
             if wanted == self.attached[number] or not group.members:
                 continue
             try:
-                first: Any = group.members[0]  # (a slot's index)
-                attach(sockets[first][number], wanted)
+                attach(sockets[group.members[0]][number], wanted)
             except OSError as exc:
                 self.refused = exc.strerror or str(exc)
                 return False
