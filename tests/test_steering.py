@@ -273,3 +273,34 @@ def test_an_upgrade_goes_on_steering_with_the_old_masters_numbering(spawn, tmp_p
     # (equal weights, the kernel's random pick: 100 each, sd 8; a wrong numbering would
     # still spread, so the status's weights are what says the numbering was handed over)
     assert len(spread) == 3 and min(spread) >= 50, spread
+
+
+def test_the_weights_follow_a_crash_restart(spawn, tmp_path) -> None:
+    """kill -9 of a steered worker holding connections: once its replacement is ready, that
+    slot (empty now) gets the most weight, and the new connections go mostly there."""
+    master = Master(spawn, tmp_path, "-w", "2", "--balance", "least-connections")
+    master.wait_workers(2)
+
+    def weights() -> dict[str, int]:
+        return master.status()["master"]["balance"]["weights"] or {}
+
+    def by_slot() -> dict[int, dict]:
+        return {w["slot"]: w for w in master.status()["workers"] if w["state"] == "ready"}
+
+    async def scenario() -> None:
+        clients = [await connect(master.url) for _ in range(200)]
+        await settled(lambda: sum(w["connections"] for w in by_slot().values()) == 200, "200")
+        victim = by_slot()[0]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        await settled(lambda: by_slot().get(0, {}).get("pid", victim) != victim, "a new worker")
+        await settled(lambda: weights().get("0", 0) > 10 * weights().get("1", 1), "its weight")
+        kept = by_slot()[1]["connections"]  # (the other worker's clients stay connected)
+        fresh = [await connect(master.url) for _ in range(100)]
+        counted = kept + 100
+        await settled(lambda: sum(w["connections"] for w in by_slot().values()) == counted, "all")
+        spread = {slot: w["connections"] for slot, w in by_slot().items()}
+        assert spread[0] >= 80, spread  # (most of the new ones: the slot that lost its own)
+        for client in clients + fresh:
+            await client.close()
+
+    asyncio.run(scenario())
