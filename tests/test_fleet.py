@@ -980,3 +980,212 @@ def test_counted_nouns() -> None:
     assert [plural(n, "worker") for n in (0, 1, 2)] == ["0 workers", "1 worker", "2 workers"]
     assert plural(1, "process", "processes") == "1 process"
     assert plural(3, "process", "processes") == "3 processes"
+
+
+# --max-worker-memory: the master reads each worker's USS, the fleet decides
+
+MIB = 2**20
+
+
+def read_memory(h: Harness, sizes: dict[int, int], due: bool = True) -> None:
+    """The master's memory step: what the fleet asks to read, read (MiB by slot, for the
+    slot's newest worker; 30 for any other), then reconcile."""
+    newest = {slot: h.newest(slot).pid for slot in sizes}
+    for pid in h.fleet.to_measure(due):
+        worker = h.fleet.workers[pid]
+        size = sizes.get(worker.slot.index, 30) if pid == newest.get(worker.slot.index) else 30
+        h.fleet.on_memory(pid, size * MIB)
+    h.settle()
+
+
+def test_a_worker_over_max_worker_memory_is_replaced_like_one_slot_of_a_reload(caplog) -> None:
+    h = Harness(3, max_worker_memory=100)
+    h.boot()
+    read_memory(h, {0: 30, 1: 30, 2: 30})
+    grown, others = h.worker(1), [h.worker(0), h.worker(2)]
+    forks = len(h.procs.forked)
+    with caplog.at_level(logging.WARNING, "wsfleet.master"):
+        read_memory(h, {1: 150})
+    said = f"worker {grown.pid} (slot 1) uses 150.0 MiB (USS), over --max-worker-memory 100 MiB"
+    assert said in caplog.text
+    # A new worker for its slot first; the old one serves meanwhile.
+    assert len(h.procs.forked) == forks + 1 and h.procs.forked[-1][1] == 1
+    new = h.fleet.slots[1].replacement
+    assert new is not None and grown.state is WorkerState.READY
+    read_memory(h, {1: 150})  # still over: nothing more (the replacement is under way)
+    assert len(h.procs.forked) == forks + 1
+    h.ready(new)
+    # Held, then drained with 1012, as a reload does; the other slots untouched.
+    assert h.procs.sent_to(grown) == [
+        {"t": "hold"},
+        {"t": "drain", "code": 1012, "reason": "service restart"},
+    ]
+    assert h.worker(1) is new and h.fleet.restart is None
+    assert [h.worker(0), h.worker(2)] == others
+    assert all(h.procs.sent_to(w) == [] and w.state is WorkerState.READY for w in others)
+    # Counted as memory, not as a reload: the reload's outcome and status are untouched.
+    assert h.fleet.restart_reasons["memory"] == 1 and h.fleet.restart_reasons["reload"] == 0
+    status = h.fleet.status()["master"]
+    assert status["restarts_by_reason"]["memory"] == 1 and status["restarts"] == 0
+    assert status["reload"] == {
+        "kind": "none",
+        "detail": None,
+        "old_workers": 0,
+        "old_connections": 0,
+    }
+    # The old one, still over the bound while it drains, and the new one: no loop.
+    read_memory(h, {1: 30})
+    h.fleet.on_memory(grown.pid, 150 * MIB)
+    h.settle()
+    h.advance(30)
+    assert len(h.procs.forked) == forks + 1 and h.fleet.restart is None
+
+
+def test_memory_is_read_only_with_the_bound_and_a_new_worker_at_once_when_ready() -> None:
+    off = Harness(2)
+    off.boot()
+    assert off.fleet.to_measure(due=True) == []
+    assert [w["memory"] for w in off.fleet.status()["workers"]] == [None, None]
+    h = Harness(2, max_worker_memory=100)
+    assert h.fleet.to_measure(due=True) == []  # starting: not yet
+    h.ready(h.worker(0))
+    assert h.fleet.to_measure(due=False) == [h.worker(0).pid]  # its first reading, at once
+    h.fleet.on_memory(h.worker(0).pid, 20 * MIB)
+    assert h.fleet.to_measure(due=False) == []
+    h.ready(h.worker(1))
+    assert h.fleet.to_measure(due=True) == [h.worker(0).pid, h.worker(1).pid]
+    h.fleet.on_memory(h.worker(1).pid, 25 * MIB)
+    assert [w["memory"] for w in h.fleet.status()["workers"]] == [20 * MIB, 25 * MIB]
+    assert h.fleet.status()["master"]["max_worker_memory"] == 100
+
+
+def test_memory_replacements_go_one_slot_at_a_time_the_largest_first() -> None:
+    h = Harness(3, max_worker_memory=100)
+    h.boot()
+    read_memory(h, {0: 30, 1: 30, 2: 30})
+    first, second = h.worker(2), h.worker(0)
+    read_memory(h, {0: 120, 2: 200})
+    assert h.fleet.slots[2].replacement is not None and h.fleet.slots[0].replacement is None
+    h.confirm_holds = False
+    h.ready(h.fleet.slots[2].replacement)  # type: ignore[arg-type]
+    assert first.state is WorkerState.HOLDING
+    read_memory(h, {0: 120})
+    assert h.fleet.slots[0].replacement is None  # not while the replaced one is not drained
+    h.confirm_holds = True
+    read_memory(h, {0: 120})
+    assert first.state is WorkerState.DRAINING
+    assert h.fleet.slots[0].replacement is not None  # the next one now
+    h.ready(h.fleet.slots[0].replacement)  # type: ignore[arg-type]
+    assert second.state is WorkerState.DRAINING and h.fleet.restart_reasons["memory"] == 2
+
+
+def test_a_memory_replacement_waits_for_a_reload_an_upgrade_and_never_runs_stopping() -> None:
+    h = Harness(2, max_worker_memory=100)
+    h.boot()
+    read_memory(h, {0: 30, 1: 30})
+    h.fleet.start_restart(h.config)
+    h.ready(h.fleet.slots[0].replacement)  # type: ignore[arg-type]
+    read_memory(h, {0: 30})
+    read_memory(h, {0: 150})  # slot 0's new worker grows during the reload: it waits
+    assert h.fleet.restart is not None and h.fleet.restart.reason == "reload"
+    assert h.fleet.slots[0].replacement is None
+    h.ready(h.fleet.slots[1].replacement)  # type: ignore[arg-type]
+    assert h.fleet.restart_outcome.kind == "done"
+    # The reload is done and its old workers drain: now slot 0's grown worker goes.
+    grown = h.worker(0)
+    read_memory(h, {0: 150, 1: 30})
+    assert h.fleet.restart is not None and h.fleet.restart.reason == "memory"
+    h.ready(h.fleet.slots[0].replacement)  # type: ignore[arg-type]
+    assert grown.state is WorkerState.DRAINING
+    assert h.fleet.restart_outcome.kind == "done"  # (the reload's, unchanged)
+    assert h.fleet.restart_reasons["reload"] == 2 and h.fleet.restart_reasons["memory"] == 1
+    # An upgrade under way: nothing; then a stop: nothing either.
+    h.fleet.start_upgrade()
+    read_memory(h, {1: 150})
+    assert h.fleet.restart is None
+    h.fleet.on_new_master_failed("no")
+    read_memory(h, {1: 150})
+    assert h.fleet.restart is None  # (the failed new master is not reaped yet)
+    h.fleet.stop(graceful=True)
+    read_memory(h, {1: 150})
+    assert h.fleet.restart is None and h.fleet.restart_reasons["memory"] == 1
+
+
+def test_a_worker_over_the_bound_from_its_start_is_not_replaced_in_a_loop(caplog) -> None:
+    h = Harness(2, max_worker_memory=10)
+    with caplog.at_level(logging.WARNING, "wsfleet.master"):
+        h.boot()
+        read_memory(h, {0: 30, 1: 5})
+    assert "uses 30.0 MiB (USS) from its start, over --max-worker-memory 10 MiB" in caplog.text
+    for _ in range(5):
+        h.advance(5)
+        read_memory(h, {0: 30, 1: 5})
+    assert len(h.procs.forked) == 2 and h.fleet.restart_reasons["memory"] == 0
+    assert caplog.text.count("from its start") == 1
+
+
+def test_a_memory_replacement_that_cannot_start_leaves_the_worker_serving() -> None:
+    h = Harness(2, max_worker_memory=100)
+    h.boot()
+    read_memory(h, {0: 30, 1: 30})
+    grown = h.worker(0)
+    read_memory(h, {0: 150})
+    h.exit(h.fleet.slots[0].replacement, 4)  # type: ignore[arg-type]
+    assert h.worker(0) is grown and grown.state is WorkerState.READY
+    assert h.fleet.restart is None and h.fleet.restart_outcome.kind == "none"
+    forks = len(h.procs.forked)
+    read_memory(h, {0: 150})  # not again before config.MEMORY_INTERVAL
+    h.procs.fail_forks = 1
+    h.advance(cfg.MEMORY_INTERVAL)
+    read_memory(h, {0: 150})  # a fork that fails: the same
+    assert len(h.procs.forked) == forks and h.fleet.restart is None
+    h.advance(cfg.MEMORY_INTERVAL)
+    read_memory(h, {0: 150})
+    assert h.fleet.slots[0].replacement is not None
+    h.ready(h.fleet.slots[0].replacement)
+    assert grown.state is WorkerState.DRAINING and h.fleet.restart_reasons["memory"] == 1
+    assert h.fleet.restart_outcome.kind == "none"
+
+
+def test_a_hup_during_a_memory_replacement_makes_it_a_reload_that_leaves_no_old_worker() -> None:
+    """The memory replacement's new worker was forked before the HUP: the reload replaces
+    its slot once more, so that `wsfleet reload --wait` sees no old worker left."""
+    h = Harness(2, max_worker_memory=100)
+    h.boot()
+    read_memory(h, {0: 30, 1: 30})
+    grown = h.worker(0)
+    read_memory(h, {0: 150})
+    h.now += 1
+    h.fleet.start_restart(h.config)
+    assert h.fleet.restart is not None and h.fleet.restart.reason == "reload"
+    assert h.fleet.restart_outcome.kind == "in_progress"
+    for _ in range(4):
+        step = next((s.replacement for s in h.fleet.slots if s.replacement is not None), None)
+        if step is None:
+            break
+        h.ready(step)
+    assert h.fleet.restart is None and h.fleet.restart_outcome.kind == "done"
+    assert grown.state is WorkerState.DRAINING
+    for worker in [w for w in h.fleet.workers.values() if w.state is WorkerState.DRAINING]:
+        h.exit(worker, 0)
+    assert h.fleet.reload_status()["old_workers"] == 0
+    assert h.fleet.restart_reasons["memory"] == 1 and h.fleet.restart_reasons["reload"] == 2
+
+
+def test_a_hup_during_a_reload_leaves_no_worker_forked_before_it() -> None:
+    """The slot in progress at the second HUP got a worker forked before it (with the first
+    HUP's configuration): it is replaced once more, or reload --wait would wait forever."""
+    h = Harness(2)
+    h.boot()
+    h.fleet.start_restart(h.config)
+    h.now += 1
+    h.fleet.start_restart(h.config)
+    for _ in range(4):
+        step = next((s.replacement for s in h.fleet.slots if s.replacement is not None), None)
+        if step is None:
+            break
+        h.ready(step)
+    for worker in [w for w in h.fleet.workers.values() if w.state is WorkerState.DRAINING]:
+        h.exit(worker, 0)
+    assert h.fleet.restart_outcome.kind == "done"
+    assert h.fleet.reload_status()["old_workers"] == 0

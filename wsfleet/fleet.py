@@ -45,7 +45,7 @@ BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
 KILL_GRACE = 1.0  # between SIGTERM (or QUIT) and SIGKILL for a worker that must stop now
 EXIT_APP = 4
 # Why workers were replaced, or started and stopped (the status's restarts_by_reason).
-RESTART_REASONS = ("crash", "hung", "reload", "scale", "upgrade")
+RESTART_REASONS = ("crash", "hung", "memory", "reload", "scale", "upgrade")
 
 
 class WorkerState(enum.Enum):
@@ -92,6 +92,9 @@ class Worker:
     config: cfg.Config | None = None
     paced: float | None = None
     hurried: float | None = None
+    replacing: str = "reload"  # what a replacement was forked for: reload or memory
+    memory: int | None = None  # its USS in bytes, as last read (--max-worker-memory; None: off)
+    oversized: bool = False  # over --max-worker-memory from its first reading: never recycled
 
     def said(self) -> str:
         """What it said about why it could not start, for a log line: ": REASON" or ""."""
@@ -157,10 +160,13 @@ class Upgrade:
 
 @dataclass
 class RollingRestart:
-    """A cursor over the slots: ``todo[0]`` is being restarted by ``step``, if started."""
+    """A cursor over the slots: ``todo[0]`` is being restarted by ``step``, if started.
+    ``reason`` reload (a HUP: the outcome and systemd hear of it), or memory: one slot whose
+    worker passed --max-worker-memory, replaced the same way without a word to either."""
 
     todo: list[Slot]
     step: Worker | None = None
+    reason: str = "reload"
 
 
 @dataclass
@@ -257,6 +263,7 @@ class Fleet:
         self.upgrade: Upgrade | None = None
         self.upgrades = 0  # upgrades asked for (SIGUSR2), so a waiter knows its own
         self.upgrade_outcome = UpgradeOutcome()
+        self.recycle_after = 0.0  # no --max-worker-memory replacement before (one failed)
 
     # Workers' lives
 
@@ -366,7 +373,7 @@ class Fleet:
             # Rolling restart: the new worker accepts on the slot's sockets; the old one stops
             # accepting and keeps its connections until the restart ends (see reconcile).
             old, slot.worker, slot.replacement = slot.worker, worker, None
-            self.restart_reasons["reload"] += 1
+            self.restart_reasons[worker.replacing] += 1
             if old is not None and old.state is WorkerState.READY:
                 # One held worker per slot: a HUP during a restart starts it again, and the
                 # slot's earlier held worker closes its connections now, once.
@@ -436,6 +443,11 @@ class Fleet:
         """The rolling restart's new worker exited before it was ready: the restart stops
         there (the old worker keeps serving its slot; reconcile drains the held ones)."""
         slot = worker.slot
+        if self.restart is not None and self.restart.reason == "memory":
+            self.memory_step_failed(
+                f"its new worker {worker.pid} exited before it was ready ({how})"
+            )
+            return
         log.error(
             "rolling restart stopped: the new worker %d for slot %d exited before it was "
             "ready (%s)%s; the old worker keeps serving%s",
@@ -591,6 +603,7 @@ class Fleet:
             for worker in kept:
                 self.drain(worker, 1012, "service restart")
         self.lend_sockets()
+        self.recycle()
 
     def lend_sockets(self) -> None:
         """A slot without a ready worker of its own has its socket accepted on by a ready
@@ -639,9 +652,13 @@ class Fleet:
         if self.restart is None:
             self.restart = RollingRestart(list(self.slots))
             self.advance_restart()
-        else:  # again from the start, the slot in progress first
-            current = self.restart.todo[:1]
-            self.restart.todo = current + [s for s in self.slots if s not in current]
+        else:
+            # Again from the start, the slot in progress first: its new worker was forked
+            # before this HUP (maybe for --max-worker-memory), with the configuration of
+            # then, so that slot is replaced once more at its turn; else that worker would
+            # run the old code when the reload says done (and reload --wait wait for it).
+            self.restart.reason = "reload"
+            self.restart.todo = self.restart.todo[:1] + list(self.slots)
 
     def advance_restart(self) -> None:
         """Start the next slot's new worker; on_ready drains the old one and comes back."""
@@ -650,14 +667,20 @@ class Fleet:
         while restart.todo and restart.todo[0] not in self.slots:
             restart.todo.pop(0)  # scaled away meanwhile
         if not restart.todo:
-            log.info("rolling restart done")
             self.restart = None
+            if restart.reason == "memory":
+                return  # (its held worker drains in reconcile)
+            log.info("rolling restart done")
             self.restart_ended("done", self.restart_problem)
             self.scale(self.config.workers)
             return
         slot = restart.todo[0]
         restart.step = self.spawn(slot, replacement=slot.worker is not None)
-        if restart.step is None:
+        if restart.step is not None:
+            restart.step.replacing = restart.reason
+        elif restart.reason == "memory":
+            self.memory_step_failed("no worker could be started")
+        else:
             log.error("rolling restart stopped: no worker could be started for slot %d", slot.index)
             self.restart = None
             self.restart_ended("failed", f"cannot start slot {slot.index}")
@@ -677,6 +700,102 @@ class Fleet:
             "old_workers": len(old),
             "old_connections": sum(w.connections for w in old),
         }
+
+    # Recycling workers that grow (--max-worker-memory): the master reads, the fleet decides
+
+    def memory_bound(self) -> int:
+        """--max-worker-memory in bytes; 0: off."""
+        return self.config.max_worker_memory * 2**20
+
+    def to_measure(self, due: bool) -> list[int]:
+        """The workers whose memory the master reads now: when ``due`` (every
+        config.MEMORY_INTERVAL), every one past its start; otherwise only the ready ones
+        never read yet, so that a worker's first reading is the size it starts at. None
+        with the bound off."""
+        if not self.memory_bound():
+            return []
+        return [
+            w.pid
+            for w in self.workers.values()
+            if (due and w.state is not WorkerState.STARTING)
+            or (w.state is WorkerState.READY and w.memory is None)
+        ]
+
+    def on_memory(self, pid: int, uss: int) -> None:
+        """A worker's USS in bytes, as the master read it (reconcile decides). A worker over
+        the bound at its first reading would be replaced by one as large, and so on: it is
+        never replaced for its memory, and the log says so once."""
+        worker = self.workers.get(pid)
+        if worker is None:
+            return
+        first, worker.memory = worker.memory is None, uss
+        bound = self.memory_bound()
+        if first and bound and uss > bound and worker.state is WorkerState.READY:
+            worker.oversized = True
+            log.warning(
+                "worker %d (slot %d) uses %s (USS) from its start, over --max-worker-memory "
+                "%d MiB: not replaced for its memory (a new worker would be as large); raise "
+                "the bound",
+                worker.pid,
+                worker.slot.index,
+                mebibytes(uss),
+                self.config.max_worker_memory,
+            )
+
+    def recycle(self) -> None:
+        """A ready worker over --max-worker-memory is replaced like one slot of a rolling
+        restart (a RollingRestart of reason memory): its new worker first, then it is held
+        and drains with 1012. One slot at a time (the largest first), and none while a
+        reload, an upgrade or a stop runs, nor while a replaced worker is still held: it
+        waits for them (the next reading finds it again)."""
+        bound = self.memory_bound()
+        if (
+            not bound
+            or self.state is not MasterState.RUNNING
+            or self.restart is not None
+            or self.upgrade is not None
+            or self.clock() < self.recycle_after
+            or any(w.state in KEPT for w in self.workers.values())
+        ):
+            return
+        over = [
+            worker
+            for slot in self.slots
+            if (worker := slot.worker) is not None
+            and slot.replacement is None
+            and worker.state is WorkerState.READY
+            and not worker.oversized
+            and (worker.memory or 0) > bound
+        ]
+        if not over:
+            return
+        worker = max(over, key=lambda w: w.memory or 0)
+        log.warning(
+            "worker %d (slot %d) uses %s (USS), over --max-worker-memory %d MiB: replacing "
+            "it (a new worker first, then it closes its connections with 1012)",
+            worker.pid,
+            worker.slot.index,
+            mebibytes(worker.memory or 0),
+            self.config.max_worker_memory,
+        )
+        self.restart = RollingRestart([worker.slot], reason="memory")
+        self.advance_restart()
+
+    def memory_step_failed(self, why: str) -> None:
+        """A memory replacement's new worker could not start: the old one serves on, and
+        the next try waits for a reading after config.MEMORY_INTERVAL."""
+        restart = self.restart
+        assert restart is not None and restart.todo
+        slot = restart.todo[0]
+        log.error(
+            "worker %s (slot %d), over --max-worker-memory, serves on: %s; trying again in %gs",
+            slot.worker.pid if slot.worker is not None else "-",
+            slot.index,
+            why,
+            cfg.MEMORY_INTERVAL,
+        )
+        self.restart = None
+        self.recycle_after = self.clock() + cfg.MEMORY_INTERVAL
 
     def scale(self, count: int) -> None:
         count = max(1, count)
@@ -759,8 +878,9 @@ class Fleet:
         """No new worker, no restart from now on."""
         self.state = MasterState.STOPPING
         if self.restart is not None:
+            if self.restart.reason == "reload":
+                self.restart_ended("stopped", why)
             self.restart = None
-            self.restart_ended("stopped", why)
 
     def close_listeners(self) -> None:
         """This master's copies of the sockets (a new master's, after an upgrade, stay)."""
@@ -917,6 +1037,7 @@ class Fleet:
                     "new_master": upgrade.new_master,
                 },
                 "heartbeat_interval": cfg.heartbeat_interval(self.config),
+                "max_worker_memory": self.config.max_worker_memory,
             },
             "empty_slots": [
                 {
@@ -934,11 +1055,16 @@ class Fleet:
                     "state": w.state.value,
                     "age": round(now - w.born, 1),
                     "connections": w.connections,
+                    "memory": w.memory,  # USS in bytes (--max-worker-memory; null: off)
                     "borrowed_slots": self.borrowed(w),
                 }
                 for w in sorted(self.workers.values(), key=lambda w: (w.slot.index, w.born))
             ],
         }
+
+
+def mebibytes(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
 
 
 def describe_exit(code: int) -> str:

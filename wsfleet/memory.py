@@ -1,21 +1,20 @@
 """A process's memory, read from /proc: what `--max-worker-memory` bounds and what `wsfleet
 bench memory` reports.
 
-USS (unique set size) is a process's private pages, resident or not yet: the memory its exit
-would give back. A forked worker shares the pages the master loaded before forking
+USS (unique set size) is a process's private resident pages: the memory its exit would give
+back. A forked worker shares the pages the master loaded before forking
 (websockets, the event loop: master.preload) with it and its siblings; RSS counts those in
 every worker, PSS a share of them that moves whenever a sibling starts or exits. USS counts
 only what the worker itself grew, which is what a bound on growth is about.
 
 Linux only (smaps_rollup: 4.14 and later). Reading it walks the process's page tables: the
-master reads each worker's every MEMORY_INTERVAL seconds only when the bound is on
+master reads each worker's every config.MEMORY_INTERVAL seconds, only when the bound is on
 (docs/operations.md measures what one read costs)."""
 
 from __future__ import annotations
 
 import os
 
-MEMORY_INTERVAL = 5.0  # seconds between two readings of the workers' USS (--max-worker-memory)
 _PRIVATE = (b"Private_Clean:", b"Private_Dirty:", b"Private_Hugetlb:")
 
 
