@@ -1189,3 +1189,23 @@ def test_a_hup_during_a_reload_leaves_no_worker_forked_before_it() -> None:
         h.exit(worker, 0)
     assert h.fleet.restart_outcome.kind == "done"
     assert h.fleet.reload_status()["old_workers"] == 0
+
+
+def test_wsfleet_status_shows_each_workers_memory_only_with_the_bound() -> None:
+    def text(h: Harness) -> str:
+        status = h.fleet.status()
+        status["master"].update(pid=7, age=3.0, addresses=["ws://127.0.0.1:8765"])
+        return control.format_status(status)
+
+    off = Harness(1)
+    off.boot()
+    assert "MEMORY" not in text(off) and "USS" not in text(off)
+    h = Harness(2, max_worker_memory=300)
+    h.boot()
+    h.fleet.on_memory(h.worker(0).pid, 45 * MIB)
+    lines = text(h).splitlines()
+    assert lines[1].split()[-1] == "MEMORY"
+    assert lines[3].split()[-2:] == ["45", "MiB"] and lines[4].split()[-1] == "-"
+    assert "memory: each worker's own (USS), read every 5s; over 300 MiB a worker is replaced" in (
+        lines
+    )
