@@ -1209,3 +1209,18 @@ def test_wsfleet_status_shows_each_workers_memory_only_with_the_bound() -> None:
     assert "memory: each worker's own (USS), read every 5s; over 300 MiB a worker is replaced" in (
         lines
     )
+
+
+def test_a_slot_scaled_away_during_its_memory_replacement_ends_it() -> None:
+    h = Harness(2, max_worker_memory=100)
+    h.boot()
+    read_memory(h, {0: 30, 1: 30})
+    grown = h.worker(1)
+    read_memory(h, {1: 150})
+    step = h.fleet.slots[1].replacement
+    assert step is not None
+    h.fleet.scale(1)  # TTOU
+    h.settle()
+    assert h.fleet.restart is None and len(h.fleet.slots) == 1  # (not scaled back: no reload)
+    assert step.state is WorkerState.DRAINING and grown.state is WorkerState.DRAINING
+    assert h.fleet.restart_outcome.kind == "none" and h.fleet.restart_reasons["memory"] == 0
