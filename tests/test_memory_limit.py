@@ -12,8 +12,7 @@ import time
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from .support.helpers import Master, run_wsfleet
-from .test_observability import scrape, total
+from .support.helpers import Master, run_wsfleet, scrape, total
 
 MIB = 2**20
 BOUND = 64  # MiB: a forked worker starts at about 5 (USS); two "grow" take it over
