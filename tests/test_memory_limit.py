@@ -141,6 +141,12 @@ def test_a_worker_past_max_worker_memory_is_replaced_and_no_connection_fails(
     samples = scrape(metrics)
     assert total(samples, "wsfleet_worker_restarts_total", reason="memory") == 1
     assert total(samples, "wsfleet_worker_restarts_total", reason="reload") == 0
+    per_slot = {
+        dict(labels)["slot"]: v
+        for (name, labels), v in samples.items()
+        if name == "wsfleet_worker_memory_bytes"
+    }
+    assert sorted(per_slot) == ["0", "1"] and all(0 < v < BOUND * MIB for v in per_slot.values())
     said = re.compile(
         rf"worker \d+ \(slot \d\) uses \d+\.\d MiB \(USS\), over --max-worker-memory {BOUND} "
         r"MiB: replacing it"
