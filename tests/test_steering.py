@@ -304,3 +304,55 @@ def test_the_weights_follow_a_crash_restart(spawn, tmp_path) -> None:
             await client.close()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("balance", ["least-connections", "hash"])
+def test_scaling_down_under_load_fails_no_connection_attempt(spawn, tmp_path, balance) -> None:
+    """TTOU, twice, twice over, under 150 new connections a second, with workers whose
+    accept queues are seldom empty (each connection's start blocks its worker 10 ms): each
+    slot scaled away gets no new connection from then on, and its socket closes only once its
+    queue is empty, so no attempt is reset (the long-lived connections of its worker are
+    closed with 1001, as a stop closes them, and reconnect)."""
+    from .support.helpers import app_master
+    from .support.loadtest import Load
+
+    args = ("-w", "4", "--balance", balance, "--drain-window", "0.2")
+    master = app_master(spawn, tmp_path, BUSY_ECHO, *args)
+    master.wait_workers(4)
+
+    def workers() -> list[dict]:
+        return master.status()["workers"]
+
+    def wait_for_workers(count: int) -> None:
+        deadline = time.monotonic() + 20
+        while not (len(workers()) == count and all(w["state"] == "ready" for w in workers())):
+            assert time.monotonic() < deadline, f"timed out waiting for {count} workers"
+            time.sleep(0.05)
+
+    load = Load(master.url, rate=150, long_lived=40, duration=60).start()
+    try:
+        for cycle in range(2):
+            for count in (3, 2):  # (one at a time: two signals at once may arrive as one)
+                master.proc.signal(signal.SIGTTOU)
+                wait_for_workers(count)  # (its worker exited: its socket is closed)
+            if cycle == 0:
+                for count in (3, 4):
+                    master.proc.signal(signal.SIGTTIN)
+                    wait_for_workers(count)
+    finally:
+        results = load.stop()
+    summary = results.summary()
+    print(f"--balance {balance}: {summary}")
+    assert summary["attempts"] > 150 and summary["echoes"] > 0, summary
+    assert results.failures() == [], summary
+
+
+BUSY_ECHO = """
+import time
+
+
+async def handler(websocket):
+    time.sleep(0.01)  # (the worker's loop, blocked: new connections queue meanwhile)
+    async for message in websocket:
+        await websocket.send(message)
+"""

@@ -20,6 +20,7 @@ replaced as the weights change; attaching it needs no privilege.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import socket
 import struct
@@ -126,14 +127,15 @@ def least_connections(connections: Sequence[int | None]) -> list[int]:
 
 class Steerer:
     """The master's steering of its slots' sockets: one group per TCP address (the Nth
-    socket of each slot is address N's), the weights last attached, and, where the kernel
-    refuses, the hash from then on (said once)."""
+    socket of each slot is address N's), the weights last attached (None: the kernel's hash),
+    and, where the kernel refuses, the hash from then on (said once)."""
 
     def __init__(self, addresses: int) -> None:
         self.groups = [Group() for _ in range(addresses)]
         self.attached: list[list[int] | None] = [None] * addresses
         self.refused: str | None = None
-        self.weights: dict[int, int] = {}  # by slot, as last steered
+        self.weights: dict[int, int] | None = None  # by slot, as last steered
+        self.inherited = False  # an old master's program may be attached: replace it once
 
     @classmethod
     def from_orders(cls, orders: list[list[int]]) -> Steerer:
@@ -141,6 +143,7 @@ class Steerer:
         steerer = cls(len(orders))
         for group, order in zip(steerer.groups, orders, strict=True):
             group.members = list(order)
+        steerer.inherited = True
         return steerer
 
     def orders(self) -> list[list[int]]:
@@ -158,20 +161,29 @@ class Steerer:
             if slot in group.members:
                 group.leave(slot)
 
-    def steer(self, weights: dict[int, int], sockets: dict[int, list[socket.socket]]) -> bool:
-        """Attach ``weights`` (by slot) to each group whose weights changed; False where the
-        kernel refused (then never again: :attr:`refused` says why)."""
+    def steer(
+        self, weights: dict[int, int] | None, sockets: dict[int, list[socket.socket]]
+    ) -> bool:
+        """Attach ``weights`` (by slot; None: back to the kernel's hash) to each group whose
+        weights changed; False where the kernel refused (then never again: :attr:`refused`
+        says why)."""
         if self.refused is not None:
             return False
-        self.weights = dict(weights)
+        self.weights = None if weights is None else dict(weights)
         for number, group in enumerate(self.groups):
-            wanted = group.weights(dict(weights))
-            if wanted == self.attached[number] or not group.members:
+            wanted = None if weights is None else group.weights(weights)
+            if (wanted == self.attached[number] and not self.inherited) or not group.members:
                 continue
+            sock = sockets[group.members[0]][number]
             try:
-                attach(sockets[group.members[0]][number], wanted)
+                if wanted is not None:
+                    attach(sock, wanted)
+                else:
+                    with contextlib.suppress(FileNotFoundError):  # (ENOENT: no program)
+                        detach(sock)
             except OSError as exc:
                 self.refused = exc.strerror or str(exc)
                 return False
             self.attached[number] = wanted
+        self.inherited = False
         return True
