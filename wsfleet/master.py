@@ -58,7 +58,6 @@ from .processes import HANDLED_SIGNALS, HubChild, Listeners, ProcessLayer
 log = logging.getLogger("wsfleet.master")
 HUB_STOP = 2.0  # seconds the hub has to exit at the end, before SIGKILL
 HUB_RETRY = 1.0  # a hub that dies within this of its start twice running waits this long
-STEER_INTERVAL = 0.25  # seconds between two weightings of new connections (--balance)
 
 
 class Handler(Protocol):
@@ -119,6 +118,7 @@ class Master:
         self.hub_due: float | None = None  # when to replace a hub that died as it started
         self.steer_due = 0.0  # (monotonic) when new connections may be weighted again
         self.steered: set[int] | None = None  # the slots last given new connections (None: all)
+        self.steer_waits = False  # new weights wait for steer_due
 
     # Start-up and the main loop
 
@@ -365,7 +365,7 @@ class Master:
     def loop_once(self) -> None:
         web_deadline = self.web.next_deadline() if self.web is not None else None
         deadlines = [self.fleet.next_deadline(), web_deadline, self.hub_due]
-        if self.steering():  # (weights follow the workers within STEER_INTERVAL)
+        if self.steer_waits:  # (weights follow the workers within STEER_INTERVAL)
             deadlines.append(self.steer_due)
         if self.watchdog is not None:
             deadlines.append(self.watchdog_due)
@@ -400,14 +400,6 @@ class Master:
             with contextlib.suppress(OSError):  # (ENOENT: no program)
                 steering.detach(sock)
 
-    def steering(self) -> bool:
-        """Whether new connections are weighted now: --balance least-connections, or slots
-        scaled away (the hash goes on for the others)."""
-        steerer = self.processes.steerer
-        if steerer is None or steerer.refused is not None:
-            return False
-        return self.fleet.config.balance == "least-connections" or bool(self.fleet.retiring)
-
     def weights(self) -> dict[int, int] | None:
         """New connections' weights by slot (None: the kernel's hash). A slot scaled away gets
         none; with least-connections, neither does one whose worker is not ready or whose
@@ -427,17 +419,23 @@ class Master:
         return dict(zip((s.index for s in fleet.slots), weighted, strict=True))
 
     def steer(self) -> None:
-        """Weigh new connections again: at once when a slot gains or loses its share (a
-        worker ready, late, scaled away), else at most every STEER_INTERVAL."""
+        """Weigh new connections again when the weights changed: at once when a slot gains or
+        loses its share (a worker ready, late, scaled away), else at most every
+        STEER_INTERVAL (the loop wakes for it)."""
         steerer = self.processes.steerer
         if steerer is None or steerer.refused is not None:
             return
         weights = self.weights()
+        if weights == steerer.weights and not steerer.inherited:
+            self.steer_waits = False
+            return
         steered = None if weights is None else {slot for slot, w in weights.items() if w}
         now = time.monotonic()
         if steered == self.steered and now < self.steer_due:
+            self.steer_waits = True
             return
-        self.steer_due, self.steered = now + STEER_INTERVAL, steered
+        self.steer_due, self.steered = now + cfg.STEER_INTERVAL, steered
+        self.steer_waits = False
         slots = (*self.fleet.slots, *self.fleet.retiring)
         if not steerer.steer(weights, {slot.index: slot.sockets for slot in slots}):
             log.warning(
