@@ -313,6 +313,8 @@ def test_a_slot_scaled_away_closes_once_its_queue_is_empty() -> None:
     h.settle()
     assert [s.index for s in h.fleet.retiring] == [2] and len(h.fleet.slots) == 2
     assert leaving.state is WorkerState.READY and 2 not in h.procs.closed
+    shown = {w["pid"]: w["state"] for w in h.fleet.status()["workers"]}
+    assert shown[leaving.pid] == "leaving" and shown[h.worker(1).pid] == "ready"
     h.advance(RETIRE_SETTLE + 0.1)  # queued still: it accepts on
     assert h.procs.sent_to(leaving) == [] and 2 not in h.procs.closed
     h.procs.queues[2] = 0

@@ -980,7 +980,7 @@ class Fleet:
                 {
                     "slot": w.slot.index,
                     "pid": w.pid,
-                    "state": w.state.value,
+                    "state": self.shown_state(w),
                     "age": round(now - w.born, 1),
                     "connections": w.connections,
                     "borrowed_slots": self.borrowed(w),
@@ -988,6 +988,14 @@ class Fleet:
                 for w in sorted(self.workers.values(), key=lambda w: (w.slot.index, w.born))
             ],
         }
+
+
+    def shown_state(self, worker: Worker) -> str:
+        """Its state in the status: "leaving" for a ready worker of a slot scaled away (it
+        accepts only what its socket had queued, then drains)."""
+        if worker.state is WorkerState.READY and worker.slot in self.retiring:
+            return "leaving"
+        return worker.state.value
 
 
 def describe_exit(code: int) -> str:
