@@ -989,7 +989,6 @@ class Fleet:
             ],
         }
 
-
     def shown_state(self, worker: Worker) -> str:
         """Its state in the status: "leaving" for a ready worker of a slot scaled away (it
         accepts only what its socket had queued, then drains)."""
