@@ -18,6 +18,8 @@ from wsfleet.fleet import (
     BACKOFF_FIRST,
     BACKOFF_MAX,
     KILL_GRACE,
+    RETIRE_LIMIT,
+    RETIRE_SETTLE,
     BootError,
     Fleet,
     MasterState,
@@ -54,6 +56,7 @@ class FakeProcesses:
         self.fail_forks = 0
         self.masters: list[int] = []  # new masters started (upgrades)
         self.handed_to: list[int] = []
+        self.queues: dict[int, int] = {}  # connections queued on a slot's sockets
 
     def start_master(self, slots: list[list[Any]]) -> tuple[int, object]:
         self.pid += 1
@@ -68,6 +71,9 @@ class FakeProcesses:
 
     def close_slot(self, slot: Any) -> None:
         self.closed.append(slot.index)
+
+    def queued(self, slot: Any) -> int:
+        return self.queues.get(slot.index, 0)
 
     def close_shared(self) -> None:
         self.closed.append(-1)
@@ -287,13 +293,76 @@ def test_a_borrower_that_drains_is_replaced_by_another() -> None:
     first = h.fleet.slots[2].lent_to
     assert first is not None
     h.fleet.scale(2)  # removes slot 2 itself: the loan ends with a release
-    h.settle()
+    h.advance(RETIRE_SETTLE)  # (once its queue is empty: the borrower accepts meanwhile)
     assert h.procs.sent_to(first)[-1] == {"t": "release", "slot": 2}
     h.fleet.scale(3)  # slot 2 again, starting: lent again
     h.settle()
     h.exit(h.worker(1), 1)
     h.exit(h.worker(1), 1)  # slot 1 in backoff too: slot 0's worker holds both
     assert {s.index for s in h.fleet.slots if s.lent_to is h.worker(0)} >= {1}
+
+
+def test_a_slot_scaled_away_closes_once_its_queue_is_empty() -> None:
+    """TTOU: the slot gets no new connection (the master steers them away) while its worker
+    accepts what its queue holds; then the worker drains and the socket closes."""
+    h = Harness(3)
+    h.boot()
+    leaving = h.worker(2)
+    h.procs.queues[2] = 5
+    h.fleet.scale(2)
+    h.settle()
+    assert [s.index for s in h.fleet.retiring] == [2] and len(h.fleet.slots) == 2
+    assert leaving.state is WorkerState.READY and 2 not in h.procs.closed
+    shown = {w["pid"]: w["state"] for w in h.fleet.status()["workers"]}
+    assert shown[leaving.pid] == "leaving" and shown[h.worker(1).pid] == "ready"
+    h.advance(RETIRE_SETTLE + 0.1)  # queued still: it accepts on
+    assert h.procs.sent_to(leaving) == [] and 2 not in h.procs.closed
+    h.procs.queues[2] = 0
+    h.advance(0.1)
+    assert h.procs.sent_to(leaving) == [{"t": "drain", "code": 1001, "reason": "going away"}]
+    assert h.procs.closed == [2] and h.fleet.retiring == []
+    assert h.fleet.other_slots(h.fleet.slots[0]) == [h.fleet.slots[1]]
+
+
+def test_a_slot_scaled_away_never_empty_closes_at_the_limit(caplog) -> None:
+    h = Harness(2)
+    h.boot()
+    h.procs.queues[1] = 7
+    h.fleet.scale(1)
+    h.advance(RETIRE_LIMIT - 0.05)
+    assert 1 not in h.procs.closed
+    h.advance(0.1)
+    assert h.procs.closed == [1] and h.worker(0).state is WorkerState.READY
+    assert "slot 1 closes with 7 connections still queued after 1.0s (reset)" in caplog.text
+
+
+def test_a_slot_scaled_away_that_nobody_accepts_on_closes_at_once() -> None:
+    """Its worker starting (and no borrower), or dead: nothing would empty its queue."""
+    h = Harness(3)
+    h.ready(h.worker(0), h.worker(1))  # slot 2's worker still starting
+    h.fleet.scale(2)
+    h.settle()
+    assert h.procs.closed == [2] and h.fleet.retiring == []
+    h.fleet.scale(3)
+    h.boot()
+    leaving = h.worker(2)
+    h.procs.queues[2] = 1
+    h.fleet.scale(2)
+    h.settle()
+    forks = len(h.procs.forked)
+    h.exit(leaving)
+    assert h.procs.closed == [2, 2] and len(h.procs.forked) == forks  # not replaced
+
+
+def test_a_stop_closes_the_slots_scaled_away_at_once() -> None:
+    h = Harness(2)
+    h.boot()
+    h.procs.queues[1] = 3
+    h.fleet.scale(1)
+    h.settle()
+    h.fleet.stop(graceful=True)
+    assert 1 in h.procs.closed and h.fleet.retiring == []
+    assert all(w.state is WorkerState.DRAINING for w in h.fleet.workers.values())
 
 
 def test_rolling_restart_replaces_one_slot_at_a_time() -> None:
@@ -431,6 +500,7 @@ def test_a_draining_worker_is_killed_at_its_drain_limit(why: str) -> None:
     elif why == "scale-down":
         old = h.worker(1)
         h.fleet.scale(1)
+        h.advance(RETIRE_SETTLE)  # (its queue is empty: it drains)
     else:
         old = h.worker(0)
         h.fleet.stop(graceful=True)
@@ -937,7 +1007,7 @@ def test_a_new_master_counts_its_workers_as_upgrades_then_scales_once_it_took_ov
     h.boot()
     assert len(h.fleet.slots) == 3  # the old master's workers still accept on slot 2 too
     h.fleet.on_taken_over()
-    h.settle()
+    h.advance(RETIRE_SETTLE)
     assert len(h.fleet.slots) == 2
     (removed,) = [w for w in h.fleet.workers.values() if w.slot.index == 2]
     assert h.procs.sent_to(removed) == [{"t": "drain", "code": 1001, "reason": "going away"}]
@@ -1222,5 +1292,8 @@ def test_a_slot_scaled_away_during_its_memory_replacement_ends_it() -> None:
     h.fleet.scale(1)  # TTOU
     h.settle()
     assert h.fleet.restart is None and len(h.fleet.slots) == 1  # (not scaled back: no reload)
-    assert step.state is WorkerState.DRAINING and grown.state is WorkerState.DRAINING
+    assert step.state is WorkerState.DRAINING
+    h.advance(RETIRE_SETTLE)  # (its queue empty: the grown worker goes with its slot)
+    assert grown.state is WorkerState.DRAINING
+    assert h.procs.sent_to(grown)[-1] == {"t": "drain", "code": 1001, "reason": "going away"}
     assert h.fleet.restart_outcome.kind == "none" and h.fleet.restart_reasons["memory"] == 0

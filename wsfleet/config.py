@@ -817,6 +817,14 @@ def url(config: Config, address: str) -> str:
     return address if address.startswith("unix:") else f"{scheme(config)}://{address}"
 
 
+# --balance least-connections: the master weighs new connections at most this often, and a
+# worker reports a change of its connections within it (not only at its next heartbeat): the
+# weights follow counts at most ~2 of these old: at 500 new connections a second, that is
+# ~100 placed on old counts (a second's heartbeats would be 500: max/min 1.6 instead of 1.1 in
+# a simulation of tests/test_steering.py's scale-up).
+STEER_INTERVAL = 0.1
+
+
 def heartbeat_interval(config: Config) -> float:
     """How often a worker's event loop reports to the master (and its connection count)."""
     return min(1.0, config.timeout / 4)

@@ -43,6 +43,11 @@ log = logging.getLogger("wsfleet.master")
 
 BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
 KILL_GRACE = 1.0  # between SIGTERM (or QUIT) and SIGKILL for a worker that must stop now
+# A slot scaled away (TTOU) gets no new connection from then on (the master steers them away)
+# but its worker accepts on: its socket closes once its accept queue is empty, RETIRE_LIMIT at
+# most. Not before RETIRE_SETTLE: a handshake the kernel answered just before (the client's
+# ACK on its way, a round trip) joins that queue after, and would be reset by the close.
+RETIRE_SETTLE, RETIRE_POLL, RETIRE_LIMIT = 0.25, 0.01, 1.0
 EXIT_APP = 4
 # Why workers were replaced, or started and stopped (the status's restarts_by_reason).
 RESTART_REASONS = ("crash", "hung", "memory", "reload", "scale", "upgrade")
@@ -124,6 +129,9 @@ class Slot:
     crashes: int = 0  # consecutive exits at start
     restart_at: float = 0.0  # when EMPTY: when its next worker starts
     lent_to: Worker | None = None  # the worker that accepts on these sockets meanwhile
+    # Scaled away: since when (its socket closes once its queue is empty), and its last look
+    retiring: float | None = None
+    looked: float | None = None
 
     @property
     def state(self) -> SlotState:
@@ -220,6 +228,7 @@ class Processes(Protocol):
 
     def open_slot(self, index: int) -> list[Any]: ...  # new listening sockets; raises OSError
     def close_slot(self, slot: Slot) -> None: ...
+    def queued(self, slot: Slot) -> int: ...  # connections in its sockets' accept queues
     def close_shared(self) -> None: ...  # the fleet's Unix sockets (one for every worker)
     def fork(self, slot: Slot) -> tuple[int, Any]: ...  # (pid, channel); raises OSError
     def signal(self, pid: int, sig: signal.Signals) -> None: ...  # any child, a new master too
@@ -251,6 +260,7 @@ class Fleet:
         self.upgrader = upgrader
         self.clock = clock  # monotonic seconds (time.monotonic in the master)
         self.slots: list[Slot] = []
+        self.retiring: list[Slot] = []  # scaled away, their sockets not closed yet
         self.workers: dict[int, Worker] = {}
         self.state = MasterState.BOOTING
         self.restart: RollingRestart | None = None
@@ -528,6 +538,10 @@ class Fleet:
             for slot in self.slots:
                 if slot.worker is None:
                     yield slot.restart_at, self.spawn, slot
+        for slot in self.retiring:
+            assert slot.retiring is not None
+            first = slot.retiring + RETIRE_SETTLE
+            yield first if slot.looked is None else slot.looked + RETIRE_POLL, self.look, slot
         for worker in self.workers.values():
             if worker.state in LIVE:
                 yield worker.last_seen + self.config.timeout, self.on_silent, worker
@@ -603,6 +617,9 @@ class Fleet:
             for worker in kept:
                 self.drain(worker, 1012, "service restart")
         self.lend_sockets()
+        for slot in list(self.retiring):  # nobody to empty its queue: nothing to wait for
+            if not self.accepting(slot):
+                self.retire(slot)
         self.recycle()
 
     def lend_sockets(self) -> None:
@@ -821,17 +838,47 @@ class Fleet:
         while len(self.slots) > count:
             slot = self.slots.pop()
             self.restart_reasons["scale"] += 1
-            for worker in (slot.worker, slot.replacement):
-                if worker is not None and worker.state in (WorkerState.STARTING, WorkerState.READY):
-                    self.drain(worker, 1001, "going away")
-            if slot.lent_to is not None:
-                self.processes.send(slot.lent_to, {"t": "release", "slot": slot.index})
-                slot.lent_to = None
-            self.processes.close_slot(slot)
+            slot.retiring = self.clock()
+            self.retiring.append(slot)
+            if slot.replacement is not None and slot.replacement.state is WorkerState.STARTING:
+                self.drain(slot.replacement, 1001, "going away")
         restart = self.restart
         if restart is not None and restart.step is not None and restart.step.slot not in self.slots:
             restart.step = None
             self.advance_restart()
+
+    def look(self, slot: Slot) -> None:
+        """A slot scaled away: close it once its accept queue is empty (RETIRE_LIMIT at most)."""
+        assert slot.retiring is not None
+        now = self.clock()
+        queued = self.processes.queued(slot)
+        if queued and now < slot.retiring + RETIRE_LIMIT:
+            slot.looked = now
+            return
+        if queued:
+            log.warning(
+                "slot %d closes with %s still queued after %.1fs (reset)",
+                slot.index,
+                logs.plural(queued, "connection"),
+                RETIRE_LIMIT,
+            )
+        self.retire(slot)
+
+    def retire(self, slot: Slot) -> None:
+        """Close a slot scaled away: its worker drains (1001), its socket closes."""
+        self.retiring.remove(slot)
+        worker = slot.worker
+        if worker is not None and worker.state in (WorkerState.STARTING, WorkerState.READY):
+            self.drain(worker, 1001, "going away")
+        if slot.lent_to is not None:
+            self.processes.send(slot.lent_to, {"t": "release", "slot": slot.index})
+            slot.lent_to = None
+        self.processes.close_slot(slot)
+
+    def accepting(self, slot: Slot) -> bool:
+        """Whether a worker accepts on the slot's sockets: its own, or a borrower."""
+        workers = (slot.worker, slot.lent_to)
+        return any(w is not None and w.state is WorkerState.READY for w in workers)
 
     def stop(self, graceful: bool) -> None:
         """Graceful: every worker drains with 1001 (SIGTERM). Else: QUIT now, then SIGKILL.
@@ -839,6 +886,8 @@ class Fleet:
         left behind."""
         first = self.state is not MasterState.STOPPING
         self.stop_serving("shutdown")
+        for slot in list(self.retiring):
+            self.retire(slot)
         upgrade = self.upgrade
         if upgrade is not None and upgrade.state in (UpgradeState.STARTING, UpgradeState.FAILED):
             if upgrade.state is UpgradeState.STARTING:
@@ -1014,7 +1063,7 @@ class Fleet:
         return [worker.channel for worker in self.workers.values()]
 
     def other_slots(self, slot: Slot | None) -> list[Slot]:
-        return [other for other in self.slots if other is not slot]
+        return [other for other in (*self.slots, *self.retiring) if other is not slot]
 
     # Status
 
@@ -1052,7 +1101,7 @@ class Fleet:
                 {
                     "slot": w.slot.index,
                     "pid": w.pid,
-                    "state": w.state.value,
+                    "state": self.shown_state(w),
                     "age": round(now - w.born, 1),
                     "connections": w.connections,
                     "memory": w.memory,  # USS in bytes (--max-worker-memory; null: off)
@@ -1061,6 +1110,13 @@ class Fleet:
                 for w in sorted(self.workers.values(), key=lambda w: (w.slot.index, w.born))
             ],
         }
+
+    def shown_state(self, worker: Worker) -> str:
+        """Its state in the status: "leaving" for a ready worker of a slot scaled away (it
+        accepts only what its socket had queued, then drains)."""
+        if worker.state is WorkerState.READY and worker.slot in self.retiring:
+            return "leaving"
+        return worker.state.value
 
 
 def mebibytes(size: int) -> str:
