@@ -334,7 +334,10 @@ def test_the_weights_follow_a_crash_restart(spawn, tmp_path) -> None:
         counted = kept + 100
         await settled(lambda: sum(w["connections"] for w in by_slot().values()) == counted, "all")
         spread = {slot: w["connections"] for slot, w in by_slot().items()}
-        assert spread[0] >= 80, spread  # (most of the new ones: the slot that lost its own)
+        # Most of the new ones go to the slot that lost its own: all 100 while it has fewer
+        # than the other (kept, about 100), then half each; 20 off at most.
+        placed = min(100, (kept + 100) / 2)
+        assert spread[0] >= placed - 20, (spread, kept)
         for client in clients + fresh:
             await client.close()
 
