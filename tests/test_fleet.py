@@ -614,6 +614,8 @@ def test_heartbeats_update_connections_and_liveness() -> None:
         b'{"t":"hb","conns":null}',
         b'{"t":"hb","conns":-1}',
         b'{"t":"hb","conns":true}',
+        b'{"t":"hb","conns":1,"acc":-1}',
+        b'{"t":"hb","conns":1,"acc":"7"}',
         b'{"t":"nope"}',
         b'{"t":"error"}',
         b"[" * 100_000 + b"]" * 100_000,
@@ -631,8 +633,28 @@ def test_malformed_worker_messages_are_refused(data: bytes) -> None:
 
 
 def test_valid_worker_messages_pass() -> None:
-    for message in ({"t": "ready"}, {"t": "hb", "conns": 3}, {"t": "error", "message": "x"}):
+    for message in (
+        {"t": "ready"},
+        {"t": "hb", "conns": 3},
+        {"t": "hb", "conns": 3, "acc": 12},
+        {"t": "error", "message": "x"},
+    ):
         assert channel.validate(json.loads(json.dumps(message))) == message
+
+
+def test_the_fleet_sums_the_connections_its_workers_accepted() -> None:
+    """What the master's arrival rate comes from: each report's "acc" is a worker's total; a
+    new worker starts from 0 and a gone one's do not go back."""
+    h = Harness(2)
+    h.boot()
+    h.fleet.on_message(h.worker(0), {"t": "hb", "conns": 5, "acc": 5})
+    h.fleet.on_message(h.worker(1), {"t": "hb", "conns": 2, "acc": 3})
+    h.fleet.on_message(h.worker(0), {"t": "hb", "conns": 6, "acc": 9})
+    assert h.fleet.arrived == 12
+    h.exit(h.worker(0))
+    h.ready(h.worker(0))
+    h.fleet.on_message(h.worker(0), {"t": "hb", "conns": 1, "acc": 1})
+    assert h.fleet.arrived == 13
 
 
 def test_a_long_traceback_is_cut_from_the_top_to_fit_one_message() -> None:

@@ -137,6 +137,10 @@ def validate(message: object) -> Message:
             raise BadMessage(f"'draining' message with a bad 'over': {over!r:.40}")
     if kind == "error" and not isinstance(message.get("details", ""), str):
         message["details"] = ""  # the line still tells why
+    if kind == "hb" and "acc" in message:
+        accepted = message["acc"]
+        if not isinstance(accepted, int) or isinstance(accepted, bool) or accepted < 0:
+            raise BadMessage(f"'hb' message with a bad 'acc': {accepted!r:.40}")
     if kind == "hb" and "n" in message and not _counts(message["n"]):
         # The heartbeat still counts (a worker is not killed for its counts); they do not.
         message["bad_counts"] = repr(message.pop("n"))[:60]

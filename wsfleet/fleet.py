@@ -89,6 +89,7 @@ class Worker:
     ready_at: float | None = None  # when it became ready, if it did
     last_seen: float = 0.0  # its last message (heartbeats come from its event loop)
     connections: int = 0
+    accepted: int = 0  # connections it accepted, as it last reported
     error: str | None = None  # why it could not start, as it said
     details: str = ""  # and the traceback of its app's import, if it raised
     counts_refused: bool = False  # its --metrics counts were malformed (said once)
@@ -270,6 +271,7 @@ class Fleet:
         # Workers replaced, or started and stopped, by reason (RESTART_REASONS).
         self.restart_reasons: collections.Counter[str] = collections.Counter()
         self.tally = Tally()  # the workers' counts (--metrics)
+        self.arrived = 0  # connections the workers accepted, summed as they report them
         self.upgrade: Upgrade | None = None
         self.upgrades = 0  # upgrades asked for (SIGUSR2), so a waiter knows its own
         self.upgrade_outcome = UpgradeOutcome()
@@ -333,6 +335,9 @@ class Fleet:
         kind = message["t"]
         if kind == "hb":
             worker.connections = message["conns"]
+            if "acc" in message:
+                self.arrived += max(0, message["acc"] - worker.accepted)
+                worker.accepted = message["acc"]
             if "n" in message:
                 self.tally.report(worker.pid, worker.slot.index, message["n"])
             elif "bad_counts" in message and not worker.counts_refused:

@@ -121,6 +121,8 @@ class Master:
         self.memory_due = 0.0  # (monotonic) when the workers' memory is read again
         self.steered: set[int] | None = None  # the slots last given new connections (None: all)
         self.steer_waits = False  # new weights wait for steer_due
+        # (when, the fleet's accepted connections then): the arrival rate over ARRIVAL_WINDOW
+        self.arrivals: collections.deque[tuple[float, int]] = collections.deque(maxlen=1000)
 
     # Start-up and the main loop
 
@@ -418,8 +420,19 @@ class Master:
             ready = worker is not None and worker.state is WorkerState.READY
             fresh = worker is not None and now - worker.last_seen <= late
             counts.append(worker.connections if worker is not None and ready and fresh else None)
-        weighted = steering.least_connections(counts)
+        arriving = self.arrival_rate(now) * cfg.STEER_HORIZON
+        weighted = steering.least_connections(counts, arriving)
         return dict(zip((s.index for s in fleet.slots), weighted, strict=True))
+
+    def arrival_rate(self, now: float) -> float:
+        """New connections a second, as the workers' reports show them, over the last
+        ARRIVAL_WINDOW (0 until a tenth of a second is seen)."""
+        samples, arrived = self.arrivals, self.fleet.arrived
+        samples.append((now, arrived))
+        while len(samples) > 2 and now - samples[1][0] >= cfg.ARRIVAL_WINDOW:
+            samples.popleft()
+        then, before = samples[0]
+        return (arrived - before) / (now - then) if now - then >= cfg.STEER_INTERVAL else 0.0
 
     def steer(self) -> None:
         """Weigh new connections again when the weights changed: at once when a slot gains or

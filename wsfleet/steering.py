@@ -14,7 +14,8 @@ replaced as the weights change; attaching it needs no privilege.
 - :class:`Group`: the kernel's numbering of a group, which the program's indices follow: a
   socket joins at ``listen()`` (the next index), and one that closes leaves its index to the
   group's last socket (checked on this kernel: tests/test_steering.py).
-- :func:`least_connections`: the weights from the workers' open connections (pure).
+- :func:`least_connections`: the weights from the workers' open connections and the
+  connections expected before the next weights (pure).
 - :func:`attach`: the ``setsockopt`` (OSError where the kernel refuses: the hash goes on).
 """
 
@@ -38,8 +39,7 @@ _RET_K = 0x06 | 0x00
 _INSTRUCTION = struct.Struct("=HBBI")  # struct sock_filter: code, jt, jf, k
 HASH = 0xFFFFFFFF  # an index no group has: the kernel then uses its hash
 MAX_SOCKETS = 2000  # (two instructions each: under the kernel's 4,096)
-FLOOR = 50  # least_connections: every eligible worker's deficit counts mean / FLOOR more
-WEIGHT_MAX = 2**16  # (times MAX_SOCKETS: under 2**32)
+WEIGHT_MAX = 2**16  # least_connections' largest weight (times MAX_SOCKETS: under 2**32)
 
 
 def program(weights: Sequence[int]) -> bytes:
@@ -110,30 +110,40 @@ class Group:
         return [by_key.get(key, 0) for key in self.members]
 
 
-def least_connections(connections: Sequence[int | None]) -> list[int]:
-    """Weights for new connections, from each worker's open ones (None: it takes none).
+def least_connections(connections: Sequence[int | None], arriving: float = 0.0) -> list[int]:
+    """Weights for new connections, from each worker's open ones (None: it takes none) and
+    how many are expected before the next weights (``arriving``).
 
-    Each eligible worker's weight is the square of its deficit to the busiest one plus a
-    floor (a 50th of the mean, at least 1). Squared, the emptiest fill first, as water fills
-    the lowest ground: after a scale-up whose new connections cannot even everything out,
-    proportional weights would leave each worker short by the same fraction of its deficit
-    (1,200 new connections on workers holding 535/665/0/0, weights updated every 30: max/min
-    1.28 with proportional weights, 1.19 squared, 1.15 at best; tests/test_steering.py
-    simulates it). Still a random pick, not "all to the emptiest": a burst between
-    two updates spreads over the emptier workers instead of landing on one, and every
-    eligible worker keeps a share. Equal counts: equal weights. Scaled to at most
-    WEIGHT_MAX each, so that the total fits the program's 32 bits.
+    The weights are how ``arriving`` connections would fill the workers, as water fills
+    ground: the emptiest first, up to the level where all of them are placed (one at least).
+    A trickle goes to the emptiest workers; a burst larger than the workers' differences
+    spreads over all of them by what each lacks to that level. Weights from the deficits
+    alone would send a burst, placed on counts a report old, to whichever worker was behind,
+    then back to the other (1,000 connections in a second on two workers: max/min 1.33 with
+    squared deficits, 1.03 this way, in tests/test_steering.py's simulation). Every
+    eligible worker keeps a share (1 in WEIGHT_MAX, the emptiest's weight).
     """
-    counts = [c for c in connections if c is not None]
-    if not counts:
+    eligible = sorted(c for c in connections if c is not None)
+    if not eligible:
         return [0] * len(connections)
-    top = max(counts)
-    floor = max(1, sum(counts) // (FLOOR * len(counts)))
-    raw = [0 if c is None else (top - c + floor) ** 2 for c in connections]
-    biggest = max(raw)
-    if biggest <= WEIGHT_MAX:
-        return raw
-    return [max(1, w * WEIGHT_MAX // biggest) if w else 0 for w in raw]  # (eligible: w >= 1)
+    level = _level(eligible, max(1.0, arriving))
+    lacks = [0.0 if c is None else max(0.0, level - c) for c in connections]
+    top = max(lacks)  # (> 0: the emptiest lacks arriving / len(eligible) at least)
+    return [
+        0 if c is None else max(1, round(lack * WEIGHT_MAX / top))
+        for c, lack in zip(connections, lacks, strict=True)
+    ]
+
+
+def _level(counts: list[int], arriving: float) -> float:
+    """The level that ``arriving`` connections fill the workers of ``counts`` (sorted) to."""
+    total = 0.0
+    for filled, count in enumerate(counts, 1):
+        total += count
+        level = (arriving + total) / filled
+        if filled == len(counts) or level <= counts[filled]:
+            return level
+    raise ValueError("no counts")
 
 
 class Steerer:

@@ -442,6 +442,7 @@ class Worker:
         self._own_hub: hub.Hub | None = None
         self._inbox: list[tuple[Message, list[int]]] = []
         self._reported = 0  # the connections the master last heard of
+        self._accepted = 0  # connections accepted (the master estimates the arrivals from it)
         self._count_due: asyncio.TimerHandle | None = None
         self._accept_failures = Occurrences()
         self._tls_failures = Occurrences()
@@ -548,6 +549,7 @@ class Worker:
             await websocket.close(self.drain_code, self.drain_reason)
             return
         self.connections.add(websocket)
+        self._accepted += 1
         self._count_changed()
         age = self.config.max_connection_age
         aging = (
@@ -882,12 +884,12 @@ class Worker:
         self._count_due = None
         if len(self.connections) != self._reported and self.phase is Phase.SERVING:
             self._reported = len(self.connections)
-            self._send({"t": "hb", "conns": self._reported})
+            self._send({"t": "hb", "conns": self._reported, "acc": self._accepted})
 
     def _report(self) -> None:
         """A heartbeat: the open connections, and with --metrics the totals so far."""
         self._reported = len(self.connections)
-        message: channel.Message = {"t": "hb", "conns": self._reported}
+        message: channel.Message = {"t": "hb", "conns": self._reported, "acc": self._accepted}
         if self.config.metrics:
             message["n"] = COUNTS.report()
         self._send(message)
