@@ -223,6 +223,8 @@ def test_bench_balance_script_samples_a_scale_up_in_both_modes(tmp_path: Path) -
         else:  # (the server's 1012 at each connection's age; no churn from the clients)
             assert run["client_closes"] == 0 and run["server_closes"] > 0, run
             assert set(run["close_codes"]) == {"1012"}, run
+    # The same table again, from the file alone.
+    assert run_script(script, ["--report", str(out)], 60) in table
 
 
 def test_bench_pubsub_script_measures_both_setups(tmp_path: Path) -> None:
