@@ -64,7 +64,8 @@ def test_start_serves_the_socket_systemd_passes(spawn, tmp_path: Path) -> None:
 def test_as_many_passed_sockets_as_workers_are_one_per_slot(spawn, tmp_path: Path) -> None:
     """What a socket unit with ReusePort=yes and one ListenStream= per worker passes (here
     from a launcher that speaks the same protocol: systemd-socket-activate binds each
-    address once)."""
+    address once). Their order in the kernel's group is unknown: --balance least-connections
+    leaves the placing to the kernel's hash, and says so."""
     port = free_port()
     setup = f"""
 for fd in (3, 4):
@@ -76,8 +77,11 @@ for fd in (3, 4):
     count += 1
 """
     pidfile = str(tmp_path / "wsfleet.pid")
-    proc = spawn("start", "-w", "2", "--pidfile", pidfile, program=launcher(setup))
+    args = ("-w", "2", "--pidfile", pidfile, "--balance", "least-connections")
+    proc = spawn("start", *args, program=launcher(setup))
     assert proc.wait_ready() == port
+    balance = control.query_status(proc.pid)["master"]["balance"]
+    assert balance == {"mode": "hash", "weights": None}
     passed = listening_sockets(proc.pid, port)
     assert len(passed) == 2
     workers = [w["pid"] for w in control.query_status(proc.pid)["workers"]]

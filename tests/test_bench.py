@@ -227,6 +227,16 @@ def test_bench_balance_script_samples_a_scale_up_in_both_modes(tmp_path: Path) -
     assert run_script(script, ["--report", str(out)], 60) in table
 
 
+def test_bench_lending_script_compares_lending_with_weight_0_only() -> None:
+    """scripts/bench-lending, tiny: with lending, every handshake queued on the killed
+    worker's socket is served during the backoff; with weight 0 only, they wait for nobody."""
+    script = Path(__file__).parent.parent / "scripts" / "bench-lending"
+    table = run_script(script, ["--runs", "1", "--queued", "20", "--backoff", "2"], 120)
+    rows = {line.split("|")[1].strip(): line.split("|")[2] for line in table.splitlines()[4:]}
+    assert rows["lending"].strip() == "0 (0)", table
+    assert int(rows["weight 0 only"].split()[0]) > 0, table
+
+
 def test_bench_pubsub_script_measures_both_setups(tmp_path: Path) -> None:
     """scripts/bench-pubsub, tiny: one websockets process and a fleet each deliver every
     message to every subscriber in order; the latency, the master's status times and the

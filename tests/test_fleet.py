@@ -18,6 +18,8 @@ from wsfleet.fleet import (
     BACKOFF_FIRST,
     BACKOFF_MAX,
     KILL_GRACE,
+    RETIRE_LIMIT,
+    RETIRE_SETTLE,
     BootError,
     Fleet,
     MasterState,
@@ -54,6 +56,7 @@ class FakeProcesses:
         self.fail_forks = 0
         self.masters: list[int] = []  # new masters started (upgrades)
         self.handed_to: list[int] = []
+        self.queues: dict[int, int] = {}  # connections queued on a slot's sockets
 
     def start_master(self, slots: list[list[Any]]) -> tuple[int, object]:
         self.pid += 1
@@ -68,6 +71,9 @@ class FakeProcesses:
 
     def close_slot(self, slot: Any) -> None:
         self.closed.append(slot.index)
+
+    def queued(self, slot: Any) -> int:
+        return self.queues.get(slot.index, 0)
 
     def close_shared(self) -> None:
         self.closed.append(-1)
@@ -287,13 +293,76 @@ def test_a_borrower_that_drains_is_replaced_by_another() -> None:
     first = h.fleet.slots[2].lent_to
     assert first is not None
     h.fleet.scale(2)  # removes slot 2 itself: the loan ends with a release
-    h.settle()
+    h.advance(RETIRE_SETTLE)  # (once its queue is empty: the borrower accepts meanwhile)
     assert h.procs.sent_to(first)[-1] == {"t": "release", "slot": 2}
     h.fleet.scale(3)  # slot 2 again, starting: lent again
     h.settle()
     h.exit(h.worker(1), 1)
     h.exit(h.worker(1), 1)  # slot 1 in backoff too: slot 0's worker holds both
     assert {s.index for s in h.fleet.slots if s.lent_to is h.worker(0)} >= {1}
+
+
+def test_a_slot_scaled_away_closes_once_its_queue_is_empty() -> None:
+    """TTOU: the slot gets no new connection (the master steers them away) while its worker
+    accepts what its queue holds; then the worker drains and the socket closes."""
+    h = Harness(3)
+    h.boot()
+    leaving = h.worker(2)
+    h.procs.queues[2] = 5
+    h.fleet.scale(2)
+    h.settle()
+    assert [s.index for s in h.fleet.retiring] == [2] and len(h.fleet.slots) == 2
+    assert leaving.state is WorkerState.READY and 2 not in h.procs.closed
+    shown = {w["pid"]: w["state"] for w in h.fleet.status()["workers"]}
+    assert shown[leaving.pid] == "leaving" and shown[h.worker(1).pid] == "ready"
+    h.advance(RETIRE_SETTLE + 0.1)  # queued still: it accepts on
+    assert h.procs.sent_to(leaving) == [] and 2 not in h.procs.closed
+    h.procs.queues[2] = 0
+    h.advance(0.1)
+    assert h.procs.sent_to(leaving) == [{"t": "drain", "code": 1001, "reason": "going away"}]
+    assert h.procs.closed == [2] and h.fleet.retiring == []
+    assert h.fleet.other_slots(h.fleet.slots[0]) == [h.fleet.slots[1]]
+
+
+def test_a_slot_scaled_away_never_empty_closes_at_the_limit(caplog) -> None:
+    h = Harness(2)
+    h.boot()
+    h.procs.queues[1] = 7
+    h.fleet.scale(1)
+    h.advance(RETIRE_LIMIT - 0.05)
+    assert 1 not in h.procs.closed
+    h.advance(0.1)
+    assert h.procs.closed == [1] and h.worker(0).state is WorkerState.READY
+    assert "slot 1 closes with 7 connections still queued after 1.0s (reset)" in caplog.text
+
+
+def test_a_slot_scaled_away_that_nobody_accepts_on_closes_at_once() -> None:
+    """Its worker starting (and no borrower), or dead: nothing would empty its queue."""
+    h = Harness(3)
+    h.ready(h.worker(0), h.worker(1))  # slot 2's worker still starting
+    h.fleet.scale(2)
+    h.settle()
+    assert h.procs.closed == [2] and h.fleet.retiring == []
+    h.fleet.scale(3)
+    h.boot()
+    leaving = h.worker(2)
+    h.procs.queues[2] = 1
+    h.fleet.scale(2)
+    h.settle()
+    forks = len(h.procs.forked)
+    h.exit(leaving)
+    assert h.procs.closed == [2, 2] and len(h.procs.forked) == forks  # not replaced
+
+
+def test_a_stop_closes_the_slots_scaled_away_at_once() -> None:
+    h = Harness(2)
+    h.boot()
+    h.procs.queues[1] = 3
+    h.fleet.scale(1)
+    h.settle()
+    h.fleet.stop(graceful=True)
+    assert 1 in h.procs.closed and h.fleet.retiring == []
+    assert all(w.state is WorkerState.DRAINING for w in h.fleet.workers.values())
 
 
 def test_rolling_restart_replaces_one_slot_at_a_time() -> None:
@@ -431,6 +500,7 @@ def test_a_draining_worker_is_killed_at_its_drain_limit(why: str) -> None:
     elif why == "scale-down":
         old = h.worker(1)
         h.fleet.scale(1)
+        h.advance(RETIRE_SETTLE)  # (its queue is empty: it drains)
     else:
         old = h.worker(0)
         h.fleet.stop(graceful=True)
@@ -937,7 +1007,7 @@ def test_a_new_master_counts_its_workers_as_upgrades_then_scales_once_it_took_ov
     h.boot()
     assert len(h.fleet.slots) == 3  # the old master's workers still accept on slot 2 too
     h.fleet.on_taken_over()
-    h.settle()
+    h.advance(RETIRE_SETTLE)
     assert len(h.fleet.slots) == 2
     (removed,) = [w for w in h.fleet.workers.values() if w.slot.index == 2]
     assert h.procs.sent_to(removed) == [{"t": "drain", "code": 1001, "reason": "going away"}]
@@ -980,3 +1050,250 @@ def test_counted_nouns() -> None:
     assert [plural(n, "worker") for n in (0, 1, 2)] == ["0 workers", "1 worker", "2 workers"]
     assert plural(1, "process", "processes") == "1 process"
     assert plural(3, "process", "processes") == "3 processes"
+
+
+# --max-worker-memory: the master reads each worker's USS, the fleet decides
+
+MIB = 2**20
+
+
+def read_memory(h: Harness, sizes: dict[int, int], due: bool = True) -> None:
+    """The master's memory step: what the fleet asks to read, read (MiB by slot, for the
+    slot's newest worker; 30 for any other), then reconcile."""
+    newest = {slot: h.newest(slot).pid for slot in sizes}
+    for pid in h.fleet.to_measure(due):
+        worker = h.fleet.workers[pid]
+        size = sizes.get(worker.slot.index, 30) if pid == newest.get(worker.slot.index) else 30
+        h.fleet.on_memory(pid, size * MIB)
+    h.settle()
+
+
+def test_a_worker_over_max_worker_memory_is_replaced_like_one_slot_of_a_reload(caplog) -> None:
+    h = Harness(3, max_worker_memory=100)
+    h.boot()
+    read_memory(h, {0: 30, 1: 30, 2: 30})
+    grown, others = h.worker(1), [h.worker(0), h.worker(2)]
+    forks = len(h.procs.forked)
+    with caplog.at_level(logging.WARNING, "wsfleet.master"):
+        read_memory(h, {1: 150})
+    said = f"worker {grown.pid} (slot 1) uses 150.0 MiB (USS), over --max-worker-memory 100 MiB"
+    assert said in caplog.text
+    # A new worker for its slot first; the old one serves meanwhile.
+    assert len(h.procs.forked) == forks + 1 and h.procs.forked[-1][1] == 1
+    new = h.fleet.slots[1].replacement
+    assert new is not None and grown.state is WorkerState.READY
+    read_memory(h, {1: 150})  # still over: nothing more (the replacement is under way)
+    assert len(h.procs.forked) == forks + 1
+    h.ready(new)
+    # Held, then drained with 1012, as a reload does; the other slots untouched.
+    assert h.procs.sent_to(grown) == [
+        {"t": "hold"},
+        {"t": "drain", "code": 1012, "reason": "service restart"},
+    ]
+    assert h.worker(1) is new and h.fleet.restart is None
+    assert [h.worker(0), h.worker(2)] == others
+    assert all(h.procs.sent_to(w) == [] and w.state is WorkerState.READY for w in others)
+    # Counted as memory, not as a reload: the reload's outcome and status are untouched.
+    assert h.fleet.restart_reasons["memory"] == 1 and h.fleet.restart_reasons["reload"] == 0
+    status = h.fleet.status()["master"]
+    assert status["restarts_by_reason"]["memory"] == 1 and status["restarts"] == 0
+    assert status["reload"] == {
+        "kind": "none",
+        "detail": None,
+        "old_workers": 0,
+        "old_connections": 0,
+    }
+    # The old one, still over the bound while it drains, and the new one: no loop.
+    read_memory(h, {1: 30})
+    h.fleet.on_memory(grown.pid, 150 * MIB)
+    h.settle()
+    h.advance(30)
+    assert len(h.procs.forked) == forks + 1 and h.fleet.restart is None
+
+
+def test_memory_is_read_only_with_the_bound_and_a_new_worker_at_once_when_ready() -> None:
+    off = Harness(2)
+    off.boot()
+    assert off.fleet.to_measure(due=True) == []
+    assert [w["memory"] for w in off.fleet.status()["workers"]] == [None, None]
+    h = Harness(2, max_worker_memory=100)
+    assert h.fleet.to_measure(due=True) == []  # starting: not yet
+    h.ready(h.worker(0))
+    assert h.fleet.to_measure(due=False) == [h.worker(0).pid]  # its first reading, at once
+    h.fleet.on_memory(h.worker(0).pid, 20 * MIB)
+    assert h.fleet.to_measure(due=False) == []
+    h.ready(h.worker(1))
+    assert h.fleet.to_measure(due=True) == [h.worker(0).pid, h.worker(1).pid]
+    h.fleet.on_memory(h.worker(1).pid, 25 * MIB)
+    assert [w["memory"] for w in h.fleet.status()["workers"]] == [20 * MIB, 25 * MIB]
+    assert h.fleet.status()["master"]["max_worker_memory"] == 100
+
+
+def test_memory_replacements_go_one_slot_at_a_time_the_largest_first() -> None:
+    h = Harness(3, max_worker_memory=100)
+    h.boot()
+    read_memory(h, {0: 30, 1: 30, 2: 30})
+    first, second = h.worker(2), h.worker(0)
+    read_memory(h, {0: 120, 2: 200})
+    assert h.fleet.slots[2].replacement is not None and h.fleet.slots[0].replacement is None
+    h.confirm_holds = False
+    h.ready(h.fleet.slots[2].replacement)  # type: ignore[arg-type]
+    assert first.state is WorkerState.HOLDING
+    read_memory(h, {0: 120})
+    assert h.fleet.slots[0].replacement is None  # not while the replaced one is not drained
+    h.confirm_holds = True
+    read_memory(h, {0: 120})
+    assert first.state is WorkerState.DRAINING
+    assert h.fleet.slots[0].replacement is not None  # the next one now
+    h.ready(h.fleet.slots[0].replacement)  # type: ignore[arg-type]
+    assert second.state is WorkerState.DRAINING and h.fleet.restart_reasons["memory"] == 2
+
+
+def test_a_memory_replacement_waits_for_a_reload_an_upgrade_and_never_runs_stopping() -> None:
+    h = Harness(2, max_worker_memory=100)
+    h.boot()
+    read_memory(h, {0: 30, 1: 30})
+    h.fleet.start_restart(h.config)
+    h.ready(h.fleet.slots[0].replacement)  # type: ignore[arg-type]
+    read_memory(h, {0: 30})
+    read_memory(h, {0: 150})  # slot 0's new worker grows during the reload: it waits
+    assert h.fleet.restart is not None and h.fleet.restart.reason == "reload"
+    assert h.fleet.slots[0].replacement is None
+    h.ready(h.fleet.slots[1].replacement)  # type: ignore[arg-type]
+    assert h.fleet.restart_outcome.kind == "done"
+    # The reload is done and its old workers drain: now slot 0's grown worker goes.
+    grown = h.worker(0)
+    read_memory(h, {0: 150, 1: 30})
+    assert h.fleet.restart is not None and h.fleet.restart.reason == "memory"
+    h.ready(h.fleet.slots[0].replacement)  # type: ignore[arg-type]
+    assert grown.state is WorkerState.DRAINING
+    assert h.fleet.restart_outcome.kind == "done"  # (the reload's, unchanged)
+    assert h.fleet.restart_reasons["reload"] == 2 and h.fleet.restart_reasons["memory"] == 1
+    # An upgrade under way: nothing; then a stop: nothing either.
+    h.fleet.start_upgrade()
+    read_memory(h, {1: 150})
+    assert h.fleet.restart is None
+    h.fleet.on_new_master_failed("no")
+    read_memory(h, {1: 150})
+    assert h.fleet.restart is None  # (the failed new master is not reaped yet)
+    h.fleet.stop(graceful=True)
+    read_memory(h, {1: 150})
+    assert h.fleet.restart is None and h.fleet.restart_reasons["memory"] == 1
+
+
+def test_a_worker_over_the_bound_from_its_start_is_not_replaced_in_a_loop(caplog) -> None:
+    h = Harness(2, max_worker_memory=10)
+    with caplog.at_level(logging.WARNING, "wsfleet.master"):
+        h.boot()
+        read_memory(h, {0: 30, 1: 5})
+    assert "uses 30.0 MiB (USS) from its start, over --max-worker-memory 10 MiB" in caplog.text
+    for _ in range(5):
+        h.advance(5)
+        read_memory(h, {0: 30, 1: 5})
+    assert len(h.procs.forked) == 2 and h.fleet.restart_reasons["memory"] == 0
+    assert caplog.text.count("from its start") == 1
+
+
+def test_a_memory_replacement_that_cannot_start_leaves_the_worker_serving() -> None:
+    h = Harness(2, max_worker_memory=100)
+    h.boot()
+    read_memory(h, {0: 30, 1: 30})
+    grown = h.worker(0)
+    read_memory(h, {0: 150})
+    h.exit(h.fleet.slots[0].replacement, 4)  # type: ignore[arg-type]
+    assert h.worker(0) is grown and grown.state is WorkerState.READY
+    assert h.fleet.restart is None and h.fleet.restart_outcome.kind == "none"
+    forks = len(h.procs.forked)
+    read_memory(h, {0: 150})  # not again before config.MEMORY_INTERVAL
+    h.procs.fail_forks = 1
+    h.advance(cfg.MEMORY_INTERVAL)
+    read_memory(h, {0: 150})  # a fork that fails: the same
+    assert len(h.procs.forked) == forks and h.fleet.restart is None
+    h.advance(cfg.MEMORY_INTERVAL)
+    read_memory(h, {0: 150})
+    assert h.fleet.slots[0].replacement is not None
+    h.ready(h.fleet.slots[0].replacement)
+    assert grown.state is WorkerState.DRAINING and h.fleet.restart_reasons["memory"] == 1
+    assert h.fleet.restart_outcome.kind == "none"
+
+
+def test_a_hup_during_a_memory_replacement_makes_it_a_reload_that_leaves_no_old_worker() -> None:
+    """The memory replacement's new worker was forked before the HUP: the reload replaces
+    its slot once more, so that `wsfleet reload --wait` sees no old worker left."""
+    h = Harness(2, max_worker_memory=100)
+    h.boot()
+    read_memory(h, {0: 30, 1: 30})
+    grown = h.worker(0)
+    read_memory(h, {0: 150})
+    h.now += 1
+    h.fleet.start_restart(h.config)
+    assert h.fleet.restart is not None and h.fleet.restart.reason == "reload"
+    assert h.fleet.restart_outcome.kind == "in_progress"
+    for _ in range(4):
+        step = next((s.replacement for s in h.fleet.slots if s.replacement is not None), None)
+        if step is None:
+            break
+        h.ready(step)
+    assert h.fleet.restart is None and h.fleet.restart_outcome.kind == "done"
+    assert grown.state is WorkerState.DRAINING
+    for worker in [w for w in h.fleet.workers.values() if w.state is WorkerState.DRAINING]:
+        h.exit(worker, 0)
+    assert h.fleet.reload_status()["old_workers"] == 0
+    assert h.fleet.restart_reasons["memory"] == 1 and h.fleet.restart_reasons["reload"] == 2
+
+
+def test_a_hup_during_a_reload_leaves_no_worker_forked_before_it() -> None:
+    """The slot in progress at the second HUP got a worker forked before it (with the first
+    HUP's configuration): it is replaced once more, or reload --wait would wait forever."""
+    h = Harness(2)
+    h.boot()
+    h.fleet.start_restart(h.config)
+    h.now += 1
+    h.fleet.start_restart(h.config)
+    for _ in range(4):
+        step = next((s.replacement for s in h.fleet.slots if s.replacement is not None), None)
+        if step is None:
+            break
+        h.ready(step)
+    for worker in [w for w in h.fleet.workers.values() if w.state is WorkerState.DRAINING]:
+        h.exit(worker, 0)
+    assert h.fleet.restart_outcome.kind == "done"
+    assert h.fleet.reload_status()["old_workers"] == 0
+
+
+def test_wsfleet_status_shows_each_workers_memory_only_with_the_bound() -> None:
+    def text(h: Harness) -> str:
+        status = h.fleet.status()
+        status["master"].update(pid=7, age=3.0, addresses=["ws://127.0.0.1:8765"])
+        return control.format_status(status)
+
+    off = Harness(1)
+    off.boot()
+    assert "MEMORY" not in text(off) and "USS" not in text(off)
+    h = Harness(2, max_worker_memory=300)
+    h.boot()
+    h.fleet.on_memory(h.worker(0).pid, 45 * MIB)
+    lines = text(h).splitlines()
+    assert lines[1].split()[-1] == "MEMORY"
+    assert lines[3].split()[-2:] == ["45", "MiB"] and lines[4].split()[-1] == "-"
+    assert "memory: each worker's own (USS), read every 5s; over 300 MiB a worker is replaced" in (
+        lines
+    )
+
+
+def test_a_slot_scaled_away_during_its_memory_replacement_ends_it() -> None:
+    h = Harness(2, max_worker_memory=100)
+    h.boot()
+    read_memory(h, {0: 30, 1: 30})
+    grown = h.worker(1)
+    read_memory(h, {1: 150})
+    step = h.fleet.slots[1].replacement
+    assert step is not None
+    h.fleet.scale(1)  # TTOU
+    h.settle()
+    assert h.fleet.restart is None and len(h.fleet.slots) == 1  # (not scaled back: no reload)
+    assert step.state is WorkerState.DRAINING
+    h.advance(RETIRE_SETTLE)  # (its queue empty: the grown worker goes with its slot)
+    assert grown.state is WorkerState.DRAINING
+    assert h.procs.sent_to(grown)[-1] == {"t": "drain", "code": 1001, "reason": "going away"}
+    assert h.fleet.restart_outcome.kind == "none" and h.fleet.restart_reasons["memory"] == 0

@@ -7,7 +7,7 @@ back up the layers. docs/how-it-works.md's layout table names the same layers.
   client of Redis, and the admin API, which the hub serves);
 - the worker's side: serving connections;
 - the master's side: the fleet's decisions, the process layer, upgrades, the loop, the
-  --metrics port, the pidfile and status socket;
+  --metrics port, the pidfile and status socket, the workers' memory from /proc;
 - on top: the command line and the public API, which may import anything.
 
 A worker imports nothing of the master's (it runs alone under supervisord too); the master
@@ -45,7 +45,17 @@ SHARED = {
     "admin",
 }
 WORKER = {"worker", "connection", "pubsub"}
-MASTER = {"fleet", "processes", "upgrade", "master", "metrics", "web", "control", "steering"}
+MASTER = {
+    "fleet",
+    "processes",
+    "upgrade",
+    "master",
+    "metrics",
+    "web",
+    "control",
+    "steering",
+    "memory",
+}
 # The command line, the public API and what is built on them (the default app, supervisord's
 # rolling restart, the `wsfleet bench` load client).
 TOP = {"__init__", "__main__", "cli", "arbiter", "echo", "chat", "rolling", "bench"}

@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import random
 import signal
 import socket
+import statistics
 import struct
 import time
 
@@ -81,10 +83,40 @@ def test_a_group_fills_a_hole_with_its_last_member() -> None:
 
 def test_least_connections_weights_the_emptier_workers_more() -> None:
     assert steering.least_connections([10, 10, 10]) == [1, 1, 1]
-    assert steering.least_connections([1000, 1000, 0, 0]) == [10, 10, 1010, 1010]
-    assert steering.least_connections([400, None, 0]) == [4, 0, 404]
+    assert steering.least_connections([100, 100, 0, 0]) == [1, 1, 101**2, 101**2]
+    assert steering.least_connections([40, None, 0, 30]) == [1, 0, 41**2, 11**2]
     assert steering.least_connections([None, None]) == [0, 0]
     assert steering.least_connections([]) == []
+    # Scaled to 16 bits each, every eligible worker keeping a share; the total fits 32 bits.
+    assert steering.least_connections([100_000, 0, 50_000]) == [6, 2**16, 16_710]
+    many = steering.least_connections([10**6] + [0] * (steering.MAX_SOCKETS - 1))
+    assert many[0] == 1 and sum(many) < 2**32
+
+
+def simulate(start: list[int], new: int, every: int, seed: int) -> list[int]:
+    """``new`` connections placed by least_connections' weights (a random pick, as the
+    program makes it), the weights updated every ``every`` connections."""
+    rng = random.Random(seed)
+    counts = list(start)
+    for placed in range(new):
+        if placed % every == 0:
+            weights = steering.least_connections(counts)
+        (chosen,) = rng.choices(range(len(counts)), weights)
+        counts[chosen] += 1
+    return counts
+
+
+def test_least_connections_fills_the_emptiest_first() -> None:
+    """After a scale-up whose new connections cannot even everything out (1,200 new on
+    535/665/0/0; at best 665/578/578/578, max/min 1.15), the weights fill the emptier
+    workers up to the others' level, rather than each by the same fraction of its deficit
+    (what proportional weights do: 1.28 median, 1.19 squared)."""
+    ratios = []
+    for seed in range(20):
+        counts = simulate([535, 665, 0, 0], 1200, every=30, seed=seed)
+        ratios.append(max(counts) / min(counts))
+    assert statistics.median(ratios) <= 1.22, ratios
+    assert min(ratios) >= 1.15  # (none better than the best: a wrong count would be)
 
 
 # The kernel
@@ -213,11 +245,14 @@ async def settled(condition, what: str, timeout: float = 20) -> None:
 
 
 def test_least_connections_evens_the_workers_after_a_scale_up(spawn, tmp_path) -> None:
-    """600 long-lived connections on 2 workers, 2 more workers (TTIN), 600 new connections
-    (in 4 waves): the new ones fill the new workers (max/min within 1.25); the hash leaves
-    them about half the old ones' (printed, for comparison)."""
-    steered = spread_after_scale_up(spawn, tmp_path / "steered", "least-connections", 600, 600)
-    hashed = spread_after_scale_up(spawn, tmp_path / "hashed", "hash", 600, 600)
+    """2,400 long-lived connections over 2 -> 4 workers: 1,200 on 2 workers, 2 more workers
+    (TTIN), 1,200 new connections (in 4 waves): the new ones fill the new workers (max/min
+    within 1.25); the hash leaves them about half the old ones' (printed, for comparison).
+    (The issue's 2,000 then 1,000 cannot even out without closing healthy connections: the
+    old workers keep 1,000 each, the new ones get 500 at best, 2.0; --max-connection-age is
+    what evens that, docs/operations.md.)"""
+    steered = spread_after_scale_up(spawn, tmp_path / "steered", "least-connections", 1200, 1200)
+    hashed = spread_after_scale_up(spawn, tmp_path / "hashed", "hash", 1200, 1200)
     print(f"connections per worker, least-connections: {steered}; hash: {hashed}")
     assert len(steered) == 4 and max(steered) / min(steered) <= 1.25, steered
     assert max(hashed) / min(hashed) > 1.25, hashed  # (what steering is for: 2 in theory)
@@ -299,8 +334,63 @@ def test_the_weights_follow_a_crash_restart(spawn, tmp_path) -> None:
         counted = kept + 100
         await settled(lambda: sum(w["connections"] for w in by_slot().values()) == counted, "all")
         spread = {slot: w["connections"] for slot, w in by_slot().items()}
-        assert spread[0] >= 80, spread  # (most of the new ones: the slot that lost its own)
+        # Most of the new ones go to the slot that lost its own: all 100 while it has fewer
+        # than the other (kept, about 100), then half each; 20 off at most.
+        placed = min(100, (kept + 100) / 2)
+        assert spread[0] >= placed - 20, (spread, kept)
         for client in clients + fresh:
             await client.close()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("balance", ["least-connections", "hash"])
+def test_scaling_down_under_load_fails_no_connection_attempt(spawn, tmp_path, balance) -> None:
+    """TTOU, twice, twice over, under 150 new connections a second, with workers whose
+    accept queues are seldom empty (each connection's start blocks its worker 10 ms): each
+    slot scaled away gets no new connection from then on, and its socket closes only once its
+    queue is empty, so no attempt is reset (the long-lived connections of its worker are
+    closed with 1001, as a stop closes them, and reconnect)."""
+    from .support.helpers import app_master
+    from .support.loadtest import Load
+
+    args = ("-w", "4", "--balance", balance, "--drain-window", "0.2")
+    master = app_master(spawn, tmp_path, BUSY_ECHO, *args)
+    master.wait_workers(4)
+
+    def workers() -> list[dict]:
+        return master.status()["workers"]
+
+    def wait_for_workers(count: int) -> None:
+        deadline = time.monotonic() + 20
+        while not (len(workers()) == count and all(w["state"] == "ready" for w in workers())):
+            assert time.monotonic() < deadline, f"timed out waiting for {count} workers"
+            time.sleep(0.05)
+
+    load = Load(master.url, rate=150, long_lived=40, duration=60).start()
+    try:
+        for cycle in range(2):
+            for count in (3, 2):  # (one at a time: two signals at once may arrive as one)
+                master.proc.signal(signal.SIGTTOU)
+                wait_for_workers(count)  # (its worker exited: its socket is closed)
+            if cycle == 0:
+                for count in (3, 4):
+                    master.proc.signal(signal.SIGTTIN)
+                    wait_for_workers(count)
+    finally:
+        results = load.stop()
+    summary = results.summary()
+    print(f"--balance {balance}: {summary}")
+    assert summary["attempts"] > 150 and summary["echoes"] > 0, summary
+    assert results.failures() == [], summary
+
+
+BUSY_ECHO = """
+import time
+
+
+async def handler(websocket):
+    time.sleep(0.01)  # (the worker's loop, blocked: new connections queue meanwhile)
+    async for message in websocket:
+        await websocket.send(message)
+"""

@@ -33,7 +33,7 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Response
 from websockets.uri import parse_uri
 
-from . import logs, notify
+from . import logs, memory, notify
 
 SAMPLE = 50_000  # round-trip times each process sends back for the percentiles
 
@@ -481,17 +481,9 @@ def _worker(setting: str, trace: bool) -> tuple[Any, int]:
 
 def rss_uss(pid: int) -> tuple[int, int]:
     """A process's resident and unique memory in bytes, read from /proc as psutil's
-    memory_full_info() reads them on Linux (statm's resident pages; the Private_ lines of
-    smaps_rollup), so that `wsfleet bench memory` needs nothing beyond wsfleet's own
-    dependencies."""
-    with open(f"/proc/{pid}/statm") as f:
-        rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    uss = 0
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            if line.startswith("Private_"):  # Private_Clean, Private_Dirty, Private_Hugetlb
-                uss += int(line.split()[1]) * 1024
-    return rss, uss
+    memory_full_info() reads them (wsfleet/memory.py, which --max-worker-memory uses too), so
+    that `wsfleet bench memory` needs nothing beyond wsfleet's own dependencies."""
+    return memory.rss(pid), memory.uss(pid)
 
 
 def measure_memory(setting: str, messages: list[bytes | str], count: int) -> dict[str, float]:

@@ -25,6 +25,7 @@ from typing import Any
 ENV_PREFIX = "WSFLEET_"
 DRAIN_WINDOW = 10.0  # --drain-window's default (docs/restart.md measures why)
 DRAIN_RATE = 250.0  # --drain-rate's default: closes per second per worker (docs/restart.md)
+MEMORY_INTERVAL = 5.0  # seconds between two readings of the workers' USS (--max-worker-memory)
 HURRY_CLOSE = 1.0  # how long a drain told to hurry waits for the clients' close answers
 SERVE_COMMANDS = frozenset({"start", "worker"})
 
@@ -86,6 +87,16 @@ def _positive_number(value: object) -> float:
     if number == 0:
         raise ValueError(f"expected a positive number, got {value!r}")
     return number
+
+
+def _mebibytes(value: object) -> int:
+    """A whole number of MiB, 0 or more (0: off)."""
+    try:
+        return _integer(0)(value)
+    except ValueError:
+        raise ValueError(
+            f"expected a whole number of MiB, 0 or more (such as 512; 0: off), got {value!r}"
+        ) from None
 
 
 def _list(value: object, what: str) -> tuple[str, ...]:
@@ -443,6 +454,19 @@ class Config:
         commands=frozenset({"start"}),
         metavar="S",
     )
+    max_worker_memory: int = option(
+        0,
+        "recycle a worker whose own memory passes MIB mebibytes: its USS (the pages only it "
+        "holds, which its exit would free; not RSS, which counts the pages shared with the "
+        f"master and the other workers), read from /proc every {MEMORY_INTERVAL:g} s. It is "
+        "replaced like one slot of a reload: a new worker starts for its slot, then the old "
+        "one stops accepting and closes its connections with 1012 over the drain; one slot at "
+        "a time, none during a reload or an upgrade; counted as restarts for the reason "
+        "memory; 0: off",
+        parse=_mebibytes,
+        commands=frozenset({"start"}),
+        metavar="MIB",
+    )
     certfile: str | None = option(
         None,
         "serve TLS (wss://, the listening line and the health path too) with this "
@@ -791,6 +815,14 @@ def url(config: Config, address: str) -> str:
     """What the listening line says for an address: ws:// or wss:// before host:port;
     unix:PATH as it is."""
     return address if address.startswith("unix:") else f"{scheme(config)}://{address}"
+
+
+# --balance least-connections: the master weighs new connections at most this often, and a
+# worker reports a change of its connections within it (not only at its next heartbeat): the
+# weights follow counts at most ~2 of these old: at 500 new connections a second, that is
+# ~100 placed on old counts (a second's heartbeats would be 500: max/min 1.6 instead of 1.1 in
+# a simulation of tests/test_steering.py's scale-up).
+STEER_INTERVAL = 0.1
 
 
 def heartbeat_interval(config: Config) -> float:

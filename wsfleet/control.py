@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import logs, relay
-from .config import Address, parse_address
+from .config import MEMORY_INTERVAL, Address, parse_address
 from .hub import STATS_INTERVAL
 from .privileges import peer_credentials
 from .topics import check_message, check_topic
@@ -416,14 +416,21 @@ def publish(locator: Locator, topic: str, message: str | bytes, timeout: float) 
 
 def format_status(status: dict[str, Any]) -> str:
     master = status["master"]
-    rows = [("ROLE", "SLOT", "PID", "STATE", "AGE", "CONNECTIONS")]
-    rows.append(("master", "-", str(master["pid"]), master["state"], _age(master["age"]), "-"))
+    # (--max-worker-memory: each worker's USS; an older master, or the bound off: no column)
+    memory = bool(master.get("max_worker_memory"))
+    rows = [("ROLE", "SLOT", "PID", "STATE", "AGE", "CONNECTIONS") + ("MEMORY",) * memory]
+    rows.append(
+        ("master", "-", str(master["pid"]), master["state"], _age(master["age"]), "-")
+        + ("-",) * memory
+    )
     for w in status["workers"]:
         state = w["state"]
         if w.get("borrowed_slots"):
             state += f" (+slots {','.join(map(str, w['borrowed_slots']))})"
+        used = w.get("memory")
         rows.append(
             ("worker", str(w["slot"]), str(w["pid"]), state, _age(w["age"]), str(w["connections"]))
+            + ((f"{used / 2**20:.0f} MiB" if used is not None else "-"),) * memory
         )
     if (hub := status.get("hub")) is not None:  # (None: an older master)
         pid, age = hub["pid"], hub["age"]
@@ -432,11 +439,12 @@ def format_status(status: dict[str, Any]) -> str:
             state += f" (replaced {logs.plural(hub['restarts'], 'time')})"
         rows.append(
             ("hub", "-", str(pid or "-"), state, _age(age) if age is not None else "-", "-")
+            + ("-",) * memory
         )
     for s in status.get("empty_slots", []):
         crashes = logs.plural(s["crashes"], "crash", "crashes")
         state = f"none: restart in {s['restart_in']:g}s after {crashes} at start"
-        rows.append(("worker", str(s["slot"]), "-", state, "-", "-"))
+        rows.append(("worker", str(s["slot"]), "-", state, "-", "-") + ("-",) * memory)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
@@ -447,6 +455,12 @@ def format_status(status: dict[str, Any]) -> str:
         f"last rolling restart: {_restart_line(master)}",
         f"last upgrade: {_upgrade_line(master)}",
     ]
+    if memory:
+        notes.insert(
+            1,
+            f"memory: each worker's own (USS), read every {MEMORY_INTERVAL:g}s; over "
+            f"{master['max_worker_memory']} MiB a worker is replaced",
+        )
     if (pubsub := status.get("pubsub")) is not None:  # (None: an older master)
         notes.append(
             f"pub/sub: {logs.plural(pubsub['topics'], 'topic')} subscribed, "

@@ -43,9 +43,14 @@ log = logging.getLogger("wsfleet.master")
 
 BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
 KILL_GRACE = 1.0  # between SIGTERM (or QUIT) and SIGKILL for a worker that must stop now
+# A slot scaled away (TTOU) gets no new connection from then on (the master steers them away)
+# but its worker accepts on: its socket closes once its accept queue is empty, RETIRE_LIMIT at
+# most. Not before RETIRE_SETTLE: a handshake the kernel answered just before (the client's
+# ACK on its way, a round trip) joins that queue after, and would be reset by the close.
+RETIRE_SETTLE, RETIRE_POLL, RETIRE_LIMIT = 0.25, 0.01, 1.0
 EXIT_APP = 4
 # Why workers were replaced, or started and stopped (the status's restarts_by_reason).
-RESTART_REASONS = ("crash", "hung", "reload", "scale", "upgrade")
+RESTART_REASONS = ("crash", "hung", "memory", "reload", "scale", "upgrade")
 
 
 class WorkerState(enum.Enum):
@@ -92,6 +97,9 @@ class Worker:
     config: cfg.Config | None = None
     paced: float | None = None
     hurried: float | None = None
+    replacing: str = "reload"  # what a replacement was forked for: reload or memory
+    memory: int | None = None  # its USS in bytes, as last read (--max-worker-memory; None: off)
+    oversized: bool = False  # over --max-worker-memory from its first reading: never recycled
 
     def said(self) -> str:
         """What it said about why it could not start, for a log line: ": REASON" or ""."""
@@ -121,6 +129,9 @@ class Slot:
     crashes: int = 0  # consecutive exits at start
     restart_at: float = 0.0  # when EMPTY: when its next worker starts
     lent_to: Worker | None = None  # the worker that accepts on these sockets meanwhile
+    # Scaled away: since when (its socket closes once its queue is empty), and its last look
+    retiring: float | None = None
+    looked: float | None = None
 
     @property
     def state(self) -> SlotState:
@@ -157,10 +168,13 @@ class Upgrade:
 
 @dataclass
 class RollingRestart:
-    """A cursor over the slots: ``todo[0]`` is being restarted by ``step``, if started."""
+    """A cursor over the slots: ``todo[0]`` is being restarted by ``step``, if started.
+    ``reason`` reload (a HUP: the outcome and systemd hear of it), or memory: one slot whose
+    worker passed --max-worker-memory, replaced the same way without a word to either."""
 
     todo: list[Slot]
     step: Worker | None = None
+    reason: str = "reload"
 
 
 @dataclass
@@ -214,6 +228,7 @@ class Processes(Protocol):
 
     def open_slot(self, index: int) -> list[Any]: ...  # new listening sockets; raises OSError
     def close_slot(self, slot: Slot) -> None: ...
+    def queued(self, slot: Slot) -> int: ...  # connections in its sockets' accept queues
     def close_shared(self) -> None: ...  # the fleet's Unix sockets (one for every worker)
     def fork(self, slot: Slot) -> tuple[int, Any]: ...  # (pid, channel); raises OSError
     def signal(self, pid: int, sig: signal.Signals) -> None: ...  # any child, a new master too
@@ -245,6 +260,7 @@ class Fleet:
         self.upgrader = upgrader
         self.clock = clock  # monotonic seconds (time.monotonic in the master)
         self.slots: list[Slot] = []
+        self.retiring: list[Slot] = []  # scaled away, their sockets not closed yet
         self.workers: dict[int, Worker] = {}
         self.state = MasterState.BOOTING
         self.restart: RollingRestart | None = None
@@ -257,6 +273,7 @@ class Fleet:
         self.upgrade: Upgrade | None = None
         self.upgrades = 0  # upgrades asked for (SIGUSR2), so a waiter knows its own
         self.upgrade_outcome = UpgradeOutcome()
+        self.recycle_after = 0.0  # no --max-worker-memory replacement before (one failed)
 
     # Workers' lives
 
@@ -366,7 +383,7 @@ class Fleet:
             # Rolling restart: the new worker accepts on the slot's sockets; the old one stops
             # accepting and keeps its connections until the restart ends (see reconcile).
             old, slot.worker, slot.replacement = slot.worker, worker, None
-            self.restart_reasons["reload"] += 1
+            self.restart_reasons[worker.replacing] += 1
             if old is not None and old.state is WorkerState.READY:
                 # One held worker per slot: a HUP during a restart starts it again, and the
                 # slot's earlier held worker closes its connections now, once.
@@ -436,6 +453,11 @@ class Fleet:
         """The rolling restart's new worker exited before it was ready: the restart stops
         there (the old worker keeps serving its slot; reconcile drains the held ones)."""
         slot = worker.slot
+        if self.restart is not None and self.restart.reason == "memory":
+            self.memory_step_failed(
+                f"its new worker {worker.pid} exited before it was ready ({how})"
+            )
+            return
         log.error(
             "rolling restart stopped: the new worker %d for slot %d exited before it was "
             "ready (%s)%s; the old worker keeps serving%s",
@@ -516,6 +538,10 @@ class Fleet:
             for slot in self.slots:
                 if slot.worker is None:
                     yield slot.restart_at, self.spawn, slot
+        for slot in self.retiring:
+            assert slot.retiring is not None
+            first = slot.retiring + RETIRE_SETTLE
+            yield first if slot.looked is None else slot.looked + RETIRE_POLL, self.look, slot
         for worker in self.workers.values():
             if worker.state in LIVE:
                 yield worker.last_seen + self.config.timeout, self.on_silent, worker
@@ -591,6 +617,10 @@ class Fleet:
             for worker in kept:
                 self.drain(worker, 1012, "service restart")
         self.lend_sockets()
+        for slot in list(self.retiring):  # nobody to empty its queue: nothing to wait for
+            if not self.accepting(slot):
+                self.retire(slot)
+        self.recycle()
 
     def lend_sockets(self) -> None:
         """A slot without a ready worker of its own has its socket accepted on by a ready
@@ -639,9 +669,13 @@ class Fleet:
         if self.restart is None:
             self.restart = RollingRestart(list(self.slots))
             self.advance_restart()
-        else:  # again from the start, the slot in progress first
-            current = self.restart.todo[:1]
-            self.restart.todo = current + [s for s in self.slots if s not in current]
+        else:
+            # Again from the start, the slot in progress first: its new worker was forked
+            # before this HUP (maybe for --max-worker-memory), with the configuration of
+            # then, so that slot is replaced once more at its turn; else that worker would
+            # run the old code when the reload says done (and reload --wait wait for it).
+            self.restart.reason = "reload"
+            self.restart.todo = self.restart.todo[:1] + list(self.slots)
 
     def advance_restart(self) -> None:
         """Start the next slot's new worker; on_ready drains the old one and comes back."""
@@ -650,14 +684,20 @@ class Fleet:
         while restart.todo and restart.todo[0] not in self.slots:
             restart.todo.pop(0)  # scaled away meanwhile
         if not restart.todo:
-            log.info("rolling restart done")
             self.restart = None
+            if restart.reason == "memory":
+                return  # (its held worker drains in reconcile)
+            log.info("rolling restart done")
             self.restart_ended("done", self.restart_problem)
             self.scale(self.config.workers)
             return
         slot = restart.todo[0]
         restart.step = self.spawn(slot, replacement=slot.worker is not None)
-        if restart.step is None:
+        if restart.step is not None:
+            restart.step.replacing = restart.reason
+        elif restart.reason == "memory":
+            self.memory_step_failed("no worker could be started")
+        else:
             log.error("rolling restart stopped: no worker could be started for slot %d", slot.index)
             self.restart = None
             self.restart_ended("failed", f"cannot start slot {slot.index}")
@@ -677,6 +717,102 @@ class Fleet:
             "old_workers": len(old),
             "old_connections": sum(w.connections for w in old),
         }
+
+    # Recycling workers that grow (--max-worker-memory): the master reads, the fleet decides
+
+    def memory_bound(self) -> int:
+        """--max-worker-memory in bytes; 0: off."""
+        return self.config.max_worker_memory * 2**20
+
+    def to_measure(self, due: bool) -> list[int]:
+        """The workers whose memory the master reads now: when ``due`` (every
+        config.MEMORY_INTERVAL), every one past its start; otherwise only the ready ones
+        never read yet, so that a worker's first reading is the size it starts at. None
+        with the bound off."""
+        if not self.memory_bound():
+            return []
+        return [
+            w.pid
+            for w in self.workers.values()
+            if (due and w.state is not WorkerState.STARTING)
+            or (w.state is WorkerState.READY and w.memory is None)
+        ]
+
+    def on_memory(self, pid: int, uss: int) -> None:
+        """A worker's USS in bytes, as the master read it (reconcile decides). A worker over
+        the bound at its first reading would be replaced by one as large, and so on: it is
+        never replaced for its memory, and the log says so once."""
+        worker = self.workers.get(pid)
+        if worker is None:
+            return
+        first, worker.memory = worker.memory is None, uss
+        bound = self.memory_bound()
+        if first and bound and uss > bound and worker.state is WorkerState.READY:
+            worker.oversized = True
+            log.warning(
+                "worker %d (slot %d) uses %s (USS) from its start, over --max-worker-memory "
+                "%d MiB: not replaced for its memory (a new worker would be as large); raise "
+                "the bound",
+                worker.pid,
+                worker.slot.index,
+                mebibytes(uss),
+                self.config.max_worker_memory,
+            )
+
+    def recycle(self) -> None:
+        """A ready worker over --max-worker-memory is replaced like one slot of a rolling
+        restart (a RollingRestart of reason memory): its new worker first, then it is held
+        and drains with 1012. One slot at a time (the largest first), and none while a
+        reload, an upgrade or a stop runs, nor while a replaced worker is still held: it
+        waits for them (the next reading finds it again)."""
+        bound = self.memory_bound()
+        if (
+            not bound
+            or self.state is not MasterState.RUNNING
+            or self.restart is not None
+            or self.upgrade is not None
+            or self.clock() < self.recycle_after
+            or any(w.state in KEPT for w in self.workers.values())
+        ):
+            return
+        over = [
+            worker
+            for slot in self.slots
+            if (worker := slot.worker) is not None
+            and slot.replacement is None
+            and worker.state is WorkerState.READY
+            and not worker.oversized
+            and (worker.memory or 0) > bound
+        ]
+        if not over:
+            return
+        worker = max(over, key=lambda w: w.memory or 0)
+        log.warning(
+            "worker %d (slot %d) uses %s (USS), over --max-worker-memory %d MiB: replacing "
+            "it (a new worker first, then it closes its connections with 1012)",
+            worker.pid,
+            worker.slot.index,
+            mebibytes(worker.memory or 0),
+            self.config.max_worker_memory,
+        )
+        self.restart = RollingRestart([worker.slot], reason="memory")
+        self.advance_restart()
+
+    def memory_step_failed(self, why: str) -> None:
+        """A memory replacement's new worker could not start: the old one serves on, and
+        the next try waits for a reading after config.MEMORY_INTERVAL."""
+        restart = self.restart
+        assert restart is not None and restart.todo
+        slot = restart.todo[0]
+        log.error(
+            "worker %s (slot %d), over --max-worker-memory, serves on: %s; trying again in %gs",
+            slot.worker.pid if slot.worker is not None else "-",
+            slot.index,
+            why,
+            cfg.MEMORY_INTERVAL,
+        )
+        self.restart = None
+        self.recycle_after = self.clock() + cfg.MEMORY_INTERVAL
 
     def scale(self, count: int) -> None:
         count = max(1, count)
@@ -702,17 +838,47 @@ class Fleet:
         while len(self.slots) > count:
             slot = self.slots.pop()
             self.restart_reasons["scale"] += 1
-            for worker in (slot.worker, slot.replacement):
-                if worker is not None and worker.state in (WorkerState.STARTING, WorkerState.READY):
-                    self.drain(worker, 1001, "going away")
-            if slot.lent_to is not None:
-                self.processes.send(slot.lent_to, {"t": "release", "slot": slot.index})
-                slot.lent_to = None
-            self.processes.close_slot(slot)
+            slot.retiring = self.clock()
+            self.retiring.append(slot)
+            if slot.replacement is not None and slot.replacement.state is WorkerState.STARTING:
+                self.drain(slot.replacement, 1001, "going away")
         restart = self.restart
         if restart is not None and restart.step is not None and restart.step.slot not in self.slots:
             restart.step = None
             self.advance_restart()
+
+    def look(self, slot: Slot) -> None:
+        """A slot scaled away: close it once its accept queue is empty (RETIRE_LIMIT at most)."""
+        assert slot.retiring is not None
+        now = self.clock()
+        queued = self.processes.queued(slot)
+        if queued and now < slot.retiring + RETIRE_LIMIT:
+            slot.looked = now
+            return
+        if queued:
+            log.warning(
+                "slot %d closes with %s still queued after %.1fs (reset)",
+                slot.index,
+                logs.plural(queued, "connection"),
+                RETIRE_LIMIT,
+            )
+        self.retire(slot)
+
+    def retire(self, slot: Slot) -> None:
+        """Close a slot scaled away: its worker drains (1001), its socket closes."""
+        self.retiring.remove(slot)
+        worker = slot.worker
+        if worker is not None and worker.state in (WorkerState.STARTING, WorkerState.READY):
+            self.drain(worker, 1001, "going away")
+        if slot.lent_to is not None:
+            self.processes.send(slot.lent_to, {"t": "release", "slot": slot.index})
+            slot.lent_to = None
+        self.processes.close_slot(slot)
+
+    def accepting(self, slot: Slot) -> bool:
+        """Whether a worker accepts on the slot's sockets: its own, or a borrower."""
+        workers = (slot.worker, slot.lent_to)
+        return any(w is not None and w.state is WorkerState.READY for w in workers)
 
     def stop(self, graceful: bool) -> None:
         """Graceful: every worker drains with 1001 (SIGTERM). Else: QUIT now, then SIGKILL.
@@ -720,6 +886,8 @@ class Fleet:
         left behind."""
         first = self.state is not MasterState.STOPPING
         self.stop_serving("shutdown")
+        for slot in list(self.retiring):
+            self.retire(slot)
         upgrade = self.upgrade
         if upgrade is not None and upgrade.state in (UpgradeState.STARTING, UpgradeState.FAILED):
             if upgrade.state is UpgradeState.STARTING:
@@ -759,8 +927,9 @@ class Fleet:
         """No new worker, no restart from now on."""
         self.state = MasterState.STOPPING
         if self.restart is not None:
+            if self.restart.reason == "reload":
+                self.restart_ended("stopped", why)
             self.restart = None
-            self.restart_ended("stopped", why)
 
     def close_listeners(self) -> None:
         """This master's copies of the sockets (a new master's, after an upgrade, stay)."""
@@ -894,7 +1063,7 @@ class Fleet:
         return [worker.channel for worker in self.workers.values()]
 
     def other_slots(self, slot: Slot | None) -> list[Slot]:
-        return [other for other in self.slots if other is not slot]
+        return [other for other in (*self.slots, *self.retiring) if other is not slot]
 
     # Status
 
@@ -917,6 +1086,7 @@ class Fleet:
                     "new_master": upgrade.new_master,
                 },
                 "heartbeat_interval": cfg.heartbeat_interval(self.config),
+                "max_worker_memory": self.config.max_worker_memory,
             },
             "empty_slots": [
                 {
@@ -931,14 +1101,26 @@ class Fleet:
                 {
                     "slot": w.slot.index,
                     "pid": w.pid,
-                    "state": w.state.value,
+                    "state": self.shown_state(w),
                     "age": round(now - w.born, 1),
                     "connections": w.connections,
+                    "memory": w.memory,  # USS in bytes (--max-worker-memory; null: off)
                     "borrowed_slots": self.borrowed(w),
                 }
                 for w in sorted(self.workers.values(), key=lambda w: (w.slot.index, w.born))
             ],
         }
+
+    def shown_state(self, worker: Worker) -> str:
+        """Its state in the status: "leaving" for a ready worker of a slot scaled away (it
+        accepts only what its socket had queued, then drains)."""
+        if worker.state is WorkerState.READY and worker.slot in self.retiring:
+            return "leaving"
+        return worker.state.value
+
+
+def mebibytes(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
 
 
 def describe_exit(code: int) -> str:

@@ -43,6 +43,7 @@ from . import (
     control,
     hub,
     logs,
+    memory,
     metrics,
     notify,
     sockets,
@@ -58,7 +59,6 @@ from .processes import HANDLED_SIGNALS, HubChild, Listeners, ProcessLayer
 log = logging.getLogger("wsfleet.master")
 HUB_STOP = 2.0  # seconds the hub has to exit at the end, before SIGKILL
 HUB_RETRY = 1.0  # a hub that dies within this of its start twice running waits this long
-STEER_INTERVAL = 0.25  # seconds between two weightings of new connections (--balance)
 
 
 class Handler(Protocol):
@@ -118,6 +118,9 @@ class Master:
         self._wake_r, self._wake_w = os.pipe()
         self.hub_due: float | None = None  # when to replace a hub that died as it started
         self.steer_due = 0.0  # (monotonic) when new connections may be weighted again
+        self.memory_due = 0.0  # (monotonic) when the workers' memory is read again
+        self.steered: set[int] | None = None  # the slots last given new connections (None: all)
+        self.steer_waits = False  # new weights wait for steer_due
 
     # Start-up and the main loop
 
@@ -160,15 +163,15 @@ class Master:
             if config.pidfile:
                 self.pidfile = control.Pidfile(config.pidfile)
             slots = self.listeners.open(config)
-            if config.balance == "least-connections" and slots[0]:
-                if sockets.listen_fds():
+            if slots[0] and self.listeners.activated:
+                if config.balance == "least-connections":
                     log.warning(
                         "--balance least-connections: the order of sockets systemd passed is "
                         "unknown; the kernel's hash places connections"
                     )
-                else:
-                    self.processes.steerer = steering.Steerer(len(slots[0]))
-                    self.processes.steerer.join(0)
+            elif slots[0]:  # (both modes: a slot scaled away gets no new connection)
+                self.processes.steerer = steering.Steerer(len(slots[0]))
+                self.processes.steerer.join(0)
             while len(slots) < config.workers:
                 slots.append(self.processes.open_slot(len(slots)))
         setproctitle(f"wsfleet: master [{self.listeners.title()}]")
@@ -364,7 +367,7 @@ class Master:
     def loop_once(self) -> None:
         web_deadline = self.web.next_deadline() if self.web is not None else None
         deadlines = [self.fleet.next_deadline(), web_deadline, self.hub_due]
-        if self.processes.steerer is not None:  # (weights follow the workers within 0.25 s)
+        if self.steer_waits:  # (weights follow the workers within STEER_INTERVAL)
             deadlines.append(self.steer_due)
         if self.watchdog is not None:
             deadlines.append(self.watchdog_due)
@@ -377,6 +380,7 @@ class Master:
             self.guarded("the metrics port's deadlines", self.web.expire)
         self.guarded("deadlines", self.fleet.on_time)
         self.guarded("the hub's replacement", self.on_hub_due)
+        self.guarded("memory readings", self.measure_memory)
         self.guarded("reconciling", self.fleet.reconcile)
         self.guarded("steering", self.steer)
         self.guarded("telling systemd", self.tell_systemd)
@@ -386,7 +390,7 @@ class Master:
         hash, or an old master that did not say) take off any program it attached, which
         would steer by weights nobody updates."""
         config = self.fleet.config
-        if config.balance == "least-connections" and handoff.groups is not None:
+        if handoff.groups is not None:  # (with --balance hash, its first steer detaches)
             self.processes.steerer = steering.Steerer.from_orders(handoff.groups)
             return
         if config.balance == "least-connections":
@@ -399,34 +403,66 @@ class Master:
             with contextlib.suppress(OSError):  # (ENOENT: no program)
                 steering.detach(sock)
 
-    def steer(self) -> None:
-        """--balance least-connections: new connections weighted by the workers' open ones,
-        at most every STEER_INTERVAL; a slot whose worker is not ready, or whose heartbeat
-        is late, gets none (its socket's queue then waits for nobody)."""
-        steerer = self.processes.steerer
+    def weights(self) -> dict[int, int] | None:
+        """New connections' weights by slot (None: the kernel's hash). A slot scaled away gets
+        none; with least-connections, neither does one whose worker is not ready or whose
+        heartbeat is late (its socket's queue would wait for nobody)."""
+        fleet = self.fleet
+        if fleet.config.balance == "hash":
+            return {slot.index: 1 for slot in fleet.slots} if fleet.retiring else None
         now = time.monotonic()
-        if steerer is None or steerer.refused is not None or now < self.steer_due:
-            return
-        self.steer_due = now + STEER_INTERVAL
-        late = 2 * cfg.heartbeat_interval(self.fleet.config)
+        late = 2 * cfg.heartbeat_interval(fleet.config)
         counts: list[int | None] = []
-        for slot in self.fleet.slots:
+        for slot in fleet.slots:
             worker = slot.worker
             ready = worker is not None and worker.state is WorkerState.READY
             fresh = worker is not None and now - worker.last_seen <= late
             counts.append(worker.connections if worker is not None and ready and fresh else None)
-        weights = dict(
-            zip(
-                (s.index for s in self.fleet.slots), steering.least_connections(counts), strict=True
-            )
-        )
-        sockets_by_slot = {slot.index: slot.sockets for slot in self.fleet.slots}
-        if not steerer.steer(weights, sockets_by_slot):
+        weighted = steering.least_connections(counts)
+        return dict(zip((s.index for s in fleet.slots), weighted, strict=True))
+
+    def steer(self) -> None:
+        """Weigh new connections again when the weights changed: at once when a slot gains or
+        loses its share (a worker ready, late, scaled away), else at most every
+        STEER_INTERVAL (the loop wakes for it)."""
+        steerer = self.processes.steerer
+        if steerer is None or steerer.refused is not None:
+            return
+        weights = self.weights()
+        if weights == steerer.weights and not steerer.inherited:
+            self.steer_waits = False
+            return
+        steered = None if weights is None else {slot for slot, w in weights.items() if w}
+        now = time.monotonic()
+        if steered == self.steered and now < self.steer_due:
+            self.steer_waits = True
+            return
+        self.steer_due, self.steered = now + cfg.STEER_INTERVAL, steered
+        self.steer_waits = False
+        slots = (*self.fleet.slots, *self.fleet.retiring)
+        if not steerer.steer(weights, {slot.index: slot.sockets for slot in slots}):
             log.warning(
-                "--balance least-connections: the kernel refused the steering program (%s); "
-                "its hash places connections",
+                "--balance: the kernel refused the steering program (%s); its hash places "
+                "connections",
                 steerer.refused,
             )
+
+    def measure_memory(self) -> None:
+        """--max-worker-memory: the workers' USS from /proc for the fleet to judge, every
+        config.MEMORY_INTERVAL (a read costs 0.1 ms for an idle worker, 1.5 ms for one
+        with 10,000 connections: docs/operations.md), and a new worker's as soon as it is
+        ready. Nothing is read with the bound off. (The loop wakes at least every second:
+        a reading is at most that late.)"""
+        now = time.monotonic()
+        due = now >= self.memory_due
+        if due:
+            self.memory_due = now + cfg.MEMORY_INTERVAL
+        for pid in self.fleet.to_measure(due):
+            try:
+                uss = memory.uss(pid)
+            except (OSError, ValueError):  # (exited meanwhile: SIGCHLD follows)
+                continue
+            self.fleet.on_memory(pid, uss)
 
     def guarded(self, what: str, step: Callable[[], None]) -> None:
         """Run one event's handling; an error is logged, and the master goes on. (BootError
@@ -451,7 +487,8 @@ class Master:
         stopping = fleet.state is MasterState.STOPPING
         if stopping and not self.told["stopping"]:
             lines.append("STOPPING=1")
-        reloading = fleet.restart is not None and not stopping
+        restart = fleet.restart  # (a --max-worker-memory replacement is no reload)
+        reloading = restart is not None and restart.reason == "reload" and not stopping
         if reloading != self.told["reloading"] and fleet.state is not MasterState.BOOTING:
             if reloading:
                 usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
@@ -670,11 +707,12 @@ class Master:
         if self.metrics_url is not None:
             status["master"]["metrics"] = self.metrics_url
         steerer = self.processes.steerer
+        steers = steerer is not None and steerer.refused is None
         weights = None  # (the weights last given to new connections, by slot; null: the hash)
-        if steerer is not None and steerer.refused is None:
+        if steerer is not None and steers and steerer.weights is not None:
             weights = {str(slot): weight for slot, weight in steerer.weights.items()}
         status["master"]["balance"] = {
-            "mode": "hash" if weights is None else "least-connections",
+            "mode": self.fleet.config.balance if steers else "hash",
             "weights": weights,
         }
         if self.admin_url is not None:

@@ -85,6 +85,18 @@ class FleetCollector:
             restarts.add_metric([reason], fleet.restart_reasons[reason])
         yield restarts
 
+        if fleet.memory_bound():
+            memory = GaugeMetricFamily(
+                "wsfleet_worker_memory_bytes",
+                "Each slot's worker's own memory (USS), as last read (--max-worker-memory).",
+                labels=["slot"],
+            )
+            for serving in fleet.slots:
+                own = serving.worker
+                if own is not None and own.memory is not None:
+                    memory.add_metric([str(serving.index)], own.memory)
+            yield memory
+
         yield GaugeMetricFamily(
             "wsfleet_drains_in_progress",
             "Workers closing their connections.",

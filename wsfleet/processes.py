@@ -101,6 +101,7 @@ class Listeners:
     listening: list[cfg.Address] = field(default_factory=list)
     per_slot: list[cfg.Address] = field(default_factory=list)
     shared: list[sockets.SharedListener] = field(default_factory=list)
+    activated: bool = False  # passed by systemd (their order in a group is unknown)
 
     def inherit(
         self, listening: list[str], per_slot: list[str], shared: list[sockets.SharedListener]
@@ -130,6 +131,7 @@ class Listeners:
                 "--bind ignored: serving the %s systemd passed",
                 logs.plural(len(activated), "socket"),
             )
+        self.activated = True
         self.listening = list(dict.fromkeys(map(sockets.address_of, activated)))
         if len(activated) == config.workers > 1 and len(self.listening) == 1:
             self.per_slot = self.listening[:]
@@ -224,6 +226,9 @@ class ProcessLayer:
             self.steerer.leave(slot.index)
         for sock in slot.sockets:
             sock.close()
+
+    def queued(self, slot: Slot) -> int:
+        return sum(sockets.accept_queue(sock) for sock in slot.sockets)
 
     def close_shared(self) -> None:
         for listener in self.listeners.shared:

@@ -11,6 +11,7 @@ import resource
 import socket
 import ssl
 import stat
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,6 +120,16 @@ class SharedListener:
             with contextlib.suppress(OSError):
                 if os.stat(self.path).st_ino == self.inode:
                     os.unlink(self.path)
+
+
+_TCP_INFO_SIZE, _TCPI_UNACKED = 104, 24  # struct tcp_info's start, and tcpi_unacked's offset
+
+
+def accept_queue(sock: socket.socket) -> int:
+    """The connections waiting in a listening TCP socket's accept queue (handshake done, not
+    accepted yet): for a listener, the kernel reports that count as ``tcpi_unacked``."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
+    return int.from_bytes(info[_TCPI_UNACKED : _TCPI_UNACKED + 4], sys.byteorder)
 
 
 def _listen(sock: socket.socket, backlog: int) -> socket.socket:

@@ -42,7 +42,15 @@ from websockets.http11 import Request, Response
 
 from . import channel, hub, logs, notify, pubsub
 from .channel import Message
-from .config import HURRY_CLOSE, Config, drain_duration, heartbeat_interval, url, uses_uvloop
+from .config import (
+    HURRY_CLOSE,
+    STEER_INTERVAL,
+    Config,
+    drain_duration,
+    heartbeat_interval,
+    url,
+    uses_uvloop,
+)
 from .connection import Connection, CountedConnection, with_metrics, with_proxy_header
 from .counts import COUNTS
 from .drain import PacedClose
@@ -410,6 +418,7 @@ class Worker:
         self.urls = [url(config, sock_address(sock)) for sock in sockets]
         self.ssl = tls
         self.connection_class = CountedConnection if config.access_log else Connection
+        self.steered = config.balance == "least-connections"  # (its counts weigh new ones)
         if config.metrics:
             self.connection_class = with_metrics(self.connection_class)
         if config.proxy_protocol:
@@ -432,6 +441,8 @@ class Worker:
         self.pubsub: pubsub.Client | None = None
         self._own_hub: hub.Hub | None = None
         self._inbox: list[tuple[Message, list[int]]] = []
+        self._reported = 0  # the connections the master last heard of
+        self._count_due: asyncio.TimerHandle | None = None
         self._accept_failures = Occurrences()
         self._tls_failures = Occurrences()
         if tls is not None:  # (this process's copy of the context: the master's is untouched)
@@ -537,6 +548,7 @@ class Worker:
             await websocket.close(self.drain_code, self.drain_reason)
             return
         self.connections.add(websocket)
+        self._count_changed()
         age = self.config.max_connection_age
         aging = (
             asyncio.get_running_loop().call_later(
@@ -553,6 +565,7 @@ class Worker:
             if aging is not None:
                 aging.cancel()
             self.connections.discard(websocket)
+            self._count_changed()
             if isinstance(websocket, CountedConnection):
                 self._log_close(websocket)
 
@@ -858,9 +871,23 @@ class Worker:
                     connection.write_waiting()  # what the app sent last, as websockets would
                 connection.transport.abort()
 
+    def _count_changed(self) -> None:
+        """--balance least-connections weighs new connections by the workers' counts: a
+        change goes to the master within STEER_INTERVAL, once however many come meanwhile."""
+        if self._count_due is None and self.channel is not None and self.steered:
+            loop = asyncio.get_running_loop()
+            self._count_due = loop.call_later(STEER_INTERVAL, self._report_count)
+
+    def _report_count(self) -> None:
+        self._count_due = None
+        if len(self.connections) != self._reported and self.phase is Phase.SERVING:
+            self._reported = len(self.connections)
+            self._send({"t": "hb", "conns": self._reported})
+
     def _report(self) -> None:
         """A heartbeat: the open connections, and with --metrics the totals so far."""
-        message: channel.Message = {"t": "hb", "conns": len(self.connections)}
+        self._reported = len(self.connections)
+        message: channel.Message = {"t": "hb", "conns": self._reported}
         if self.config.metrics:
             message["n"] = COUNTS.report()
         self._send(message)
