@@ -166,7 +166,7 @@ def test_bench_throughput_script_compares_the_servers(tmp_path: Path) -> None:
     """scripts/bench-throughput, shortened: every server starts, serves the client, and stops."""
     out = tmp_path / "throughput.json"
     script = Path(__file__).parent.parent / "scripts" / "bench-throughput"
-    args = ["--runs", "1", "--duration", "1", "--compressions", "none,deflate", "--cpu"]
+    args = ["--runs", "1", "--duration", "1", "--compressions", "none,deflate", "--cpu", "--spread"]
     args += ["--json", str(out)]
     table = run_script(script, args, 120)
     for compression in ("none", "deflate"):
@@ -186,6 +186,45 @@ def test_bench_throughput_script_compares_the_servers(tmp_path: Path) -> None:
         assert costs["writes"][0] <= 1.5 and costs["reads"][0] <= 1.5, costs
         if run["server"] == "wsfleet":
             assert costs["writes"][0] > 0, costs
+        # Every connection held by one of the 2 serving processes (not the hub), counted.
+        assert len(run["held"][0]) == 2 and sum(run["held"][0]) == 50, run["held"]
+
+
+@pytest.mark.timeout(240)
+def test_bench_balance_script_samples_a_scale_up_in_both_modes(tmp_path: Path) -> None:
+    """scripts/bench-balance, tiny: each scenario (churn; --max-connection-age without churn)
+    with each --balance mode scales from 2 to 4 workers and samples the connections per
+    worker before and after, with no failed connection; the table has a row for each."""
+    out = tmp_path / "balance.json"
+    script = Path(__file__).parent.parent / "scripts" / "bench-balance"
+    args = ["--connections", "100", "--rounds", "1", "--lifetime", "3", "--age", "3"]
+    args += ["--warmup", "1.5", "--after", "3", "--json", str(out)]
+    table = run_script(script, args, 180)
+    for scenario in ("churn", "age"):
+        for mode in ("hash", "least-connections"):
+            assert f"| {scenario} | {mode} |" in table, table
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["scenario"], r["mode"]) for r in runs] == [
+        (scenario, mode) for scenario in ("churn", "age") for mode in ("hash", "least-connections")
+    ]
+    for run in runs:
+        samples = run["samples"]
+        assert run["ttin_s"] < 0 and samples[0]["t"] < run["ttin_s"] < samples[-1]["t"], run
+        assert len(samples[0]["connections"]) == 2 and len(samples[-1]["connections"]) == 4, run
+        before = [sum(s["connections"].values()) for s in samples if s["t"] < run["ttin_s"]]
+        assert samples[-1]["t"] >= 3 and max(before) > 80, run  # (as last reported)
+        # (a churned connection may be between its close and its replacement's handshake)
+        assert run["failed_connects"] == 0 and run["open_at_end"] >= 90, run
+        # (the master's weights: none with the hash, one per ready worker when steering)
+        steered = run["mode"] == "least-connections"
+        assert (samples[-1]["weights"] is not None) == steered, samples[-1]
+        if run["scenario"] == "churn":
+            assert run["client_closes"] > 0 and run["server_closes"] == 0, run
+        else:  # (the server's 1012 at each connection's age; no churn from the clients)
+            assert run["client_closes"] == 0 and run["server_closes"] > 0, run
+            assert set(run["close_codes"]) == {"1012"}, run
+    # The same table again, from the file alone.
+    assert run_script(script, ["--report", str(out)], 60) in table
 
 
 def test_bench_lending_script_compares_lending_with_weight_0_only() -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -202,7 +203,9 @@ class Load:
 # A reconnect storm: many idle connections that reconnect at once when the server closes them,
 # as browsers and mobile clients do. Run in several processes (see run_storm_client), each
 # from its own loopback source address, so that the client's handshakes are spread over cores
-# and no process runs short of ports or descriptors.
+# and no process runs short of ports or descriptors. With a lifetime, a population with churn
+# instead: each connection closes itself after a random (exponential) time and is replaced at
+# once (scripts/bench-balance).
 
 
 @dataclass
@@ -213,13 +216,29 @@ class StormResults:
     # (when it was closed, when it was open again) for each reconnection
     reconnected: list[tuple[float, float]] = field(default_factory=list)
     failed: list[tuple[float, str]] = field(default_factory=list)  # (when, what) per failure
+    ended: int = 0  # connections the client closed itself at the end of their lifetime
 
 
 class StormClient:
-    """count connections to url from source; each reconnects when closed, until stop()."""
+    """count connections to url from source; each reconnects when closed, until stop().
 
-    def __init__(self, url: str, count: int, source: str, timeout: float = 30.0) -> None:
+    ``lifetime``: each connection closes itself (1000) after a random time, exponential with
+    this mean, and a new one replaces it at once: about count / lifetime new connections a
+    second (0: they live until the server closes them). ``rate``: the first connections open
+    at most this many a second (0: as fast as ``opening`` allows).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        count: int,
+        source: str,
+        timeout: float = 30.0,
+        lifetime: float = 0.0,
+        rate: float = 0.0,
+    ) -> None:
         self.url, self.count, self.source, self.timeout = url, count, source, timeout
+        self.lifetime, self.rate = lifetime, rate
         self.results = StormResults(closes=[0] * count)
         self.open = 0  # connections open now
         self._stop = asyncio.Event()
@@ -242,6 +261,9 @@ class StormClient:
             return None
 
     async def _keep(self, index: int, gate: asyncio.Semaphore) -> None:
+        if self.rate:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), index / self.rate)
         async with gate:
             ws = await self._connect()
         closed_at = 0.0
@@ -256,13 +278,22 @@ class StormClient:
             self.open += 1
             stopping = asyncio.create_task(self._stop.wait())
             closed = asyncio.create_task(ws.wait_closed())
-            await asyncio.wait([stopping, closed], return_when=asyncio.FIRST_COMPLETED)
-            stopping.cancel()
+            waits = [stopping, closed]
+            if self.lifetime:
+                life = random.expovariate(1 / self.lifetime)
+                waits.append(asyncio.create_task(asyncio.sleep(life)))
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for waiting in [*waits[2:], stopping]:
+                waiting.cancel()
             self.open -= 1
             if not closed.done():
                 closed.cancel()
                 await ws.close()
-                return
+                if self._stop.is_set():
+                    return
+                self.results.ended += 1  # its lifetime is over: a new one replaces it
+                ws = await self._connect()
+                continue
             closed_at = time.monotonic()
             self.results.closed.append(closed_at)
             self.results.closes[index] += 1
@@ -272,10 +303,12 @@ class StormClient:
                 self.results.reconnected.append((closed_at, time.monotonic()))
 
 
-def run_storm_client(url: str, count: int, source: str, pipe: Any) -> None:
+def run_storm_client(
+    url: str, count: int, source: str, pipe: Any, lifetime: float = 0.0, rate: float = 0.0
+) -> None:
     """A storm client process (multiprocessing): answers "status" on its pipe with (open
     connections, closes, reconnections, failures), and "stop" with its StormResults."""
-    client = StormClient(url, count, source)
+    client = StormClient(url, count, source, lifetime=lifetime, rate=rate)
 
     async def main() -> StormResults:
         loop = asyncio.get_running_loop()
