@@ -654,11 +654,11 @@ class Config:
         metavar="auto|uvloop|asyncio",
     )
     balance: str = option(
-        "hash",
+        "least-connections",
         "how new connections are placed among the workers: least-connections (the master "
         "steers the slots' SO_REUSEPORT group with a BPF program weighted by each worker's "
-        "open connections: the emptier ones get more, starting or replaced ones none) or "
-        "hash (the kernel's, blind to load)",
+        "open connections: the emptier ones get more, starting or replaced ones none; "
+        "docs/performance.md measures it) or hash (the kernel's, blind to load)",
         parse=_choice("least-connections", "hash"),
         commands=frozenset({"start"}),
         metavar="least-connections|hash",
