@@ -37,7 +37,8 @@ def test_start_serves_with_titles_and_status(spawn, tmp_path: Path) -> None:
     assert text.returncode == 0
     assert text.stdout.count("\nworker ") == 3 and "\nmaster " in text.stdout
     # Connection counts come with heartbeats: the status says how old they may be.
-    assert "connections: as each worker last reported (every 1s)" in text.stdout
+    reported = "(within 0.1s of a change, every 1s at least)"  # (--balance least-connections)
+    assert f"connections: as each worker last reported {reported}" in text.stdout
     assert "last rolling restart: none yet" in text.stdout
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import logs, relay
-from .config import MEMORY_INTERVAL, Address, parse_address
+from .config import MEMORY_INTERVAL, STEER_INTERVAL, Address, parse_address
 from .hub import STATS_INTERVAL
 from .privileges import peer_credentials
 from .topics import check_message, check_topic
@@ -450,8 +450,11 @@ def format_status(status: dict[str, Any]) -> str:
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
         for row in rows
     ]
+    reported = f"every {master['heartbeat_interval']:g}s"
+    if (master.get("balance") or {}).get("mode") == "least-connections":  # (counts steer)
+        reported = f"within {STEER_INTERVAL:g}s of a change, {reported} at least"
     notes = [
-        f"connections: as each worker last reported (every {master['heartbeat_interval']:g}s)",
+        f"connections: as each worker last reported ({reported})",
         f"last rolling restart: {_restart_line(master)}",
         f"last upgrade: {_upgrade_line(master)}",
     ]
