@@ -823,6 +823,7 @@ def url(config: Config, address: str) -> str:
 # ~100 placed on old counts (a second's heartbeats would be 500: max/min 1.6 instead of 1.1 in
 # a simulation of tests/test_steering.py's scale-up).
 STEER_INTERVAL = 0.1
+STEER_GAP = 0.01  # the master re-weighs at once on a report, but at most this often
 # The connections placed on one view of the counts: those arriving over about this long (the
 # counts' age, the weights' life), at the rate the workers' reports show (least_connections'
 # ``arriving``).

@@ -436,8 +436,8 @@ class Master:
 
     def steer(self) -> None:
         """Weigh new connections again when the weights changed: at once when a slot gains or
-        loses its share (a worker ready, late, scaled away), else at most every
-        STEER_INTERVAL (the loop wakes for it)."""
+        loses its share (a worker ready, late, scaled away), else at most every STEER_GAP
+        (the loop wakes for it; each worker reports at most every STEER_INTERVAL)."""
         steerer = self.processes.steerer
         if steerer is None or steerer.refused is not None:
             return
@@ -450,7 +450,7 @@ class Master:
         if steered == self.steered and now < self.steer_due:
             self.steer_waits = True
             return
-        self.steer_due, self.steered = now + cfg.STEER_INTERVAL, steered
+        self.steer_due, self.steered = now + cfg.STEER_GAP, steered
         self.steer_waits = False
         slots = (*self.fleet.slots, *self.fleet.retiring)
         if not steerer.steer(weights, {slot.index: slot.sockets for slot in slots}):

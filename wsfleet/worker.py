@@ -444,6 +444,7 @@ class Worker:
         self._reported = 0  # the connections the master last heard of
         self._accepted = 0  # connections accepted (the master estimates the arrivals from it)
         self._count_due: asyncio.TimerHandle | None = None
+        self._count_sent = -STEER_INTERVAL  # (the loop's time of the last count report)
         self._accept_failures = Occurrences()
         self._tls_failures = Occurrences()
         if tls is not None:  # (this process's copy of the context: the master's is untouched)
@@ -874,16 +875,23 @@ class Worker:
                 connection.transport.abort()
 
     def _count_changed(self) -> None:
-        """--balance least-connections weighs new connections by the workers' counts: a
-        change goes to the master within STEER_INTERVAL, once however many come meanwhile."""
+        """--balance least-connections weighs new connections by the workers' counts: the
+        first change after a quiet STEER_INTERVAL goes to the master at once (a few clients
+        connecting one after another are each placed by the counts before them); then at
+        most one report per STEER_INTERVAL, however many changes come meanwhile."""
         if self._count_due is None and self.channel is not None and self.steered:
             loop = asyncio.get_running_loop()
-            self._count_due = loop.call_later(STEER_INTERVAL, self._report_count)
+            wait = self._count_sent + STEER_INTERVAL - loop.time()
+            if wait <= 0:
+                self._report_count()
+            else:
+                self._count_due = loop.call_later(wait, self._report_count)
 
     def _report_count(self) -> None:
         self._count_due = None
         if len(self.connections) != self._reported and self.phase is Phase.SERVING:
             self._reported = len(self.connections)
+            self._count_sent = asyncio.get_running_loop().time()
             self._send({"t": "hb", "conns": self._reported, "acc": self._accepted})
 
     def _report(self) -> None:
