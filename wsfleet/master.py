@@ -369,7 +369,7 @@ class Master:
     def loop_once(self) -> None:
         web_deadline = self.web.next_deadline() if self.web is not None else None
         deadlines = [self.fleet.next_deadline(), web_deadline, self.hub_due]
-        if self.steer_waits:  # (weights follow the workers within STEER_INTERVAL)
+        if self.steer_waits:  # (weights follow the workers within STEER_GAP of a report)
             deadlines.append(self.steer_due)
         if self.watchdog is not None:
             deadlines.append(self.watchdog_due)
