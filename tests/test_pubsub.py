@@ -415,7 +415,7 @@ def test_since_replays_what_the_history_holds_and_says_when_it_cannot(
     earlier one (or 0), recovered with what followed replayed; since an offset beyond the last,
     or an unknown epoch: not recovered, live messages only; without since: not recovered.
     Every subscription's epoch and offset are the topic's when it began."""
-    master, pids = fleet(spawn, tmp_path)
+    master, pids = fleet(spawn, tmp_path, "--balance", "hash")  # (subscribers on both workers)
 
     async def scenario() -> None:
         control = await open_client(master.url)

@@ -115,7 +115,9 @@ def least_connections(connections: Sequence[int | None], arriving: float = 0.0) 
     how many are expected before the next weights (``arriving``).
 
     The weights are how ``arriving`` connections would fill the workers, as water fills
-    ground: the emptiest first, up to the level where all of them are placed (one at least).
+    ground: the emptiest first, up to the level where all of them are placed (one per
+    eligible worker at least: a few connections opened one after another, faster than the
+    counts are reported, spread over the emptier workers instead of all going to one).
     A trickle goes to the emptiest workers; a burst larger than the workers' differences
     spreads over all of them by what each lacks to that level. Weights from the deficits
     alone would send a burst, placed on counts a report old, to whichever worker was behind,
@@ -126,7 +128,7 @@ def least_connections(connections: Sequence[int | None], arriving: float = 0.0) 
     eligible = sorted(c for c in connections if c is not None)
     if not eligible:
         return [0] * len(connections)
-    level = _level(eligible, max(1.0, arriving))
+    level = _level(eligible, max(float(len(eligible)), arriving))
     lacks = [0.0 if c is None else max(0.0, level - c) for c in connections]
     top = max(lacks)  # (> 0: the emptiest lacks arriving / len(eligible) at least)
     return [
