@@ -22,6 +22,9 @@ from wsfleet.fleet import (
     RETIRE_SETTLE,
     BootError,
     Fleet,
+)
+from wsfleet.master import Master
+from wsfleet.records import (
     MasterState,
     SlotState,
     Upgrade,
@@ -30,7 +33,6 @@ from wsfleet.fleet import (
     Worker,
     WorkerState,
 )
-from wsfleet.master import Master
 
 
 class FakeSocket:

@@ -6,15 +6,16 @@ back up the layers. docs/how-it-works.md's layout table names the same layers.
   core, the wire to the hub, the hub, which the master forks and a lone worker runs, its
   client of Redis, and the admin API, which the hub serves);
 - the worker's side: serving connections;
-- the master's side: the fleet's decisions, the process layer, upgrades, the loop, the
+- the master's side: its records, the fleet's decisions, the process layer, upgrades, the loop, the
   --metrics port, the pidfile and status socket, the workers' memory from /proc;
 - on top: the command line and the public API, which may import anything.
 
 A worker imports nothing of the master's (it runs alone under supervisord too); the master
 imports the worker module only inside a function: to preload it before forking (the pages
-are then shared), and in a forked child. The fleet's decisions import only shared modules and
-no system-call module: time and processes come from the shell (wsfleet/master.py); so does
-publish/subscribe's core (wsfleet/topics.py), whose I/O is the relay's and the broker's.
+are then shared), and in a forked child. The fleet's decisions import only shared modules (and
+their records) and no system-call module: time and processes come from the shell
+(wsfleet/master.py); so does publish/subscribe's core (wsfleet/topics.py), whose I/O is the
+relay's and the broker's.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ SHARED = {
 }
 WORKER = {"worker", "connection", "pubsub"}
 MASTER = {
+    "records",
     "fleet",
     "processes",
     "upgrade",
@@ -176,8 +178,9 @@ def test_no_import_runs_back_up_the_layers() -> None:
 
 
 def test_the_decisions_import_no_system_calls() -> None:
-    """The fleet's decisions and publish/subscribe's core: no clock, socket or process."""
-    for module in ("fleet", "topics"):
+    """The master's records and decisions, and publish/subscribe's core: no clock, socket or
+    process."""
+    for module in ("records", "fleet", "topics"):
         tree = ast.parse((PACKAGE / f"{module}.py").read_text())
         stdlib = set()
         for node in ast.walk(tree):
@@ -188,7 +191,8 @@ def test_the_decisions_import_no_system_calls() -> None:
         forbidden = {"os", "time", "socket", "selectors", "subprocess", "select", "fcntl"}
         forbidden |= {"asyncio", "threading", "signal"} if module == "topics" else set()
         assert not stdlib & forbidden, f"wsfleet/{module}.py imports {sorted(stdlib & forbidden)}"
-        assert {i.imported for i in imports(module)} <= SHARED
+        records = {"records"} if module == "fleet" else set()  # (the decisions' own records)
+        assert {i.imported for i in imports(module)} <= SHARED | records
 
 
 def test_the_checks_see_a_cycle_and_a_wrong_way_import(tmp_path, monkeypatch) -> None:

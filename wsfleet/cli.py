@@ -22,10 +22,10 @@ from setproctitle import setproctitle
 
 from . import __version__, control, logs, notify, sockets
 from . import config as cfg
+from .records import EXIT_APP
 
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
-EXIT_APP = 4
 # What each exit status means, for every command (scripts/gen-docs writes it to docs/options.md).
 EXIT_STATUSES: dict[int, str] = {
     0: "success; for start and worker, a graceful stop",

@@ -52,9 +52,10 @@ from . import (
     web,
 )
 from . import config as cfg
-from .fleet import BootError, Fleet, MasterState, UpgradeState, WorkerState, with_details
+from .fleet import BootError, Fleet
 from .privileges import peer_allowed
 from .processes import HANDLED_SIGNALS, HubChild, Listeners, ProcessLayer
+from .records import MasterState, UpgradeState, WorkerState, with_details
 
 log = logging.getLogger("wsfleet.master")
 HUB_STOP = 2.0  # seconds the hub has to exit at the end, before SIGKILL

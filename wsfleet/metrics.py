@@ -13,7 +13,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from .counts import Tally
-from .fleet import RESTART_REASONS, Fleet, WorkerState
+from .fleet import RESTART_REASONS, Fleet
+from .records import WorkerState
 
 
 class FleetCollector:

@@ -1,7 +1,7 @@
 """The master's process layer: its listening sockets, and its workers as processes.
 
 What the fleet decides (wsfleet/fleet.py), this does with system calls: it implements
-:class:`fleet.Processes`: open and close a slot's sockets, fork a worker (and, in the forked
+:class:`records.Processes`: open and close a slot's sockets, fork a worker (and, in the forked
 child, drop what belongs to the master and start serving), signal a process, send a message
 on a worker's channel, say that the fleet serves. It decides nothing.
 
@@ -37,8 +37,9 @@ from setproctitle import setproctitle
 
 from . import channel, control, logs, notify, sockets, steering
 from . import config as cfg
-from .fleet import EXIT_APP, Fleet, Slot, Worker, with_details
+from .fleet import Fleet
 from .privileges import drop_privileges, identity
+from .records import EXIT_APP, Slot, Worker, with_details
 
 log = logging.getLogger("wsfleet.master")
 
@@ -184,7 +185,7 @@ class Listeners:
 
 
 class ProcessLayer:
-    """The fleet's processes and sockets (fleet.Processes), with system calls.
+    """The fleet's processes and sockets (records.Processes), with system calls.
 
     ``watch(channel, pid)`` is called with a new worker's channel, for the master's loop to
     read; ``leave_master()`` is called in a forked child, to close the master's own
@@ -213,7 +214,7 @@ class ProcessLayer:
         # (it bound them; None: the kernel's hash)
         self.steerer: steering.Steerer | None = None
 
-    # fleet.Processes
+    # records.Processes
 
     def open_slot(self, index: int) -> list[socket.socket]:
         opened = self.listeners.open_slot(self.fleet.config.backlog)

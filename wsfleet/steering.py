@@ -1,5 +1,5 @@
-"""Steering new connections among the slots' sockets of one address (--balance, issue 24's
-mechanism): a classic BPF program on their SO_REUSEPORT group picks, for each new
+"""Steering new connections among the slots' sockets of one address (--balance
+least-connections): a classic BPF program on their SO_REUSEPORT group picks, for each new
 connection, a socket at random with weights.
 
 The kernel's hash places a connection without looking at load; wsfleet knows each worker's

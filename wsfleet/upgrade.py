@@ -25,7 +25,7 @@ with 1012 over the drain window, and it exits; on a failure, an exit, or no word
 ``config.upgrade_limit`` it keeps serving, and the new master (stopped, if still running) is
 reaped. A new master whose old one dies before deciding takes over by itself.
 
-Both ends are here: :class:`OldEnd` in the old master (the fleet's :class:`fleet.Upgrades`:
+Both ends are here: :class:`OldEnd` in the old master (the fleet's :class:`records.Upgrades`:
 start the new master, read what it says, hand over) and :class:`NewEnd` in the new master
 (wait for the old master's word, take over). Each works on the master it belongs to
 (:class:`Host`: wsfleet/master.py) and tells its fleet what happened; the fleet decides.
@@ -48,8 +48,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from . import control, notify, sockets
-from .fleet import Fleet, Upgrade
+from .fleet import Fleet
 from .processes import HANDLED_SIGNALS, Listeners, ProcessLayer
+from .records import Upgrade
 from .web import WebServer
 
 log = logging.getLogger("wsfleet.master")
@@ -258,7 +259,7 @@ class Host(Protocol):
 @dataclass
 class Pipes:
     """The old master's ends of the pipes with its new master: the handle of the fleet's
-    record of that child (fleet.Upgrade.pipes)."""
+    record of that child (records.Upgrade.pipes)."""
 
     says: int | None  # read end: "listening on ..." once ready, or "failed N reason"
     handed: int | None  # write end: "ok" once this master hands over
