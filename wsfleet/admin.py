@@ -91,25 +91,42 @@ class AdminServer:
         self.timeout = timeout
         self.server: asyncio.Server | None = None
         self.closed = False
-        self.clients = 0
+        self.clients = 0  # connections accepted and not closed yet
+        self.idle = asyncio.Event()  # set while clients is 0
+        self.idle.set()
 
     async def start(self) -> None:
-        self.server = await asyncio.start_server(
-            self.handle, sock=self.port.sock, limit=MAX_HEADERS
-        )
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(self.connected, sock=self.port.sock)
+
+    def connected(self) -> asyncio.StreamReaderProtocol:
+        """A connection accepted (asyncio.start_server's protocol, counted from here rather
+        than from its handler's start, a turn of the loop later: see :meth:`finish`)."""
+        self.clients += 1
+        self.idle.clear()
+        return asyncio.StreamReaderProtocol(asyncio.StreamReader(limit=MAX_HEADERS), self.handle)
 
     def close(self) -> None:
         """Accept no more (this process's copy of the socket closes, the others' stay): an
-        upgrade's new hub serves the port now. A request in progress that has not published
-        yet is answered 503, to be sent again (to the new hub)."""
+        upgrade's new hub serves the port now, or the hub stops. A request in progress that
+        has not published yet is answered 503, to be sent again (to the new hub)."""
         self.closed = True
         if self.server is not None:
             self.server.close()
             self.server = None
 
+    async def finish(self, limit: float) -> None:
+        """Once closed, before the hub exits: wait until every connection accepted is
+        answered and closed (``limit`` seconds at most), so that the exit cuts none: a client
+        that was cut cannot tell whether its message was published. A connection accepted
+        just before the close reaches :meth:`connected` before this resumes (its task was
+        queued first; uvloop calls it at once)."""
+        await asyncio.sleep(0)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.idle.wait(), limit)
+
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One connection: one request, one answer, closed."""
-        self.clients += 1
         request = Request()
         try:
             if self.clients > MAX_CLIENTS:
@@ -156,11 +173,13 @@ class AdminServer:
                 )
                 await self.answer(writer, _STATUS.INTERNAL_SERVER_ERROR, {"error": error})
         finally:
-            self.clients -= 1
             writer.close()
             with contextlib.suppress(OSError, TimeoutError):
                 async with asyncio.timeout(self.timeout):
                     await writer.wait_closed()
+            self.clients -= 1
+            if not self.clients:
+                self.idle.set()
 
     async def read(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: Request

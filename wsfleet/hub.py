@@ -55,6 +55,7 @@ log = logging.getLogger("wsfleet.hub")
 MAX_UNSENT = 64 * 2**20
 TAKEOVER_LIMIT = 5.0  # seconds a new hub waits for the old one's state before starting anew
 CLOSE_LIMIT = 2.0  # seconds an exiting hub gives its broker's connections to close
+ADMIN_FINISH = 1.0  # seconds an exiting hub gives the admin API's requests to be answered
 STATS = ("delivered", "dropped_subscribers", "subscriptions")
 # The figures of the status's "pubsub" (and the metrics), as the hub reports them.
 FIGURES = ("published", "delivered", "dropped_subscribers", "topics", "subscriptions", "history")
@@ -460,10 +461,13 @@ async def serve_process(
     loop.add_signal_handler(signal.SIGINT, lambda: None)  # Ctrl-C: the master decides
     name: str = listener.getsockname()
 
+    admin_server: AdminServer | None = None
+
     async def serve() -> None:
+        nonlocal admin_server
         await hub.serve(listener)
         if admin is not None:
-            hub.admin = AdminServer(admin, hub)
+            hub.admin = admin_server = AdminServer(admin, hub)
             await hub.admin.start()
 
     async def take_over() -> None:
@@ -508,6 +512,9 @@ async def serve_process(
         # (a worker that reads nothing keeps its connection from closing: not for long)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(hub.handed_over.wait(), TAKEOVER_LIMIT)
+    if admin_server is not None:  # (closed already if handed over)
+        admin_server.close()
+        await admin_server.finish(ADMIN_FINISH)
     if hub.broker is not None:
         with contextlib.suppress(TimeoutError):  # (Redis unreachable: do not linger)
             await asyncio.wait_for(hub.broker.close(), CLOSE_LIMIT)

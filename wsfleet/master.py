@@ -58,7 +58,7 @@ from .processes import HANDLED_SIGNALS, HubChild, Listeners, ProcessLayer
 from .records import MasterState, UpgradeState, WorkerState, with_details
 
 log = logging.getLogger("wsfleet.master")
-HUB_STOP = 2.0  # seconds the hub has to exit at the end, before SIGKILL
+HUB_STOP = hub.ADMIN_FINISH + hub.CLOSE_LIMIT + 0.5  # seconds the hub has to exit, then SIGKILL
 HUB_RETRY = 1.0  # a hub that dies within this of its start twice running waits this long
 
 
@@ -118,6 +118,7 @@ class Master:
         self.watchdog_due = time.monotonic()
         self._wake_r, self._wake_w = os.pipe()
         self.hub_due: float | None = None  # when to replace a hub that died as it started
+        self.hub_release: float | None = None  # handed over: when its hub is stopped at last
         self.steer_due = 0.0  # (monotonic) when new connections may be weighted again
         self.memory_due = 0.0  # (monotonic) when the workers' memory is read again
         self.steered: set[int] | None = None  # the slots last given new connections (None: all)
@@ -137,7 +138,7 @@ class Master:
             # whenever it accepts, its socket queues them meanwhile.
             self.fork_hub()
             self.fleet.reconcile()
-            while not self.fleet.finished:
+            while not self.fleet.finished or self.hub_hands_over():
                 self.loop_once()
         except BootError as exc:
             if self.log_file:  # the log is a file: it says why too (else: the caller)
@@ -308,6 +309,20 @@ class Master:
             channel.send(child.channel, {"t": "takeover"})
             child.wait_for_takeover = False
 
+    def hub_hands_over(self) -> bool:
+        """Whether this master, handed over to an upgrade's new one, waits for its hub: the
+        hub hands its topics over to the new hub when that one asks (once the new master
+        serves, which may come after this master's last worker exited) and then exits by
+        itself; stopped before, it would take the history with it. hub.TAKEOVER_LIMIT at most
+        (the new hub starts anew then too)."""
+        child = self.processes.hub
+        if not self.fleet.handed_over or child is None or not child.pid:
+            return False
+        now = time.monotonic()
+        if self.hub_release is None:
+            self.hub_release = now + hub.TAKEOVER_LIMIT
+        return now < self.hub_release
+
     def stop_hub(self) -> None:
         child = self.processes.hub
         if child is None or not child.pid:
@@ -369,7 +384,7 @@ class Master:
 
     def loop_once(self) -> None:
         web_deadline = self.web.next_deadline() if self.web is not None else None
-        deadlines = [self.fleet.next_deadline(), web_deadline, self.hub_due]
+        deadlines = [self.fleet.next_deadline(), web_deadline, self.hub_due, self.hub_release]
         if self.steer_waits:  # (weights follow the workers within STEER_GAP of a report)
             deadlines.append(self.steer_due)
         if self.watchdog is not None:
