@@ -107,15 +107,26 @@ def test_the_readme_chat_handler_is_the_example_s() -> None:
     assert shown.splitlines()[1:] == code
 
 
+def anchors(path: Path) -> set[str]:
+    """The anchors a Markdown file's headings get, as GitHub makes them: lower case, spaces
+    to hyphens, other punctuation dropped."""
+    headings = re.findall(r"^#+ (.+)$", path.read_text(), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
 def test_relative_links_lead_to_files_of_the_repository() -> None:
+    """And to a heading of that file, where they name one."""
     broken = []
     for path in project_files(".md"):
         for target in LINK.findall(path.read_text()):
-            if re.match(r"[a-z]+:", target) or target.startswith("#"):
-                continue  # a web address or an anchor
-            resolved = (path.parent / target.partition("#")[0]).resolve()
+            if re.match(r"[a-z]+:", target):
+                continue  # a web address
+            file, _, anchor = target.partition("#")
+            resolved = (path.parent / file).resolve() if file else path
             if not resolved.is_relative_to(ROOT) or not resolved.exists():
                 broken.append(f"{path.relative_to(ROOT)}: {target}")
+            elif anchor and resolved.suffix == ".md" and anchor not in anchors(resolved):
+                broken.append(f"{path.relative_to(ROOT)}: {target} (no such heading)")
     assert not broken, "links to nothing in the repository:\n" + "\n".join(broken)
 
 
