@@ -132,9 +132,10 @@ def test_bad_metrics_address_is_exit_2() -> None:
 def test_the_status_page_in_a_real_browser_shows_the_workers_and_updates_itself(
     spawn, tmp_path: Path
 ) -> None:
-    """Headless Chromium at a phone's width: the page lists the workers, fits the screen, and
-    after a kill -9 shows the replacement without being reloaded."""
-    master, url = metrics_master(spawn, tmp_path, "-w", "2")
+    """Headless Chromium at a phone's width: the page lists the workers with their memory
+    (--max-worker-memory), fits the screen, and after a kill -9 shows the replacement without
+    being reloaded."""
+    master, url = metrics_master(spawn, tmp_path, "-w", "2", "--max-worker-memory", "4096")
     browser = Browser(tmp_path, width=390, height=844)
     try:
         browser.open(url)
@@ -145,6 +146,12 @@ def test_the_status_page_in_a_real_browser_shows_the_workers_and_updates_itself(
             return all(text in page for text in texts)
 
         wait_for(lambda: shows(*map(str, pids), "2 / 2"), 15, "the page to list the workers")
+
+        def shows_memory() -> bool:  # (as last read: the readings change every 5 s)
+            memory = [w["memory"] for w in master.status()["workers"]]
+            return None not in memory and shows(*(f"{m / 2**20:.1f} MiB" for m in memory))
+
+        wait_for(shows_memory, 15, "the page to show their memory")
         assert browser.evaluate("document.documentElement.scrollWidth") <= 390  # fits a phone
         browser.evaluate("window.sameDocument = true")
         victim = min(pids)
