@@ -54,6 +54,7 @@ class FakeProcesses:
         self.signals: list[tuple[int, signal.Signals]] = []
         self.sent: list[tuple[int, dict[str, Any], list[int]]] = []
         self.closed: list[int] = []
+        self.aside: list[int] = []  # slots retired, their sockets not closed yet
         self.ready_calls = 0
         self.fail_forks = 0
         self.masters: list[int] = []  # new masters started (upgrades)
@@ -73,6 +74,9 @@ class FakeProcesses:
 
     def close_slot(self, slot: Any) -> None:
         self.closed.append(slot.index)
+
+    def set_aside(self, slot: Any) -> None:
+        self.aside.append(slot.index)
 
     def queued(self, slot: Any) -> int:
         return self.queues.get(slot.index, 0)
@@ -143,14 +147,31 @@ class Harness:
         self.settle()
 
     def settle(self) -> None:
-        if self.confirm_holds:  # as a worker does once it has stopped accepting
+        self.confirm()
+        self.fleet.on_time()
+        self.fleet.reconcile()
+        if self.confirm():
+            self.fleet.reconcile()
+        deadline = self.fleet.next_deadline()
+        assert deadline is None or deadline > self.now  # nothing left due: no busy loop
+
+    def confirm(self) -> bool:
+        """What workers say once they have stopped accepting (unless confirm_holds is off);
+        whether any said something."""
+        said = 0
+        if self.confirm_holds:
             for worker in list(self.fleet.workers.values()):
                 if worker.state is WorkerState.HOLDING:
                     self.fleet.on_message(worker, {"t": "held"})
-        self.fleet.on_time()
-        self.fleet.reconcile()
-        deadline = self.fleet.next_deadline()
-        assert deadline is None or deadline > self.now  # nothing left due: no busy loop
+                    said += 1
+                elif worker.state is WorkerState.DRAINING and worker.listening:
+                    self.fleet.on_message(worker, {"t": "draining"})
+                    said += 1
+            for slot in self.fleet.closing:
+                if slot.releasing is not None:
+                    self.fleet.on_message(slot.releasing, {"t": "released", "slot": slot.index})
+                    said += 1
+        return bool(said)
 
     def advance(self, seconds: float, silent: tuple[Worker, ...] = ()) -> None:
         """Let time pass in small steps, every live worker sending heartbeats but these."""
@@ -320,10 +341,57 @@ def test_a_slot_scaled_away_closes_once_its_queue_is_empty() -> None:
     h.advance(RETIRE_SETTLE + 0.1)  # queued still: it accepts on
     assert h.procs.sent_to(leaving) == [] and 2 not in h.procs.closed
     h.procs.queues[2] = 0
+    h.confirm_holds = False
     h.advance(0.1)
     assert h.procs.sent_to(leaving) == [{"t": "drain", "code": 1001, "reason": "going away"}]
-    assert h.procs.closed == [2] and h.fleet.retiring == []
+    assert h.fleet.retiring == [] and h.procs.aside == [2]
+    # Its worker's copy is open until it says it stopped accepting: the master's stays (the
+    # socket keeps its place in the kernel's group, weight 0), and a new worker closes it.
+    h.advance(1)
+    assert h.procs.closed == [] and [s.index for s in h.fleet.closing] == [2]
+    assert h.fleet.other_slots(h.fleet.slots[0]) == [h.fleet.slots[1], h.fleet.closing[0]]
+    h.fleet.on_message(leaving, {"t": "draining", "over": 0.0})
+    h.settle()
+    assert h.procs.closed == [2] and h.fleet.closing == []
     assert h.fleet.other_slots(h.fleet.slots[0]) == [h.fleet.slots[1]]
+
+
+def test_a_slot_scaled_away_and_lent_closes_once_its_borrower_gave_it_back() -> None:
+    h = Harness(3)
+    h.boot()
+    h.exit(h.worker(2), 1)
+    h.exit(h.worker(2), 1)  # in backoff: lent
+    borrower = h.fleet.slots[2].lent_to
+    assert borrower is not None
+    h.confirm_holds = False
+    h.fleet.scale(2)
+    h.advance(RETIRE_SETTLE + 0.1)
+    assert h.procs.sent_to(borrower)[-1] == {"t": "release", "slot": 2}
+    assert [s.index for s in h.fleet.closing] == [2] and h.procs.closed == []
+    h.fleet.on_message(borrower, {"t": "released", "slot": 2})
+    h.settle()
+    assert h.procs.closed == [2] and h.fleet.closing == []
+
+
+def test_a_slot_added_while_one_leaves_takes_its_index_beside_it() -> None:
+    """TTOU, then TTIN before the leaving slot has closed: a new slot 2 starts at once, and
+    the leaving one closes as it would have."""
+    h = Harness(3)
+    h.boot()
+    leaving = h.worker(2)
+    h.procs.queues[2] = 1
+    h.fleet.scale(2)
+    h.fleet.scale(3)
+    h.settle()
+    assert h.procs.aside == [2] and len(h.fleet.slots) == 3 and h.fleet.retiring[0].index == 2
+    new = h.worker(2)
+    assert new is not leaving and h.fleet.retiring[0].worker is leaving
+    h.ready(new)
+    h.procs.queues[2] = 0
+    h.advance(RETIRE_SETTLE + 0.1)
+    assert h.procs.closed == [2] and h.fleet.retiring == h.fleet.closing == []
+    assert leaving.state is WorkerState.DRAINING and new.state is WorkerState.READY
+    assert h.fleet.other_slots(h.fleet.slots[0]) == h.fleet.slots[1:]
 
 
 def test_a_slot_scaled_away_never_empty_closes_at_the_limit(caplog) -> None:

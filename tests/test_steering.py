@@ -81,6 +81,19 @@ def test_a_group_fills_a_hole_with_its_last_member() -> None:
         group.join("a")
 
 
+def test_a_slot_set_aside_keeps_its_place_while_its_index_serves_again() -> None:
+    steerer = steering.Steerer(2)
+    for slot in (0, 1, 2):
+        steerer.join(slot)
+    key = steerer.set_aside(2)  # TTOU: slot 2's sockets wait to close...
+    steerer.join(2)  # ...while TTIN adds a new slot 2
+    assert key < 0 and all(g.members == [0, 1, key, 2] for g in steerer.groups)
+    assert steerer.groups[1].weights({0: 1, 1: 1, 2: 1}) == [1, 1, 0, 1]
+    steerer.leave(key)
+    assert all(g.members == [0, 1, 2] for g in steerer.groups)
+    assert steerer.set_aside(1) == key - 1 and steerer.orders() == [[0, key - 1, 2]] * 2
+
+
 def test_least_connections_weights_the_emptier_workers_more() -> None:
     top = steering.WEIGHT_MAX
     assert steering.least_connections([10, 10, 10]) == [top] * 3  # equal counts, equal weights
@@ -194,6 +207,28 @@ def test_the_kernel_numbers_a_group_as_group_says() -> None:
     finally:
         for sock in sockets:
             sock.close()
+
+
+def test_a_socket_leaves_its_group_only_with_its_last_descriptor() -> None:
+    """The master closing its copy of a slot's socket while a worker holds another leaves
+    the group as it was (a connection can still land there): why a slot scaled away
+    closes only once its workers have closed theirs."""
+    sockets, port = group_of(3)
+    copy = None
+    try:
+        for sock in sockets:
+            sock.listen(64)
+        copy = sockets[1].dup()  # (a worker's)
+        sockets[1].close()
+        steering.attach(sockets[0], [0, 1, 0])
+        assert accepted_by([sockets[0], copy, sockets[2]], port, 5) == [0, 5, 0]
+        copy.close()  # now it leaves, and the last socket takes its index
+        steering.attach(sockets[0], [0, 1])
+        assert accepted_by([sockets[0], sockets[2]], port, 5) == [0, 5]
+    finally:
+        for sock in (*sockets, copy):
+            if sock is not None:
+                sock.close()
 
 
 def test_the_kernel_places_connections_by_the_weights_and_detaches() -> None:
@@ -358,6 +393,50 @@ def test_the_weights_follow_a_crash_restart(spawn, tmp_path) -> None:
             await client.close()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("balance", ["least-connections", "hash"])
+def test_a_worker_added_while_one_leaves_serves_beside_it(spawn, tmp_path, balance) -> None:
+    """TTOU, then TTIN while the slot scaled away still empties its queue (its worker shown
+    "leaving"): a new worker starts for that slot's index, and once the leaving one is gone,
+    new connections reach all 3 workers (the kernel's numbering of the group followed)."""
+    master = Master(spawn, tmp_path, "-w", "3", "--balance", balance)
+    master.wait_workers(3)
+
+    def states() -> list[str]:
+        return [w["state"] for w in master.status()["workers"]]
+
+    def seen(condition, what: str, timeout: float = 20) -> bool:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    for _ in range(20):  # (a TTIN that came after the slot closed would not test this)
+        master.proc.signal(signal.SIGTTOU)
+        leaving = seen(lambda: "leaving" in states(), "", 5)
+        master.proc.signal(signal.SIGTTIN)
+        assert seen(lambda: states() == ["ready"] * 3, "3 ready workers"), states()
+        if leaving:
+            break
+    assert leaving, "never saw the worker leaving"
+
+    async def spread() -> list[int]:
+        clients = [await connect(master.url) for _ in range(300)]
+
+        def counts() -> list[int]:
+            return [w["connections"] for w in master.status()["workers"]]
+
+        await settled(lambda: sum(counts()) == 300, "the connections counted")
+        got = counts()
+        for client in clients:
+            await client.close()
+        return got
+
+    got = asyncio.run(spread())
+    assert len(got) == 3 and min(got) >= 50, got  # (a third each, give or take)
 
 
 @pytest.mark.parametrize("balance", ["least-connections", "hash"])

@@ -87,6 +87,7 @@ _WORKER_MESSAGES: dict[str, dict[str, type]] = {
     "ready": {},
     "draining": {},  # it stopped accepting (a drain asked for, or a SIGTERM from outside)
     "held": {},  # it stopped accepting, as a rolling restart asked ("hold")
+    "released": {"slot": int},  # it stopped accepting on a lent slot ("release"), and closed it
     "hb": {"conns": int},
     "error": {"message": str},
 }

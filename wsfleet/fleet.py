@@ -97,7 +97,10 @@ class Fleet:
         self.upgrader = upgrader
         self.clock = clock  # monotonic seconds (time.monotonic in the master)
         self.slots: list[Slot] = []
-        self.retiring: list[Slot] = []  # scaled away, their sockets not closed yet
+        self.retiring: list[Slot] = []  # scaled away, their workers accepting what is queued
+        # Retired: their sockets, weight 0, close once no other process holds them (a socket
+        # leaves the kernel's group, and renumbers it, only at its last descriptor's close).
+        self.closing: list[Slot] = []
         self.workers: dict[int, Worker] = {}
         self.state = MasterState.BOOTING
         self.restart: RollingRestart | None = None
@@ -188,9 +191,16 @@ class Fleet:
             worker.details = message.get("details", "")
         elif kind == "ready" and worker.state is WorkerState.STARTING:
             self.on_ready(worker)
-        elif kind == "held" and worker.state is WorkerState.HOLDING:
-            self.set_state(worker, WorkerState.HELD)
+        elif kind == "held":
+            worker.listening = False
+            if worker.state is WorkerState.HOLDING:
+                self.set_state(worker, WorkerState.HELD)
+        elif kind == "released":
+            for slot in self.closing:
+                if slot.releasing is worker and slot.index == message["slot"]:
+                    slot.releasing = None
         elif kind == "draining":
+            worker.listening = False
             if worker.state in LIVE:
                 self.on_retiring(worker)
             if worker.state is WorkerState.DRAINING and "over" in message:
@@ -461,6 +471,10 @@ class Fleet:
         for slot in list(self.retiring):  # nobody to empty its queue: nothing to wait for
             if not self.accepting(slot):
                 self.retire(slot)
+        for slot in list(self.closing):
+            if not self.held_open(slot):
+                self.closing.remove(slot)
+                self.processes.close_slot(slot)
         self.recycle()
 
     def lend_sockets(self) -> None:
@@ -681,6 +695,7 @@ class Fleet:
             self.restart_reasons["scale"] += 1
             slot.retiring = self.clock()
             self.retiring.append(slot)
+            self.processes.set_aside(slot)  # (its index may serve a new slot meanwhile)
             if slot.replacement is not None and slot.replacement.state is WorkerState.STARTING:
                 self.drain(slot.replacement, 1001, "going away")
         restart = self.restart
@@ -706,15 +721,25 @@ class Fleet:
         self.retire(slot)
 
     def retire(self, slot: Slot) -> None:
-        """Close a slot scaled away: its worker drains (1001), its socket closes."""
+        """Close a slot scaled away: its worker drains (1001), a borrower gives it back, and
+        its sockets close once they have stopped accepting (reconcile). Closed before, they
+        would stay in the kernel's group as the workers' copies, taking connections by the
+        hash that nobody might accept, and numbered where the weights no longer say."""
         self.retiring.remove(slot)
         worker = slot.worker
         if worker is not None and worker.state in (WorkerState.STARTING, WorkerState.READY):
             self.drain(worker, 1001, "going away")
         if slot.lent_to is not None:
             self.processes.send(slot.lent_to, {"t": "release", "slot": slot.index})
-            slot.lent_to = None
-        self.processes.close_slot(slot)
+            slot.releasing, slot.lent_to = slot.lent_to, None
+        self.closing.append(slot)
+
+    def held_open(self, slot: Slot) -> bool:
+        """Whether a worker may still hold a retired slot's sockets open."""
+        borrower = slot.releasing
+        if borrower is not None and borrower.listening and borrower.pid in self.workers:
+            return True
+        return any(w.slot is slot and w.listening for w in self.workers.values())
 
     def accepting(self, slot: Slot) -> bool:
         """Whether a worker accepts on the slot's sockets: its own, or a borrower."""
@@ -776,6 +801,9 @@ class Fleet:
         """This master's copies of the sockets (a new master's, after an upgrade, stay)."""
         for slot in self.slots:
             self.processes.close_slot(slot)
+        for slot in self.closing:  # (its workers drain as all do: closed now as the others)
+            self.processes.close_slot(slot)
+        self.closing.clear()
         self.processes.close_shared()
 
     @property
@@ -904,7 +932,9 @@ class Fleet:
         return [worker.channel for worker in self.workers.values()]
 
     def other_slots(self, slot: Slot | None) -> list[Slot]:
-        return [other for other in (*self.slots, *self.retiring) if other is not slot]
+        return [
+            other for other in (*self.slots, *self.retiring, *self.closing) if other is not slot
+        ]
 
     # Status
 

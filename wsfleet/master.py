@@ -427,7 +427,9 @@ class Master:
         heartbeat is late (its socket's queue would wait for nobody)."""
         fleet = self.fleet
         if fleet.config.balance == "hash":
-            return {slot.index: 1 for slot in fleet.slots} if fleet.retiring else None
+            return (
+                {slot.index: 1 for slot in fleet.slots} if fleet.retiring or fleet.closing else None
+            )
         now = time.monotonic()
         late = 2 * cfg.heartbeat_interval(fleet.config)
         counts: list[int | None] = []
@@ -468,8 +470,8 @@ class Master:
             return
         self.steer_due, self.steered = now + cfg.STEER_GAP, steered
         self.steer_waits = False
-        slots = (*self.fleet.slots, *self.fleet.retiring)
-        if not steerer.steer(weights, {slot.index: slot.sockets for slot in slots}):
+        sockets = {slot.index: slot.sockets for slot in self.fleet.slots}  # (one is enough)
+        if not steerer.steer(weights, sockets):
             log.warning(
                 "--balance: the kernel refused the steering program (%s); its hash places "
                 "connections",

@@ -213,6 +213,7 @@ class ProcessLayer:
         # --balance least-connections: the slots' groups, when this master knows their order
         # (it bound them; None: the kernel's hash)
         self.steerer: steering.Steerer | None = None
+        self.aside: dict[Slot, int] = {}  # retired slots' keys in the steerer's groups
 
     # records.Processes
 
@@ -224,9 +225,13 @@ class ProcessLayer:
 
     def close_slot(self, slot: Slot) -> None:
         if self.steerer is not None and slot.sockets:
-            self.steerer.leave(slot.index)
+            self.steerer.leave(self.aside.pop(slot, slot.index))
         for sock in slot.sockets:
             sock.close()
+
+    def set_aside(self, slot: Slot) -> None:
+        if self.steerer is not None and slot.sockets:
+            self.aside[slot] = self.steerer.set_aside(slot.index)
 
     def queued(self, slot: Slot) -> int:
         return sum(sockets.accept_queue(sock) for sock in slot.sockets)

@@ -70,6 +70,9 @@ class Worker:
     replacing: str = "reload"  # what a replacement was forked for: reload or memory
     memory: int | None = None  # its USS in bytes, as last read (--max-worker-memory; None: off)
     oversized: bool = False  # over --max-worker-memory from its first reading: never recycled
+    # Its copies of its slot's sockets (and of those lent to it) may be open: until it says
+    # it stopped accepting (held, draining), which closes them, or exits.
+    listening: bool = True
 
     def said(self) -> str:
         """What it said about why it could not start, for a log line: ": REASON" or ""."""
@@ -102,6 +105,7 @@ class Slot:
     # Scaled away: since when (its socket closes once its queue is empty), and its last look
     retiring: float | None = None
     looked: float | None = None
+    releasing: Worker | None = None  # retired: the borrower told to give it back, until it did
 
     @property
     def state(self) -> SlotState:
@@ -184,7 +188,9 @@ class Processes(Protocol):
     tests fake it."""
 
     def open_slot(self, index: int) -> list[Any]: ...  # new listening sockets; raises OSError
-    def close_slot(self, slot: Slot) -> None: ...
+    def close_slot(self, slot: Slot) -> None: ...  # this master's copies: it leaves the group
+    # Scaled away: its index may serve a new slot while its sockets wait to close.
+    def set_aside(self, slot: Slot) -> None: ...
     def queued(self, slot: Slot) -> int: ...  # connections in its sockets' accept queues
     def close_shared(self) -> None: ...  # the fleet's Unix sockets (one for every worker)
     def fork(self, slot: Slot) -> tuple[int, Any]: ...  # (pid, channel); raises OSError

@@ -159,6 +159,7 @@ class Steerer:
         self.refused: str | None = None
         self.weights: dict[int, int] | None = None  # by slot, as last steered
         self.inherited = False  # an old master's program may be attached: replace it once
+        self.aside = 0  # the last key given to sockets set aside (negative: no slot's index)
 
     @classmethod
     def from_orders(cls, orders: list[list[int]]) -> Steerer:
@@ -179,10 +180,19 @@ class Steerer:
             group.join(slot)
 
     def leave(self, slot: int) -> None:
-        """A slot's sockets close."""
+        """A slot's sockets close (``slot``: its index, or the key :meth:`set_aside` gave)."""
         for group in self.groups:
             if slot in group.members:
                 group.leave(slot)
+
+    def set_aside(self, slot: int) -> int:
+        """A slot's sockets wait to close while its index may serve a new slot: they keep
+        their place in the groups under a key of their own (weight 0), which it returns."""
+        self.aside -= 1
+        for group in self.groups:
+            if slot in group.members:
+                group.members[group.members.index(slot)] = self.aside
+        return self.aside
 
     def steer(
         self, weights: dict[int, int] | None, sockets: dict[int, list[socket.socket]]
@@ -197,7 +207,7 @@ class Steerer:
             wanted = None if weights is None else group.weights(weights)
             if (wanted == self.attached[number] and not self.inherited) or not group.members:
                 continue
-            sock = sockets[group.members[0]][number]
+            sock = next(sockets[key][number] for key in group.members if key in sockets)
             try:
                 if wanted is not None:
                     attach(sock, wanted)

@@ -734,6 +734,8 @@ class Worker:
         if servers is not None:
             await stop_accepting(servers)  # closes this process's descriptors only
             log.info("gave slot %d back", slot)
+        if self.channel is not None:  # (a slot scaled away closes once no process holds it)
+            self._send({"t": "released", "slot": slot})
 
     # Draining
 
