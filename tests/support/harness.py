@@ -231,12 +231,10 @@ class Process:
         return found
 
     def hub(self) -> psutil.Process | None:
-        """The master's hub process (pub/sub), by process title."""
-        for child in self.children():
-            with contextlib.suppress(psutil.NoSuchProcess):
-                if child.name().startswith("wsfleet: hub"):
-                    return child
-        return None
+        """The master's hub process (pub/sub), as its status says (not by its title: a hub
+        just forked has not set it yet)."""
+        pid = (control.query_status(self.pid).get("hub") or {}).get("pid")
+        return psutil.Process(pid) if pid else None
 
     def kill(self) -> None:
         """Make sure the process and every process it started are gone: children first,
