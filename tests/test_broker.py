@@ -418,9 +418,9 @@ def test_an_upgrade_with_a_broker_loses_and_repeats_nothing(spawn, tmp_path, red
     every subscriber resumes on the new workers, recovered, in the same epoch."""
     from wsfleet import control
 
-    from .support.harness import gone
+    from .support.harness import gone, hub_pid
     from .support.helpers import installed, new_masters
-    from .support.pubsub_load import RESTART, hub_pid, restart_under_load, start
+    from .support.pubsub_load import RESTART, restart_under_load, start
 
     broker = ("--broker", redis.url)
     master = start(spawn, tmp_path, *RESTART, *broker, site=installed(tmp_path))

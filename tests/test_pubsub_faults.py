@@ -21,7 +21,7 @@ import pytest
 
 from wsfleet import control
 
-from .support.harness import gone, wait_for
+from .support.harness import gone, hub_pid, wait_for
 from .support.helpers import Master, installed, new_masters, run_wsfleet
 from .support.pubsub import (
     Clients,
@@ -40,7 +40,6 @@ from .support.pubsub import (
 from .support.pubsub_load import (
     RESTART,
     TOPIC,
-    hub_pid,
     restart_under_load,
     start,
 )

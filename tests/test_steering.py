@@ -20,6 +20,7 @@ from websockets.asyncio.client import connect
 
 from wsfleet import steering
 
+from .support.harness import wait_for
 from .support.helpers import Master
 
 
@@ -295,6 +296,21 @@ async def settled(condition, what: str, timeout: float = 20) -> None:
         await asyncio.sleep(0.05)
 
 
+async def placed(url: str, count: int, workers) -> list[int]:
+    """Open ``count`` connections; each worker's (by slot) once all are counted in
+    ``workers()`` (the status's); then close them."""
+    clients = [await connect(url) for _ in range(count)]
+
+    def counts() -> list[int]:
+        return [w["connections"] for w in sorted(workers(), key=lambda w: w["slot"])]
+
+    await settled(lambda: sum(counts()) == count, "the connections counted")
+    spread = counts()
+    for client in clients:
+        await client.close()
+    return spread
+
+
 def test_least_connections_evens_the_workers_after_a_scale_up(spawn, tmp_path) -> None:
     """2,400 long-lived connections over 2 -> 4 workers: 1,200 on 2 workers, 2 more workers
     (TTIN), 1,200 new connections (in 4 waves): the new ones fill the new workers (max/min
@@ -343,17 +359,7 @@ def test_an_upgrade_goes_on_steering_with_the_old_masters_numbering(spawn, tmp_p
         async def scenario() -> list[int]:
             await settled(lambda: len(balance().get("weights") or {}) == 3, "3 slots steered")
             assert balance()["mode"] == "least-connections"
-            clients = [await connect(master.url) for _ in range(300)]
-
-            def counts() -> list[int]:
-                workers = control.query_status(new)["workers"]
-                return [w["connections"] for w in sorted(workers, key=lambda w: w["slot"])]
-
-            await settled(lambda: sum(counts()) == 300, "the connections counted")
-            spread = counts()
-            for client in clients:
-                await client.close()
-            return spread
+            return await placed(master.url, 300, lambda: control.query_status(new)["workers"])
 
         spread = asyncio.run(scenario())
     # (equal weights, the kernel's random pick: 100 each, sd 8; a wrong numbering would
@@ -406,36 +412,22 @@ def test_a_worker_added_while_one_leaves_serves_beside_it(spawn, tmp_path, balan
     def states() -> list[str]:
         return [w["state"] for w in master.status()["workers"]]
 
-    def seen(condition, what: str, timeout: float = 20) -> bool:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.01)
+    def seen_leaving() -> bool:
+        try:
+            wait_for(lambda: "leaving" in states(), 5, "a worker leaving")
+        except AssertionError:
+            return False
         return True
 
     for _ in range(20):  # (a TTIN that came after the slot closed would not test this)
         master.proc.signal(signal.SIGTTOU)
-        leaving = seen(lambda: "leaving" in states(), "", 5)
+        leaving = seen_leaving()
         master.proc.signal(signal.SIGTTIN)
-        assert seen(lambda: states() == ["ready"] * 3, "3 ready workers"), states()
+        wait_for(lambda: states() == ["ready"] * 3, 20, "3 ready workers")
         if leaving:
             break
     assert leaving, "never saw the worker leaving"
-
-    async def spread() -> list[int]:
-        clients = [await connect(master.url) for _ in range(300)]
-
-        def counts() -> list[int]:
-            return [w["connections"] for w in master.status()["workers"]]
-
-        await settled(lambda: sum(counts()) == 300, "the connections counted")
-        got = counts()
-        for client in clients:
-            await client.close()
-        return got
-
-    got = asyncio.run(spread())
+    got = asyncio.run(placed(master.url, 300, lambda: master.status()["workers"]))
     assert len(got) == 3 and min(got) >= 50, got  # (a third each, give or take)
 
 

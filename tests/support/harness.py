@@ -66,6 +66,13 @@ def wait_for(predicate: Callable[[], object], timeout: float = 10, what: str = "
         time.sleep(0.02)
 
 
+def hub_pid(master_pid: int) -> int:
+    """The master's hub process, as its status says (0: none). (Not by its title: a hub
+    just forked has not set it yet.)"""
+    hub = control.query_status(master_pid).get("hub") or {}
+    return int(hub.get("pid") or 0)
+
+
 def gone(pid: int) -> bool:
     """Whether a process has exited. An orphan's zombie counts as gone (its sockets are
     closed): not every init reaps (this sandbox's does not)."""
@@ -231,9 +238,8 @@ class Process:
         return found
 
     def hub(self) -> psutil.Process | None:
-        """The master's hub process (pub/sub), as its status says (not by its title: a hub
-        just forked has not set it yet)."""
-        pid = (control.query_status(self.pid).get("hub") or {}).get("pid")
+        """The master's hub process (pub/sub)."""
+        pid = hub_pid(self.pid)
         return psutil.Process(pid) if pid else None
 
     def kill(self) -> None:

@@ -8,8 +8,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from wsfleet import control
-
 from .helpers import Master
 from .pubsub import (
     Clients,
@@ -45,13 +43,6 @@ def start(spawn: Any, tmp_path: Path, *args: str, site: Path | None = None) -> M
     master = Master(spawn, tmp_path, *args, "--app", app, cwd=tmp_path, env=env)
     master.wait_workers(int(args[args.index("-w") + 1]) if "-w" in args else 1)
     return master
-
-
-def hub_pid(master_pid: int) -> int:
-    """The master's hub process, as its status says (0: none). (Not by its title: a hub
-    just forked has not set it yet.)"""
-    hub = control.query_status(master_pid).get("hub") or {}
-    return int(hub.get("pid") or 0)
 
 
 def restart_under_load(master: Master, restart: Callable[[Master], None]) -> int:
